@@ -1,0 +1,242 @@
+"""DuckDB execution: exact, bounded, clamped aggregates in one statement per query.
+
+Rows never leave this module; it returns exact aggregates to the DP layer only. Names in the
+SQL come only from the policy (quoted identifiers); every value is a bound parameter.
+
+Contribution bounding: a dataset whose privacy-unit column is not verified unique is
+materialised once into a bounded snapshot that keeps at most ``max_rows_per_unit`` rows per
+unit, chosen by a keyed hash of the row with a secret per-site seed (so which rows a patient
+keeps does not depend on other patients). The snapshot is rebuilt when the source changes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+import threading
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+
+from .errors import FailedPrecondition
+from .policy import Column, Dataset, LoadedPolicy
+from .query import Aggregate, Filter, Query, Scalar
+
+
+@dataclass(frozen=True)
+class ExactResult:
+    """Exact aggregates, one vector per component, aligned with ``groups`` (policy key order).
+
+    Components per aggregate: count -> [count]; sum -> [fixed-point sum]; mean -> [sum, count].
+    """
+
+    groups: tuple[tuple[Scalar, ...], ...]
+    components: tuple[tuple[int, ...], ...]
+
+
+@dataclass
+class _Prepared:
+    relation: str
+    fingerprint: tuple[object, ...]
+    bounded: bool
+
+
+def quote(name: str) -> str:
+    """Quote an identifier taken from the policy (policy names are already plain identifiers)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+class Engine:
+    """Runs checked queries against the site's data; one instance per site process."""
+
+    def __init__(self, loaded: LoadedPolicy, workdir: Path | None = None, seed: bytes | None = None) -> None:
+        self._loaded = loaded
+        self._seed = int.from_bytes(seed or _site_seed(workdir), "big") & ((1 << 63) - 1)
+        # each engine has its own working file: a reload builds a new engine while the old one serves
+        self._path = workdir / f"engine-{uuid.uuid4().hex[:12]}.duckdb" if workdir is not None else None
+        self._con = duckdb.connect(str(self._path) if self._path else ":memory:")
+        self._lock = threading.Lock()
+        self._prepared: dict[str, _Prepared] = {}
+        self._attached: dict[Path, tuple[str, tuple[int, int]]] = {}
+        self._aliases = itertools.count()
+
+    def close(self) -> None:
+        """Release the DuckDB connection and delete the working file."""
+        self._con.close()
+        if self._path is not None:
+            self._path.unlink(missing_ok=True)
+            Path(f"{self._path}.wal").unlink(missing_ok=True)
+
+    def prepare_all(self) -> None:
+        """Attach every dataset's source and build bounded snapshots (done at start and reload)."""
+        for name in self._loaded.policy.datasets:
+            self._ensure(name)
+
+    def run(self, query: Query) -> ExactResult:
+        """Exact aggregates for a query already checked against the policy."""
+        dataset = self._loaded.policy.datasets[query.dataset]
+        relation = self._ensure(query.dataset).relation
+        sql, params, groups = build_sql(query, dataset, relation)
+        try:
+            rows = self._con.cursor().execute(sql, params).fetchall()
+        except duckdb.Error as err:
+            raise FailedPrecondition(f"the site could not run the query on its data ({type(err).__name__}); "
+                                     "ask the site operator to check the data source") from err
+        width = sum(2 if a.function == "mean" else 1 for a in query.aggregates)
+        components = tuple(tuple(int(row[i]) for row in rows) for i in range(width))
+        return ExactResult(groups, components)
+
+    def _ensure(self, name: str) -> _Prepared:
+        dataset = self._loaded.policy.datasets[name]
+        fingerprint = self._fingerprint(dataset)
+        current = self._prepared.get(name)
+        if current is not None and current.fingerprint == fingerprint:
+            return current
+        with self._lock:
+            current = self._prepared.get(name)
+            if current is None or current.fingerprint != fingerprint:
+                current = self._materialise(name, dataset, fingerprint)
+                self._prepared[name] = current
+        return current
+
+    def _fingerprint(self, dataset: Dataset) -> tuple[object, ...]:
+        source = dataset.source
+        target = source.database if source.database is not None else source.parquet
+        assert target is not None
+        path = self._loaded.resolve(target)
+        try:
+            paths = [path] if path.exists() else sorted(path.parent.glob(path.name))
+            return tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in paths)
+        except OSError:
+            return ()
+
+    def _source(self, dataset: Dataset) -> str:
+        source = dataset.source
+        if source.parquet is not None:
+            path = str(self._loaded.resolve(source.parquet)).replace("'", "''")
+            return f"read_parquet('{path}')"
+        assert source.database is not None and source.table is not None
+        path = self._loaded.resolve(source.database)
+        stamp = _stamp(path)
+        attached = self._attached.get(path)
+        if attached is not None and attached[1] == stamp:
+            return f"{attached[0]}.{quote(source.table)}"
+        if attached is not None:
+            self._con.execute(f"DETACH {attached[0]}")
+        if not path.is_file():
+            raise FailedPrecondition(f"data source {path.name} is missing; ask the site operator")
+        alias = f"src{next(self._aliases)}"
+        self._con.execute(f"ATTACH '{str(path).replace(chr(39), chr(39) * 2)}' AS {alias} (READ_ONLY)")
+        self._attached[path] = (alias, stamp)
+        return f"{alias}.{quote(source.table)}"
+
+    def _materialise(self, name: str, dataset: Dataset, fingerprint: tuple[object, ...]) -> _Prepared:
+        try:
+            source = self._source(dataset)
+            unit = quote(dataset.privacy_unit)
+            columns = ", ".join(quote(c) for c in dataset.columns)
+            unique = self._con.execute(
+                f"SELECT count(*) = count(DISTINCT {unit}) AND count({unit}) = count(*) FROM {source}"
+            ).fetchone()
+            if unique is not None and unique[0]:
+                return _Prepared(source, fingerprint, bounded=False)
+            snapshot = quote(f"bounded_{name}")
+            self._con.execute(
+                f"CREATE OR REPLACE TABLE {snapshot} AS SELECT {columns} FROM ("
+                f" SELECT {columns}, row_number() OVER (PARTITION BY {unit}"
+                f" ORDER BY hash(?::BIGINT, {unit}, {columns})) AS _rank"
+                f" FROM {source} WHERE {unit} IS NOT NULL) WHERE _rank <= ?",
+                [self._seed, dataset.max_rows_per_unit])
+            return _Prepared(snapshot, fingerprint, bounded=True)
+        except duckdb.Error as err:
+            raise FailedPrecondition(f"the site could not load dataset {name!r} ({type(err).__name__}: "
+                                     f"{str(err).splitlines()[0][:160]}); ask the site operator") from err
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    try:
+        stat = path.stat()
+    except OSError:
+        return (0, 0)
+    return (stat.st_mtime_ns, stat.st_size)
+
+
+def _site_seed(workdir: Path | None) -> bytes:
+    """The site's secret row-selection seed, kept in the state dir so snapshots are stable."""
+    if workdir is None:
+        return secrets.token_bytes(8)
+    path = workdir / "bounding.seed"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(secrets.token_bytes(8))
+    return path.read_bytes()
+
+
+def build_sql(query: Query, dataset: Dataset, relation: str) -> tuple[str, list[object], tuple[tuple[Scalar, ...], ...]]:
+    """One statement for ``query``: clamped fixed-point aggregates for every public group key.
+
+    Returns the SQL, its bound parameters and the group keys in result order.
+    """
+    params: list[object] = []
+    keys = [dataset.columns[c].public_keys for c in query.group_by]
+    withs = []
+    for i, column_keys in enumerate(keys):
+        withs.append(f"k{i}(g{i}, o{i}) AS (VALUES " + ", ".join("(?, ?)" for _ in column_keys) + ")")
+        for order, key in enumerate(column_keys):
+            params += [key, order]
+    exprs = [e for a in query.aggregates for e in _aggregate_sql(a, dataset, params)]
+    where = [_filter_sql(f, params) for f in query.filters]
+    where += [f"{quote(c)} IN (SELECT g{i} FROM k{i})" for i, c in enumerate(query.group_by)]
+    where_sql = f" WHERE {' AND '.join(where)}" if where else ""
+    if not query.group_by:
+        return f"SELECT {', '.join(exprs)} FROM {relation}{where_sql}", params, ((),)
+    groups = ", ".join(f"{quote(c)} AS g{i}" for i, c in enumerate(query.group_by))
+    named = ", ".join(f"{e} AS a{j}" for j, e in enumerate(exprs))
+    withs.append(f"agg AS (SELECT {groups}, {named} FROM {relation}{where_sql} GROUP BY ALL)")
+    withs.append("keys AS (SELECT * FROM " + " CROSS JOIN ".join(f"k{i}" for i in range(len(keys))) + ")")
+    using = ", ".join(f"g{i}" for i in range(len(keys)))
+    order = ", ".join(f"o{i}" for i in range(len(keys)))
+    outputs = ", ".join(f"coalesce(agg.a{j}, 0)" for j in range(len(exprs)))
+    sql = f"WITH {', '.join(withs)} SELECT {outputs} FROM keys LEFT JOIN agg USING ({using}) ORDER BY {order}"
+    return sql, params, _product(keys)
+
+
+def _product(keys: Sequence[Sequence[Scalar]]) -> tuple[tuple[Scalar, ...], ...]:
+    groups: list[tuple[Scalar, ...]] = [()]
+    for column_keys in keys:
+        groups = [(*g, k) for g in groups for k in column_keys]
+    return tuple(groups)
+
+
+def _aggregate_sql(agg: Aggregate, dataset: Dataset, params: list[object]) -> list[str]:
+    if agg.function == "count":
+        return ["count(*)"]
+    assert agg.column is not None
+    column = dataset.columns[agg.column]
+    fixed = _fixed_point(agg.column, column, params)
+    total = f"coalesce(sum({fixed}), 0)"
+    if agg.function == "sum":
+        return [total]
+    return [total, f"count({quote(agg.column)})"]
+
+
+def _fixed_point(name: str, column: Column, params: list[object]) -> str:
+    """The clamped value scaled to an integer, so sums are exact and within the declared bounds."""
+    assert column.bounds is not None
+    params += [column.bounds[0], column.bounds[1], 10 ** column.scale_digits]
+    return f"CAST(round(least(greatest(CAST({quote(name)} AS DOUBLE), ?), ?) * ?) AS BIGINT)"
+
+
+def _filter_sql(f: Filter, params: list[object]) -> str:
+    column = quote(f.column)
+    params.extend(f.values)
+    if f.op == "between":
+        return f"{column} BETWEEN ? AND ?"
+    if f.op in ("in", "not in"):
+        return f"{column} {f.op.upper()} ({', '.join('?' for _ in f.values)})"
+    return f"{column} {f.op} ?"

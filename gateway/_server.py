@@ -1,0 +1,70 @@
+"""gRPC server plumbing shared by site and broker: health, reflection, TLS/mTLS, loopback rule."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ._proto.gateway.v1 import gateway_pb2 as pb
+from ._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
+
+log = logging.getLogger("gateway.server")
+SERVICE = pb.DESCRIPTOR.services_by_name["Gateway"].full_name
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """Server certificate and key; with ``client_ca`` every client must present a certificate (mTLS)."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def make_server(servicer: pb_grpc.GatewayServicer, host: str, port: int, tls: TlsFiles | None,
+                max_workers: int = 16) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """A started gRPC server serving ``servicer`` with health checking and reflection.
+
+    Plaintext is refused on non-loopback hosts. Returns (server, bound port, health servicer).
+    """
+    if tls is None and not is_loopback(host):
+        raise ValueError(f"refusing plaintext on {host}: give --tls-cert/--tls-key (plaintext is for loopback only)")
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
+                         options=[("grpc.max_receive_message_length", 4 * 1024 * 1024)])
+    pb_grpc.add_GatewayServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = f"{host}:{port}"
+    if tls is None:
+        bound = server.add_insecure_port(address)
+        log.warning("serving PLAINTEXT on %s:%s (loopback development only)", host, bound)
+    else:
+        creds = grpc.ssl_server_credentials(
+            [(tls.key.read_bytes(), tls.cert.read_bytes())],
+            root_certificates=tls.client_ca.read_bytes() if tls.client_ca else None,
+            require_client_auth=tls.client_ca is not None)
+        bound = server.add_secure_port(address, creds)
+    if bound == 0:
+        raise OSError(f"cannot bind {address}")
+    server.start()
+    for name in ("", SERVICE):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, bound, health_servicer

@@ -1,0 +1,178 @@
+"""SQL front-end: one ``SELECT <aggregates> FROM <dataset> [WHERE ...] [GROUP BY ...]``.
+
+The text is parsed with sqlglot and turned into a :class:`~gateway.query.Query`; no SQL text
+from a caller is ever executed. Anything outside that shape (joins, subqueries, window functions,
+OR, DDL, several statements, comments) is rejected with a message saying what is supported.
+Template SQL uses ``:name`` placeholders, filled from typed parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import sqlglot
+from sqlglot import exp
+
+from .errors import InvalidQuery
+from .query import Aggregate, Filter, Query, Scalar
+
+SUPPORTED = ("supported: SELECT <count(*) | sum(col) | avg(col) | mean(col), group-by columns> "
+             "FROM <dataset> [WHERE <col> <op> <value> [AND ...]] [GROUP BY <col>, ...]; "
+             "ops: =, !=, <, <=, >, >=, IN (...), NOT IN (...), BETWEEN a AND b")
+_COMPARISONS: dict[type[exp.Expression], str] = {
+    exp.EQ: "=", exp.NEQ: "!=", exp.LT: "<", exp.LTE: "<=", exp.GT: ">", exp.GTE: ">=",
+}
+_FLIPPED = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "=": "=", "!=": "!="}
+_FORBIDDEN = (exp.Join, exp.Subquery, exp.Window, exp.Union, exp.Having, exp.Order, exp.Limit,
+              exp.Distinct, exp.With, exp.Lateral, exp.Offset, exp.Qualify)
+MAX_SQL = 10_000
+
+ParamValue = Scalar | tuple[Scalar, ...]
+
+
+def parse_sql(sql: str, params: Mapping[str, ParamValue] | None = None) -> Query:
+    """Parse one supported SELECT into a :class:`Query`, or raise :class:`InvalidQuery`."""
+    if len(sql) > MAX_SQL:
+        raise InvalidQuery(f"SQL longer than {MAX_SQL} characters")
+    try:
+        statements = [s for s in sqlglot.parse(sql, dialect="duckdb") if s is not None]
+    except sqlglot.errors.SqlglotError as err:
+        raise InvalidQuery(f"cannot parse SQL ({_first_line(err)}); {SUPPORTED}") from None
+    if len(statements) != 1:
+        raise InvalidQuery(f"exactly one statement is allowed, got {len(statements)}; {SUPPORTED}")
+    select = statements[0]
+    if not isinstance(select, exp.Select):
+        raise InvalidQuery(f"only SELECT is allowed, got {select.key.upper()}; {SUPPORTED}")
+    _reject_unsupported(select)
+    return _Converter(params or {}).convert(select)
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).splitlines()[0][:200]
+
+
+def _reject_unsupported(select: exp.Select) -> None:
+    for node in select.walk():
+        if node.comments:
+            raise InvalidQuery(f"SQL comments are not allowed; {SUPPORTED}")
+        for kind in _FORBIDDEN:
+            if isinstance(node, kind):
+                raise InvalidQuery(f"{kind.__name__.upper()} is not supported; {SUPPORTED}")
+        if isinstance(node, exp.Select) and node is not select:
+            raise InvalidQuery(f"subqueries are not supported; {SUPPORTED}")
+    if select.args.get("joins"):
+        raise InvalidQuery(f"joins are not supported; {SUPPORTED}")
+
+
+class _Converter:
+    def __init__(self, params: Mapping[str, ParamValue]) -> None:
+        self.params = params
+        self.used: set[str] = set()
+
+    def convert(self, select: exp.Select) -> Query:
+        dataset = self._dataset(select)
+        group_by = tuple(self._column(e) for e in (select.args.get("group") or exp.Group()).expressions)
+        aggregates = []
+        for item in select.expressions:
+            item = item.this if isinstance(item, exp.Alias) else item
+            if isinstance(item, exp.Column):
+                if self._column(item) not in group_by:
+                    raise InvalidQuery(f"column {item.sql()!r} in SELECT must be in GROUP BY; {SUPPORTED}")
+                continue
+            aggregates.append(self._aggregate(item))
+        where = select.args.get("where")
+        filters = self._filters(where.this) if where is not None else []
+        unused = set(self.params) - self.used
+        if unused:
+            raise InvalidQuery(f"parameters not used by the query: {', '.join(sorted(unused))}")
+        return Query(dataset, tuple(aggregates), group_by, tuple(filters))
+
+    def _dataset(self, select: exp.Select) -> str:
+        source = select.args.get("from_") or select.args.get("from")
+        table = source.this if source is not None else None
+        if not isinstance(table, exp.Table) or table.args.get("db") or table.args.get("catalog"):
+            raise InvalidQuery(f"FROM must name one dataset; {SUPPORTED}")
+        if not isinstance(table.this, exp.Identifier):
+            raise InvalidQuery(f"FROM must name one dataset, not a function; {SUPPORTED}")
+        return str(table.name)
+
+    def _column(self, node: exp.Expression) -> str:
+        if not isinstance(node, exp.Column) or node.table or not isinstance(node.this, exp.Identifier):
+            raise InvalidQuery(f"expected a plain column name, got {node.sql()!r}; {SUPPORTED}")
+        return str(node.name)
+
+    def _aggregate(self, node: exp.Expression) -> Aggregate:
+        if isinstance(node, exp.Count):
+            arg = node.this
+            if isinstance(arg, exp.Star) or (isinstance(arg, exp.Literal) and arg.this == "1"):
+                return Aggregate("count")
+            raise InvalidQuery(f"only count(*) is supported, got {node.sql()!r}; {SUPPORTED}")
+        if isinstance(node, exp.Sum):
+            return Aggregate("sum", self._column(node.this))
+        if isinstance(node, exp.Avg):
+            return Aggregate("mean", self._column(node.this))
+        if isinstance(node, exp.Anonymous) and str(node.this).lower() == "mean" and len(node.expressions) == 1:
+            return Aggregate("mean", self._column(node.expressions[0]))
+        raise InvalidQuery(f"unsupported select item {node.sql()!r}; {SUPPORTED}")
+
+    def _filters(self, node: exp.Expression) -> list[Filter]:
+        if isinstance(node, exp.Paren):
+            return self._filters(node.this)
+        if isinstance(node, exp.And):
+            return self._filters(node.this) + self._filters(node.expression)
+        if isinstance(node, exp.Or):
+            raise InvalidQuery(f"OR is not supported (use IN for alternatives); {SUPPORTED}")
+        if isinstance(node, exp.Not) and isinstance(node.this, exp.In):
+            return [self._in(node.this, "not in")]
+        if isinstance(node, exp.In):
+            return [self._in(node, "in")]
+        if isinstance(node, exp.Between):
+            return [Filter(self._column(node.this), "between",
+                           (self._scalar(node.args["low"]), self._scalar(node.args["high"])))]
+        op = _COMPARISONS.get(type(node))
+        if op is None:
+            raise InvalidQuery(f"unsupported condition {node.sql()!r}; {SUPPORTED}")
+        left, right = node.this, node.expression
+        if isinstance(right, exp.Column) and not isinstance(left, exp.Column):
+            left, right, op = right, left, _FLIPPED[op]
+        return [Filter(self._column(left), op, (self._scalar(right),))]
+
+    def _in(self, node: exp.In, op: str) -> Filter:
+        if node.args.get("query") is not None:
+            raise InvalidQuery(f"subqueries are not supported; {SUPPORTED}")
+        field = node.args.get("field")
+        if isinstance(field, exp.Placeholder):
+            values = self._param(field)
+            values = values if isinstance(values, tuple) else (values,)
+        else:
+            values = tuple(self._scalar(v) for v in node.expressions)
+        return Filter(self._column(node.this), op, values)
+
+    def _scalar(self, node: exp.Expression) -> Scalar:
+        if isinstance(node, exp.Placeholder):
+            value = self._param(node)
+            if isinstance(value, tuple):
+                raise InvalidQuery(f"parameter {node.name!r} is a list; use it with IN")
+            return value
+        if isinstance(node, exp.Neg) and isinstance(node.this, exp.Literal) and not node.this.is_string:
+            return -_number(node.this.this)
+        if isinstance(node, exp.Literal):
+            return str(node.this) if node.is_string else _number(node.this)
+        raise InvalidQuery(f"expected a literal value or :parameter, got {node.sql()!r}; {SUPPORTED}")
+
+    def _param(self, node: exp.Placeholder) -> ParamValue:
+        name = str(node.name)
+        if name not in self.params:
+            raise InvalidQuery(f"missing value for parameter :{name}")
+        self.used.add(name)
+        return self.params[name]
+
+
+def _number(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise InvalidQuery(f"not a number: {text!r}") from None

@@ -1,0 +1,199 @@
+"""A typed Python client for a site gateway or a broker (same API, same calls).
+
+Example::
+
+    from gateway.client import Client
+
+    with Client("127.0.0.1:50051", token=os.environ["GATEWAY_TOKEN"]) as gw:
+        result = gw.query(sql="SELECT stage, count(*) FROM patients GROUP BY stage", epsilon=0.5)
+        print(result.to_polars())          # stage, count, count_std_error, count_ci_low, count_ci_high
+        print(result.epsilon_charged, result.cached, result.budget_remaining)
+        print(gw.budget())
+
+Every gRPC error becomes a typed :class:`~gateway.errors.GatewayError` subclass carrying the
+server's message. ``UNAVAILABLE`` is retried with the same ``query_id``, so a retry never pays twice.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import polars as pl
+
+from ._proto.gateway.v1 import gateway_pb2 as pb
+from ._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
+from ._wire import to_value
+from .errors import GatewayError, error_from_status
+
+T = TypeVar("T")
+StructuredSpec = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class ClientTls:
+    """CA to trust and, for mTLS, this client's certificate and key."""
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+    server_name: str | None = None
+
+
+class QueryResult:
+    """An answer: estimates per group with their accuracy, the privacy loss charged, and provenance."""
+
+    def __init__(self, response: pb.QueryResponse) -> None:
+        self.response = response
+
+    @property
+    def epsilon_charged(self) -> float:
+        """Privacy loss charged for this answer (0 when served from the store)."""
+        return self.response.epsilon_charged
+
+    @property
+    def cached(self) -> bool:
+        """True when this is a stored answer to an identical earlier query (charged nothing)."""
+        return self.response.cached
+
+    @property
+    def budget_remaining(self) -> float:
+        """The project's remaining budget on the dataset after this query."""
+        return self.response.budget_remaining
+
+    @property
+    def query_id(self) -> str:
+        """The idempotency key the answer is stored under."""
+        return self.response.query_id
+
+    @property
+    def sites(self) -> list[str]:
+        """Sites whose answers are pooled in this result (from a broker)."""
+        return list(self.response.sites) or [self.response.served_by]
+
+    @property
+    def missing_sites(self) -> dict[str, str]:
+        """Sites that did not answer, with why (from a broker)."""
+        return {m.site: f"{m.reason}: {m.message}" for m in self.response.missing_sites}
+
+    def to_polars(self) -> pl.DataFrame:
+        """One row per group: group columns, then per aggregate its estimate, std_error, ci_low, ci_high."""
+        return _frame(self.response.group_by, self.response.rows)
+
+    def per_site(self) -> pl.DataFrame:
+        """Each site's own answer (from a broker), with a ``site`` column."""
+        frames = [_frame(self.response.group_by, a.rows).with_columns(pl.lit(a.site).alias("site"))
+                  for a in self.response.site_answers]
+        return pl.concat(frames, how="diagonal") if frames else pl.DataFrame()
+
+
+def _frame(group_by: Sequence[str], rows: Sequence[pb.ResultRow]) -> pl.DataFrame:
+    records = []
+    for row in rows:
+        record: dict[str, Any] = {k.column: getattr(k.value, k.value.WhichOneof("kind") or "string_value")
+                                  for k in row.keys}
+        for e in row.estimates:
+            record[e.aggregate] = None if math.isnan(e.value) else e.value
+            record[f"{e.aggregate}_std_error"] = e.std_error
+            record[f"{e.aggregate}_ci_low"] = None if math.isnan(e.ci_low) else e.ci_low
+            record[f"{e.aggregate}_ci_high"] = None if math.isnan(e.ci_high) else e.ci_high
+            if e.suppressed:
+                record[f"{e.aggregate}_suppressed"] = True
+        records.append(record)
+    return pl.DataFrame(records)
+
+
+class Client:
+    """Talks gateway.v1 to one target (a site or a broker)."""
+
+    def __init__(self, target: str, token: str | None = None, tls: ClientTls | None = None,
+                 timeout: float = 60.0, retries: int = 3) -> None:
+        self.target, self.token, self.timeout, self.retries = target, token, timeout, retries
+        if tls is None:
+            self._channel = grpc.insecure_channel(target)
+        else:
+            creds = grpc.ssl_channel_credentials(
+                tls.ca.read_bytes(), tls.key.read_bytes() if tls.key else None,
+                tls.cert.read_bytes() if tls.cert else None)
+            options = [("grpc.ssl_target_name_override", tls.server_name)] if tls.server_name else []
+            self._channel = grpc.secure_channel(target, creds, options=options)
+        self._stub = pb_grpc.GatewayStub(self._channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()
+
+    def datasets(self) -> list[pb.Dataset]:
+        """The datasets this caller may query, with columns, roles, bounds and costs."""
+        return list(self._call(self._stub.ListDatasets, pb.ListDatasetsRequest()).datasets)
+
+    def budget(self, dataset: str = "") -> pl.DataFrame:
+        """The caller's budget per dataset (and per site, through a broker)."""
+        response = self._call(self._stub.GetBudget, pb.GetBudgetRequest(dataset=dataset))
+        return pl.DataFrame([{"site": b.site, "dataset": b.dataset, "project": b.project, "limit": b.limit,
+                              "spent": b.spent, "remaining": b.remaining, "period": b.period,
+                              "resets_at": b.resets_at or None} for b in response.budgets],
+                            schema={"site": pl.Utf8, "dataset": pl.Utf8, "project": pl.Utf8, "limit": pl.Float64,
+                                    "spent": pl.Float64, "remaining": pl.Float64, "period": pl.Utf8,
+                                    "resets_at": pl.Utf8})
+
+    def query(self, sql: str | None = None, *, structured: StructuredSpec | None = None,
+              template: str | None = None, params: Mapping[str, Any] | None = None, epsilon: float = 0.0,
+              dry_run: bool = False, query_id: str | None = None, sites: Sequence[str] = ()) -> QueryResult:
+        """Run one query, given as SQL, a structured mapping or an approved template with params.
+
+        ``structured`` looks like ``{"dataset": "patients", "aggregates": ["count", ("mean", "age")],
+        "group_by": ["stage"], "filters": [("sex", "=", "F")]}``. ``epsilon=0`` uses the policy default.
+        """
+        request = pb.QueryRequest(query_id=query_id or uuid.uuid4().hex, epsilon=epsilon, dry_run=dry_run,
+                                  sites=list(sites))
+        if sum(x is not None for x in (sql, structured, template)) != 1:
+            raise ValueError("give exactly one of sql, structured or template")
+        if sql is not None:
+            request.sql = sql
+        elif template is not None:
+            request.template.name = template
+            for key, value in (params or {}).items():
+                request.template.params[key].CopyFrom(to_value(",".join(map(str, value))
+                                                      if isinstance(value, list | tuple) else value))
+        else:
+            assert structured is not None
+            request.structured.CopyFrom(structured_message(structured))
+        return QueryResult(self._call(self._stub.Query, request))
+
+    def _call(self, method: Callable[..., T], request: object) -> T:
+        metadata = [("authorization", f"Bearer {self.token}")] if self.token else []
+        for attempt in range(self.retries + 1):
+            try:
+                return method(request, metadata=metadata, timeout=self.timeout)
+            except grpc.RpcError as err:
+                code = err.code()
+                if code == grpc.StatusCode.UNAVAILABLE and attempt < self.retries:
+                    time.sleep(0.2 * 2 ** attempt)
+                    continue
+                raise error_from_status(code, err.details() or code.name) from None
+        raise GatewayError("unreachable")
+
+
+def structured_message(spec: StructuredSpec) -> pb.StructuredQuery:
+    """Build a structured query message from a plain mapping (see :meth:`Client.query`)."""
+    message = pb.StructuredQuery(dataset=spec["dataset"], group_by=list(spec.get("group_by", ())))
+    for agg in spec.get("aggregates", ()):
+        function, column = (agg, "") if isinstance(agg, str) else agg
+        message.aggregates.add(function=function, column=column)
+    for column, op, value in spec.get("filters", ()):
+        values = value if isinstance(value, list | tuple) else [value]
+        message.filters.add(column=column, op=op, values=[to_value(v) for v in values])
+    return message

@@ -1,0 +1,256 @@
+"""The privacy budget ledger: durable, atomic check-and-charge that cannot overspend (DESIGN §7).
+
+:class:`Ledger` is the small interface a site needs; :class:`SqliteLedger` is the embedded
+default (SQLite, WAL, ``synchronous=FULL``). Amounts are exact fractions stored as text, so ten
+charges of 0.1 fill a budget of 1 exactly. A charge moves ``reserved`` -> ``released`` (with the
+answer stored) or ``reserved`` -> ``refunded`` (failure before noise was drawn). A reserved charge
+left by a crashed process stays charged; a retry with its query_id adopts it instead of paying again.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Protocol
+
+from .errors import BudgetExhausted, InternalBug
+
+
+@dataclass(frozen=True)
+class Scope:
+    """One budget: a key (``project:<p>:<dataset>`` or ``dataset:<d>``), its limit and period."""
+
+    key: str
+    dataset: str
+    limit: Fraction
+    period_index: int
+    resets_at: str
+    label: str = "project"
+
+
+@dataclass(frozen=True)
+class BudgetState:
+    """A budget's value: exact limit and spent; ``remaining`` never goes below zero."""
+
+    limit: Fraction
+    spent: Fraction
+
+    @property
+    def remaining(self) -> Fraction:
+        """What may still be spent in this period."""
+        return max(Fraction(0), self.limit - self.spent)
+
+
+@dataclass(frozen=True)
+class ChargeRecord:
+    """A charge as stored: what it was for, its state and (once released) the answer."""
+
+    charge_id: int
+    project: str
+    query_id: str
+    canonical_hash: str
+    epsilon: Fraction
+    status: str
+    answer: bytes | None
+    orphaned: bool
+
+
+class Ledger(Protocol):
+    """What a site needs from a budget ledger; implementations must be atomic and durable."""
+
+    def charge(self, project: str, query_id: str, canonical_hash: str, epsilon: Fraction,
+               scopes: Sequence[Scope]) -> int:
+        """Atomically check every scope has ``epsilon`` left and charge them all; durable on return."""
+        ...
+
+    def release(self, charge_id: int, answer: bytes) -> None:
+        """Store the answer with its charge (noise has been drawn)."""
+        ...
+
+    def refund(self, charge_id: int) -> None:
+        """Give back a reserved charge whose query failed before any noise was drawn."""
+        ...
+
+    def find(self, project: str, query_id: str) -> ChargeRecord | None:
+        """The charge a project made under ``query_id``, if any."""
+        ...
+
+    def find_answer(self, project: str, canonical_hash: str) -> bytes | None:
+        """A released answer to the same canonical query by the same project, if any."""
+        ...
+
+    def state(self, scope: Scope) -> BudgetState:
+        """Limit and spent of one scope in its current period."""
+        ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS charges (
+    id INTEGER PRIMARY KEY,
+    project TEXT NOT NULL,
+    query_id TEXT NOT NULL,
+    canonical_hash TEXT NOT NULL,
+    epsilon TEXT NOT NULL,
+    scopes TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('reserved', 'released', 'refunded')),
+    owner TEXT NOT NULL,
+    answer BLOB,
+    created REAL NOT NULL,
+    UNIQUE (project, query_id)
+);
+CREATE INDEX IF NOT EXISTS charges_canonical ON charges (project, canonical_hash, status);
+CREATE TABLE IF NOT EXISTS spend (
+    scope TEXT NOT NULL,
+    period INTEGER NOT NULL,
+    spent TEXT NOT NULL,
+    PRIMARY KEY (scope, period)
+);
+"""
+
+
+class QueryIdInUse(Exception):
+    """Another charge with this (project, query_id) already exists."""
+
+
+class SqliteLedger:
+    """The embedded ledger: one SQLite file in WAL mode with full sync."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.owner = uuid.uuid4().hex  # this process's identity, to tell orphaned charges from live ones
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._guard = threading.Lock()
+        self._conn().executescript(_SCHEMA)
+
+    def _conn(self) -> sqlite3.Connection:
+        con: sqlite3.Connection | None = getattr(self._local, "con", None)
+        if con is None:
+            con = sqlite3.connect(self.path, isolation_level=None, timeout=30, check_same_thread=False)
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA synchronous=FULL")
+            con.execute("PRAGMA busy_timeout=30000")
+            self._local.con = con
+            with self._guard:
+                self._all.append(con)
+        return con
+
+    def close(self) -> None:
+        """Close every connection this ledger opened."""
+        with self._guard:
+            for con in self._all:
+                con.close()
+            self._all.clear()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        con = self._conn()
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            yield con
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        con.execute("COMMIT")
+
+    def charge(self, project: str, query_id: str, canonical_hash: str, epsilon: Fraction,
+               scopes: Sequence[Scope]) -> int:
+        """See :meth:`Ledger.charge`; raises :class:`BudgetExhausted` or :class:`QueryIdInUse`."""
+        if epsilon <= 0:
+            raise InternalBug("a charge must be positive")
+        with self._tx() as con:
+            if con.execute("SELECT 1 FROM charges WHERE project = ? AND query_id = ?",
+                           (project, query_id)).fetchone():
+                raise QueryIdInUse(query_id)
+            for scope in scopes:
+                spent = _spent(con, scope.key, scope.period_index)
+                if spent + epsilon > scope.limit:
+                    raise BudgetExhausted(scope.dataset, epsilon, max(Fraction(0), scope.limit - spent),
+                                          scope.resets_at, scope.label)
+            for scope in scopes:
+                _add(con, scope.key, scope.period_index, epsilon)
+            cur = con.execute(
+                "INSERT INTO charges (project, query_id, canonical_hash, epsilon, scopes, status, owner, created)"
+                " VALUES (?, ?, ?, ?, ?, 'reserved', ?, ?)",
+                (project, query_id, canonical_hash, _text(epsilon),
+                 ";".join(f"{s.key}@{s.period_index}" for s in scopes), self.owner, time.time()))
+            assert cur.lastrowid is not None
+            return cur.lastrowid
+
+    def adopt(self, charge_id: int) -> bool:
+        """Take over an orphaned reserved charge (its process died); False if someone else has it."""
+        with self._tx() as con:
+            cur = con.execute("UPDATE charges SET owner = ? WHERE id = ? AND status = 'reserved' AND owner != ?",
+                              (self.owner, charge_id, self.owner))
+            return cur.rowcount == 1
+
+    def release(self, charge_id: int, answer: bytes) -> None:
+        """See :meth:`Ledger.release`."""
+        with self._tx() as con:
+            cur = con.execute("UPDATE charges SET status = 'released', answer = ? WHERE id = ? AND status = 'reserved'",
+                              (answer, charge_id))
+            if cur.rowcount != 1:
+                raise InternalBug(f"charge {charge_id} is not reserved")
+
+    def refund(self, charge_id: int) -> None:
+        """See :meth:`Ledger.refund`."""
+        with self._tx() as con:
+            row = con.execute("SELECT epsilon, scopes FROM charges WHERE id = ? AND status = 'reserved'",
+                              (charge_id,)).fetchone()
+            if row is None:
+                raise InternalBug(f"charge {charge_id} is not reserved")
+            amount = Fraction(row[0])
+            for item in row[1].split(";") if row[1] else []:
+                key, _, period = item.rpartition("@")
+                _add(con, key, int(period), -amount)
+            con.execute("UPDATE charges SET status = 'refunded', query_id = query_id || '#refunded#' || id"
+                        " WHERE id = ?", (charge_id,))
+
+    def find(self, project: str, query_id: str) -> ChargeRecord | None:
+        """See :meth:`Ledger.find`."""
+        row = self._conn().execute(
+            "SELECT id, canonical_hash, epsilon, status, answer, owner FROM charges WHERE project = ? AND query_id = ?",
+            (project, query_id)).fetchone()
+        if row is None:
+            return None
+        return ChargeRecord(row[0], project, query_id, row[1], Fraction(row[2]), row[3], row[4], row[5] != self.owner)
+
+    def find_answer(self, project: str, canonical_hash: str) -> bytes | None:
+        """See :meth:`Ledger.find_answer`."""
+        row = self._conn().execute(
+            "SELECT answer FROM charges WHERE project = ? AND canonical_hash = ? AND status = 'released'"
+            " ORDER BY id LIMIT 1", (project, canonical_hash)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def state(self, scope: Scope) -> BudgetState:
+        """See :meth:`Ledger.state`."""
+        return BudgetState(scope.limit, _spent(self._conn(), scope.key, scope.period_index))
+
+    def total_spent(self) -> Fraction:
+        """Sum of every non-refunded charge (for audits and tests)."""
+        rows = self._conn().execute("SELECT epsilon FROM charges WHERE status != 'refunded'").fetchall()
+        return sum((Fraction(r[0]) for r in rows), Fraction(0))
+
+
+def _spent(con: sqlite3.Connection, key: str, period: int) -> Fraction:
+    row = con.execute("SELECT spent FROM spend WHERE scope = ? AND period = ?", (key, period)).fetchone()
+    return Fraction(row[0]) if row else Fraction(0)
+
+
+def _add(con: sqlite3.Connection, key: str, period: int, amount: Fraction) -> None:
+    new = _spent(con, key, period) + amount
+    if new < 0:
+        raise InternalBug(f"budget {key} would go negative")
+    con.execute("INSERT INTO spend (scope, period, spent) VALUES (?, ?, ?)"
+                " ON CONFLICT (scope, period) DO UPDATE SET spent = excluded.spent", (key, period, _text(new)))
+
+
+def _text(value: Fraction) -> str:
+    return f"{value.numerator}/{value.denominator}"

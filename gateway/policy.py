@@ -1,0 +1,341 @@
+"""Site policy files: what may be queried, by whom, at what privacy cost (DESIGN §8).
+
+A policy is YAML owned by the site's privacy officer. :func:`load_policy` parses it once into
+frozen, validated objects; unknown keys are errors, and every error names the file, the line and
+the field (:class:`PolicyFileError`). Relative data paths resolve against the policy's folder.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from fractions import Fraction
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+AGGREGATES = ("count", "sum", "mean")
+ROLES = ("filter", "group_by", "aggregate")
+_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
+
+
+def to_fraction(value: Any) -> Fraction:
+    """Read an epsilon exactly: ``0.1`` means one tenth, not the nearest binary float."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number")
+    if isinstance(value, Fraction):
+        return value
+    if isinstance(value, int | float | str):
+        try:
+            return Fraction(repr(value) if isinstance(value, float) else str(value))
+        except (ValueError, ZeroDivisionError) as err:
+            raise ValueError("must be a number") from err
+    raise ValueError("must be a number")
+
+
+Epsilon = Annotated[Fraction, BeforeValidator(to_fraction)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+class KeyRange(_Model):
+    """An inclusive integer range of public keys, e.g. diagnosis years 2010..2024."""
+
+    range: tuple[int, int]
+
+    @model_validator(mode="after")
+    def _ordered(self) -> KeyRange:
+        low, high = self.range
+        if high < low or high - low > 10_000:
+            raise ValueError("range must be [low, high] with low <= high and at most 10000 keys")
+        return self
+
+
+class Column(_Model):
+    """A queryable column: its type, what it may be used for, bounds and public keys."""
+
+    type: Literal["integer", "float", "string"]
+    roles: tuple[Literal["filter", "group_by", "aggregate"], ...] = Field(min_length=1)
+    bounds: tuple[float, float] | None = None
+    precision: int = Field(default=-1, ge=-1, le=6)
+    keys: tuple[int | float | str, ...] | KeyRange | None = None
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Column:
+        if "aggregate" in self.roles:
+            if self.type == "string":
+                raise ValueError("a string column cannot have the aggregate role")
+            if self.bounds is None:
+                raise ValueError("an aggregate column needs bounds: [lower, upper]")
+        if self.bounds is not None and not self.bounds[0] < self.bounds[1]:
+            raise ValueError("bounds must be [lower, upper] with lower < upper")
+        if "group_by" in self.roles and not self.public_keys:
+            raise ValueError("a group_by column needs its public keys (keys: [...] or keys: {range: [a, b]})")
+        for key in self.public_keys:
+            if not _key_fits(self.type, key):
+                raise ValueError(f"key {key!r} is not a {self.type}")
+        if len(set(self.public_keys)) != len(self.public_keys):
+            raise ValueError("keys must be distinct")
+        return self
+
+    @property
+    def public_keys(self) -> tuple[int | float | str, ...]:
+        """The public key set in policy order (empty when none is declared)."""
+        if isinstance(self.keys, KeyRange):
+            return tuple(range(self.keys.range[0], self.keys.range[1] + 1))
+        return self.keys or ()
+
+    @property
+    def scale_digits(self) -> int:
+        """Decimal digits kept when summing this column as fixed-point integers."""
+        if self.precision >= 0:
+            return self.precision
+        return 0 if self.type == "integer" else 2
+
+
+def _key_fits(kind: str, key: object) -> bool:
+    if kind == "string":
+        return isinstance(key, str)
+    if kind == "integer":
+        return isinstance(key, int) and not isinstance(key, bool)
+    return isinstance(key, int | float) and not isinstance(key, bool)
+
+
+class Source(_Model):
+    """Where a dataset's rows live: a table or view of a DuckDB file, or parquet files."""
+
+    database: str | None = None
+    table: str | None = Field(default=None, pattern=_NAME)
+    parquet: str | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Source:
+        if (self.parquet is None) == (self.table is None):
+            raise ValueError("give either table (with database) or parquet")
+        if self.table is not None and self.database is None:
+            raise ValueError("a table source needs database: PATH.duckdb")
+        return self
+
+
+class EpsilonLimits(_Model):
+    """Per-query privacy loss: the default when a request gives none, and the maximum."""
+
+    default: Epsilon
+    max: Epsilon
+
+    @model_validator(mode="after")
+    def _ordered(self) -> EpsilonLimits:
+        if not 0 < self.default <= self.max:
+            raise ValueError("need 0 < default <= max")
+        return self
+
+
+class Parameter(_Model):
+    """A typed template parameter."""
+
+    type: Literal["integer", "float", "string", "list[integer]", "list[float]", "list[string]"]
+    default: int | float | str | tuple[int | float | str, ...] | None = None
+    description: str = ""
+
+
+class Template(_Model):
+    """A named, approved, parameterised query (``:name`` placeholders in its SQL)."""
+
+    sql: str
+    params: Mapping[str, Parameter] = Field(default_factory=dict)
+    projects: tuple[str, ...] = ("*",)
+    description: str = ""
+
+
+class Dataset(_Model):
+    """One queryable dataset and how each patient's contribution is bounded."""
+
+    source: Source
+    privacy_unit: str = Field(pattern=_NAME)
+    max_rows_per_unit: int = Field(ge=1, le=1000)
+    columns: Mapping[str, Column]
+    aggregates: tuple[Literal["count", "sum", "mean"], ...] = AGGREGATES
+    epsilon: EpsilonLimits | None = None
+    templates_only: bool = False
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _names(self) -> Dataset:
+        for name in self.columns:
+            if not re.match(_NAME, name):
+                raise ValueError(f"column name {name!r} is not a plain identifier")
+        if self.privacy_unit in self.columns:
+            raise ValueError("the privacy unit column must not be queryable (remove it from columns)")
+        return self
+
+
+class BudgetRule(_Model):
+    """A privacy budget for every project matching ``project`` on the matching datasets."""
+
+    project: str
+    datasets: tuple[str, ...] = ("*",)
+    epsilon: Epsilon
+    period: str = Field(default="365d", pattern=r"^(never|[1-9][0-9]{0,4}d)$")
+    roles: tuple[str, ...] = ("*",)
+
+    @model_validator(mode="after")
+    def _positive(self) -> BudgetRule:
+        if self.epsilon <= 0:
+            raise ValueError("epsilon must be > 0")
+        return self
+
+    def matches(self, project: str, dataset: str) -> bool:
+        """Whether this rule covers ``project`` on ``dataset`` (shell-style patterns)."""
+        return fnmatch.fnmatchcase(project, self.project) and any(
+            fnmatch.fnmatchcase(dataset, d) for d in self.datasets)
+
+    def allows_role(self, role: str) -> bool:
+        """Whether a caller with ``role`` may spend from this budget."""
+        return any(fnmatch.fnmatchcase(role, r) for r in self.roles)
+
+
+class DatasetCap(_Model):
+    """A dataset-wide cap over all projects together."""
+
+    epsilon: Epsilon
+    period: str = Field(default="365d", pattern=r"^(never|[1-9][0-9]{0,4}d)$")
+
+
+class Suppression(_Model):
+    """Small-cell suppression: estimates of a group whose noisy count is under ``min_count``."""
+
+    min_count: int = Field(default=0, ge=0)
+
+
+class Policy(_Model):
+    """A site's whole policy (one file)."""
+
+    site: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    accounting: Literal["pure"] = "pure"
+    epsilon: EpsilonLimits
+    period_start: datetime = datetime(2026, 1, 1, tzinfo=UTC)
+    suppression: Suppression = Suppression()
+    datasets: Mapping[str, Dataset] = Field(min_length=1)
+    budgets: tuple[BudgetRule, ...] = ()
+    dataset_caps: Mapping[str, DatasetCap] = Field(default_factory=dict)
+    templates: Mapping[str, Template] = Field(default_factory=dict)
+    max_distinct_queries_per_period: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _references(self) -> Policy:
+        for name in self.datasets:
+            if not re.match(_NAME, name):
+                raise ValueError(f"dataset name {name!r} is not a plain identifier")
+        for name in self.dataset_caps:
+            if name not in self.datasets:
+                raise ValueError(f"dataset_caps names unknown dataset {name!r}")
+        for name in self.templates:
+            if not re.match(_NAME, name):
+                raise ValueError(f"template name {name!r} is not a plain identifier")
+        return self
+
+    def epsilon_limits(self, dataset: str) -> EpsilonLimits:
+        """Per-query epsilon default and max for ``dataset``."""
+        return self.datasets[dataset].epsilon or self.epsilon
+
+    def budget_rule(self, project: str, dataset: str) -> BudgetRule | None:
+        """The first budget rule covering ``project`` on ``dataset`` (None: no access)."""
+        return next((r for r in self.budgets if r.matches(project, dataset)), None)
+
+
+@dataclass(frozen=True)
+class LoadedPolicy:
+    """A validated policy with the file it came from (data paths resolve against its folder)."""
+
+    policy: Policy
+    path: Path
+    text_hash: str
+
+    def resolve(self, relative: str) -> Path:
+        """A data path from the policy, relative to the policy file's folder."""
+        return (self.path.parent / relative).resolve()
+
+
+class PolicyFileError(Exception):
+    """A policy file failed to load; ``problems`` holds one ``file:line: field: reason`` each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def load_policy(path: Path) -> LoadedPolicy:
+    """Parse and validate one policy file, or raise :class:`PolicyFileError`."""
+    import hashlib
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise PolicyFileError([f"{path}:0: (file): cannot read: {err.strerror}"]) from err
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else 0
+        raise PolicyFileError([f"{path}:{line}: (yaml): {getattr(err, 'problem', err)}"]) from err
+    if not isinstance(data, dict):
+        raise PolicyFileError([f"{path}:1: (file): a policy must be a mapping of keys"])
+    try:
+        policy = Policy.model_validate(data)
+    except ValidationError as err:
+        lines = _line_index(node)
+        raise PolicyFileError([_describe(path, lines, e) for e in err.errors()]) from err
+    return LoadedPolicy(policy, path.resolve(), hashlib.sha256(text.encode()).hexdigest())
+
+
+def _describe(path: Path, lines: dict[tuple[str, ...], int], error: Any) -> str:
+    loc = tuple(str(part) for part in error["loc"])
+    # pydantic adds union-branch and type names to loc; keep the part that names the file's keys
+    while loc and loc not in lines:
+        loc = loc[:-1]
+    field = ".".join(str(p) for p in error["loc"] if not _is_internal(str(p))) or "(top)"
+    reason = str(error["msg"]).removeprefix("Value error, ")
+    return f"{path}:{lines.get(loc, 1)}: {field}: {reason}"
+
+
+def _is_internal(part: str) -> bool:
+    return part in {"KeyRange", "function-after[_ordered(), KeyRange]"} or part.startswith(
+        ("tuple[", "function-", "int", "float", "str")) and part not in {"int", "float", "str"}
+
+
+def _line_index(node: yaml.Node | None) -> dict[tuple[str, ...], int]:
+    """Map each key path of the YAML document to the 1-based line it starts on."""
+    index: dict[tuple[str, ...], int] = {}
+
+    def walk(n: yaml.Node, path: tuple[str, ...]) -> None:
+        index.setdefault(path, n.start_mark.line + 1)
+        if isinstance(n, yaml.MappingNode):
+            for key, value in n.value:
+                child = (*path, str(key.value))
+                index[child] = key.start_mark.line + 1
+                walk(value, child)
+        elif isinstance(n, yaml.SequenceNode):
+            for i, item in enumerate(n.value):
+                walk(item, (*path, str(i)))
+
+    if node is not None:
+        walk(node, ())
+    return index
+
+
+def period_window(period: str, start: datetime, now: datetime) -> tuple[int, str]:
+    """The index of the budget period containing ``now`` and when it ends (RFC 3339, '' if never)."""
+    if period == "never":
+        return 0, ""
+    length = timedelta(days=int(period.removesuffix("d")))
+    index = max(0, (now - start) // length)
+    return index, (start + (index + 1) * length).isoformat().replace("+00:00", "Z")

@@ -1,0 +1,182 @@
+"""The query model: immutable structured queries, their policy check and canonical form.
+
+Every way of asking (structured message, SQL string, approved template) becomes one
+:class:`Query`. :func:`check_query` holds it against the site policy; :meth:`Query.canonical`
+gives the normalised text (sorted filters and value lists, ``=``/``!=`` folded into IN/NOT IN)
+whose SHA-256 is used for caching, idempotency and the audit log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+from .errors import InvalidQuery, NotFound, PolicyViolation
+from .policy import Column, Dataset, Policy
+
+Scalar = int | float | str
+OPERATORS = ("in", "not in", "<", "<=", ">", ">=", "between")
+_FOLD = {"=": "in", "==": "in", "!=": "not in", "<>": "not in"}
+MAX_CELLS = 10_000
+MAX_LIST = 1_000
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """One aggregate: ``count`` (no column), ``sum(column)`` or ``mean(column)``."""
+
+    function: str
+    column: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The name the aggregate carries in answers, e.g. ``mean(age_at_diagnosis)``."""
+        return self.function if self.column is None else f"{self.function}({self.column})"
+
+
+@dataclass(frozen=True)
+class Filter:
+    """A condition on a filter-role column; values are always bound, never spliced into SQL."""
+
+    column: str
+    op: str
+    values: tuple[Scalar, ...]
+
+
+@dataclass(frozen=True)
+class Query:
+    """A parsed aggregate query over one dataset."""
+
+    dataset: str
+    aggregates: tuple[Aggregate, ...]
+    group_by: tuple[str, ...] = ()
+    filters: tuple[Filter, ...] = ()
+
+    def normalised(self) -> Query:
+        """Same meaning, normal form: folded operators, sorted distinct IN lists, sorted filters."""
+        filters = []
+        for f in self.filters:
+            op = _FOLD.get(f.op, f.op)
+            values = f.values
+            if op in ("in", "not in"):
+                values = tuple(sorted(set(values), key=_sort_key))
+            filters.append(Filter(f.column, op, values))
+        filters.sort(key=lambda f: (f.column, f.op, [_sort_key(v) for v in f.values]))
+        return Query(self.dataset, self.aggregates, self.group_by, tuple(dict.fromkeys(filters)))
+
+    def canonical(self, epsilon: Fraction) -> str:
+        """Stable text of the normalised query and its resolved privacy loss."""
+        q = self.normalised()
+        return json.dumps({
+            "dataset": q.dataset,
+            "aggregates": [a.label for a in q.aggregates],
+            "group_by": list(q.group_by),
+            "filters": [[f.column, f.op, [_typed(v) for v in f.values]] for f in q.filters],
+            "epsilon": f"{epsilon.numerator}/{epsilon.denominator}",
+        }, separators=(",", ":"), sort_keys=True)
+
+    def canonical_hash(self, epsilon: Fraction) -> str:
+        """Hex SHA-256 of :meth:`canonical`."""
+        return hashlib.sha256(self.canonical(epsilon).encode()).hexdigest()
+
+
+def _sort_key(value: Scalar) -> tuple[str, str]:
+    return (type(value).__name__, repr(value))
+
+
+def _typed(value: Scalar) -> list[str]:
+    return [type(value).__name__, repr(value)]
+
+
+def dataset_of(policy: Policy, name: str) -> Dataset:
+    """The policy's dataset ``name``, or :class:`NotFound` listing the ones that exist."""
+    try:
+        return policy.datasets[name]
+    except KeyError:
+        known = ", ".join(sorted(policy.datasets))
+        raise NotFound(f"unknown dataset {name!r}; this site offers: {known}") from None
+
+
+def check_query(query: Query, policy: Policy) -> Query:
+    """Validate ``query`` against ``policy``; return it normalised with values coerced to column types."""
+    dataset = dataset_of(policy, query.dataset)
+    if not query.aggregates:
+        raise InvalidQuery("a query needs at least one aggregate: count, sum(column) or mean(column)")
+    if len(set(query.aggregates)) != len(query.aggregates):
+        raise InvalidQuery("an aggregate is repeated; ask for each aggregate once")
+    for agg in query.aggregates:
+        _check_aggregate(agg, dataset, query.dataset)
+    if len(set(query.group_by)) != len(query.group_by):
+        raise InvalidQuery("a group-by column is repeated")
+    cells = 1
+    for name in query.group_by:
+        cells *= len(_column(dataset, name, "group_by", query.dataset).public_keys)
+    if cells > MAX_CELLS:
+        raise InvalidQuery(f"the group-by has {cells} groups; at most {MAX_CELLS} are allowed")
+    filters = tuple(_check_filter(f, dataset, query.dataset) for f in query.filters)
+    return Query(query.dataset, query.aggregates, query.group_by, filters).normalised()
+
+
+def _check_aggregate(agg: Aggregate, dataset: Dataset, name: str) -> None:
+    if agg.function not in dataset.aggregates:
+        allowed = ", ".join(dataset.aggregates)
+        raise PolicyViolation("aggregate", f"{agg.function!r} is not allowed on {name!r}; allowed: {allowed}")
+    if agg.function == "count":
+        if agg.column is not None:
+            raise InvalidQuery("count takes no column: use count(*) (each row of the dataset counts)")
+        return
+    if agg.column is None:
+        raise InvalidQuery(f"{agg.function} needs a column, e.g. {agg.function}(column)")
+    _column(dataset, agg.column, "aggregate", name)
+
+
+def _column(dataset: Dataset, name: str, role: str, dataset_name: str) -> Column:
+    column = dataset.columns.get(name)
+    if column is None:
+        known = ", ".join(sorted(c for c, col in dataset.columns.items() if role in col.roles))
+        raise InvalidQuery(f"unknown column {name!r} in dataset {dataset_name!r}; "
+                           f"columns usable for {role}: {known or 'none'}")
+    if role not in column.roles:
+        raise PolicyViolation(name, f"column may not be used for {role} (its roles: {', '.join(column.roles)})")
+    return column
+
+
+def _check_filter(f: Filter, dataset: Dataset, name: str) -> Filter:
+    column = _column(dataset, f.column, "filter", name)
+    op = _FOLD.get(f.op.lower(), f.op.lower())
+    if op not in OPERATORS:
+        raise InvalidQuery(f"unsupported filter operator {f.op!r}; use =, !=, <, <=, >, >=, IN, NOT IN, BETWEEN")
+    values = tuple(_coerce(v, column, f.column) for v in f.values)
+    if op in ("in", "not in"):
+        if not 1 <= len(values) <= MAX_LIST:
+            raise InvalidQuery(f"{op.upper()} on {f.column!r} needs 1 to {MAX_LIST} values")
+    elif op == "between":
+        if len(values) != 2:
+            raise InvalidQuery(f"BETWEEN on {f.column!r} needs exactly two values")
+        if _order(values[0]) > _order(values[1]):
+            raise InvalidQuery(f"BETWEEN on {f.column!r}: the low value is greater than the high value")
+    elif len(values) != 1:
+        raise InvalidQuery(f"{op} on {f.column!r} needs exactly one value")
+    return Filter(f.column, op, values)
+
+
+def _order(value: Scalar) -> tuple[int, float | str]:
+    return (1, value) if isinstance(value, str) else (0, float(value))
+
+
+def _coerce(value: object, column: Column, name: str) -> Scalar:
+    if column.type == "string" and isinstance(value, str):
+        if len(value) > 1000:
+            raise InvalidQuery(f"a value for {name!r} is longer than 1000 characters")
+        return value
+    if column.type == "integer" and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if column.type == "integer" and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if column.type == "float" and isinstance(value, int | float) and not isinstance(value, bool):
+        if math.isfinite(value):
+            return float(value)
+    raise InvalidQuery(f"value {value!r} does not fit column {name!r} of type {column.type}")

@@ -1,0 +1,81 @@
+"""Approved query templates: named, parameterised SQL a privacy officer lists in the policy."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+
+from ._sqlfront import ParamValue, parse_sql
+from .errors import GatewayError, InvalidQuery, NotFound, PermissionDenied
+from .policy import LoadedPolicy, Parameter, Policy, Template
+from .query import Query, Scalar, check_query
+
+_SAMPLE: dict[str, ParamValue] = {"integer": 0, "float": 0.0, "string": "x", "list[integer]": (0,),
+                                  "list[float]": (0.0,), "list[string]": ("x",)}
+
+
+def resolve_template(policy: Policy, name: str, params: Mapping[str, object], project: str) -> Query:
+    """The query a template call stands for, with typed parameters (defaults filled in)."""
+    template = policy.templates.get(name)
+    if template is None:
+        known = ", ".join(sorted(policy.templates)) or "none"
+        raise NotFound(f"unknown template {name!r}; this site's templates: {known}")
+    if not any(fnmatch.fnmatchcase(project, p) for p in template.projects):
+        raise PermissionDenied(f"project {project!r} may not run template {name!r}")
+    unknown = set(params) - set(template.params)
+    if unknown:
+        raise InvalidQuery(f"template {name!r} has no parameter(s) {', '.join(sorted(unknown))}; "
+                           f"its parameters: {', '.join(template.params) or 'none'}")
+    values: dict[str, ParamValue] = {}
+    for pname, spec in template.params.items():
+        if pname in params:
+            values[pname] = _typed(pname, spec, params[pname])
+        elif spec.default is not None:
+            values[pname] = _typed(pname, spec, spec.default)
+        else:
+            raise InvalidQuery(f"template {name!r} needs parameter {pname!r} ({spec.type})")
+    return parse_sql(template.sql, values)
+
+
+def _typed(name: str, spec: Parameter, value: object) -> ParamValue:
+    if spec.type.startswith("list["):
+        items = value if isinstance(value, list | tuple) else (value,)
+        inner = spec.type[5:-1]
+        if not items:
+            raise InvalidQuery(f"parameter {name!r} needs at least one value")
+        return tuple(_scalar(name, inner, v) for v in items)
+    return _scalar(name, spec.type, value)
+
+
+def _scalar(name: str, kind: str, value: object) -> Scalar:
+    if kind == "string" and isinstance(value, str):
+        return value
+    if kind == "integer" and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind == "float" and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    raise InvalidQuery(f"parameter {name!r} must be {kind}, got {value!r}")
+
+
+def validate_templates(loaded: LoadedPolicy) -> list[str]:
+    """Problems (``file:line: field: reason``) with the policy's templates, checked against its datasets."""
+    problems = []
+    for name, template in loaded.policy.templates.items():
+        try:
+            query = parse_sql(template.sql, _samples(template))
+            check_query(query, loaded.policy)
+        except GatewayError as err:
+            problems.append(f"{loaded.path}:{_line_of(loaded, name)}: templates.{name}.sql: {err.message}")
+    return problems
+
+
+def _samples(template: Template) -> dict[str, ParamValue]:
+    return {n: _typed(n, p, p.default) if p.default is not None else _SAMPLE[p.type]
+            for n, p in template.params.items()}
+
+
+def _line_of(loaded: LoadedPolicy, name: str) -> int:
+    for number, line in enumerate(loaded.path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip().startswith(f"{name}:"):
+            return number
+    return 1
