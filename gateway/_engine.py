@@ -117,8 +117,8 @@ class Engine:
     def _source(self, dataset: Dataset) -> str:
         source = dataset.source
         if source.parquet is not None:
-            path = str(self._loaded.resolve(source.parquet)).replace("'", "''")
-            return f"read_parquet('{path}')"
+            pattern = str(self._loaded.resolve(source.parquet)).replace("'", "''")
+            return f"read_parquet('{pattern}')"
         assert source.database is not None and source.table is not None
         path = self._loaded.resolve(source.database)
         stamp = _stamp(path)
@@ -177,7 +177,8 @@ def _site_seed(workdir: Path | None) -> bytes:
     return path.read_bytes()
 
 
-def build_sql(query: Query, dataset: Dataset, relation: str) -> tuple[str, list[object], tuple[tuple[Scalar, ...], ...]]:
+def build_sql(query: Query, dataset: Dataset,
+              relation: str) -> tuple[str, list[object], tuple[tuple[Scalar, ...], ...]]:
     """One statement for ``query``: clamped fixed-point aggregates for every public group key.
 
     Returns the SQL, its bound parameters and the group keys in result order.
@@ -187,8 +188,8 @@ def build_sql(query: Query, dataset: Dataset, relation: str) -> tuple[str, list[
     withs = []
     for i, column_keys in enumerate(keys):
         withs.append(f"k{i}(g{i}, o{i}) AS (VALUES " + ", ".join("(?, ?)" for _ in column_keys) + ")")
-        for order, key in enumerate(column_keys):
-            params += [key, order]
+        for rank, key in enumerate(column_keys):
+            params += [key, rank]
     exprs = [e for a in query.aggregates for e in _aggregate_sql(a, dataset, params)]
     where = [_filter_sql(f, params) for f in query.filters]
     where += [f"{quote(c)} IN (SELECT g{i} FROM k{i})" for i, c in enumerate(query.group_by)]
@@ -203,10 +204,10 @@ def build_sql(query: Query, dataset: Dataset, relation: str) -> tuple[str, list[
     order = ", ".join(f"o{i}" for i in range(len(keys)))
     outputs = ", ".join(f"coalesce(agg.a{j}, 0)" for j in range(len(exprs)))
     sql = f"WITH {', '.join(withs)} SELECT {outputs} FROM keys LEFT JOIN agg USING ({using}) ORDER BY {order}"
-    return sql, params, _product(keys)
+    return sql, params, product_of_keys(keys)
 
 
-def _product(keys: Sequence[Sequence[Scalar]]) -> tuple[tuple[Scalar, ...], ...]:
+def product_of_keys(keys: Sequence[Sequence[Scalar]]) -> tuple[tuple[Scalar, ...], ...]:
     groups: list[tuple[Scalar, ...]] = [()]
     for column_keys in keys:
         groups = [(*g, k) for g in groups for k in column_keys]

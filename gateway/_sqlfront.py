@@ -73,8 +73,8 @@ class _Converter:
         dataset = self._dataset(select)
         group_by = tuple(self._column(e) for e in (select.args.get("group") or exp.Group()).expressions)
         aggregates = []
-        for item in select.expressions:
-            item = item.this if isinstance(item, exp.Alias) else item
+        for selected in select.expressions:
+            item = selected.this if isinstance(selected, exp.Alias) else selected
             if isinstance(item, exp.Column):
                 if self._column(item) not in group_by:
                     raise InvalidQuery(f"column {item.sql()!r} in SELECT must be in GROUP BY; {SUPPORTED}")

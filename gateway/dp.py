@@ -26,7 +26,7 @@ from .query import Aggregate, Query, Scalar
 os.environ.setdefault("RUST_BACKTRACE", "0")  # a set RUST_BACKTRACE=1 makes every OpenDP call slow
 os.environ["RUST_BACKTRACE"] = "0"
 
-import opendp.prelude as dp  # noqa: E402  (must come after RUST_BACKTRACE)
+import opendp.prelude as dp
 
 dp.enable_features("contrib")
 

@@ -162,7 +162,7 @@ class Dataset(_Model):
     privacy_unit: str = Field(pattern=_NAME)
     max_rows_per_unit: int = Field(ge=1, le=1000)
     columns: Mapping[str, Column]
-    aggregates: tuple[Literal["count", "sum", "mean"], ...] = AGGREGATES
+    aggregates: tuple[Literal["count", "sum", "mean"], ...] = ("count", "sum", "mean")
     epsilon: EpsilonLimits | None = None
     templates_only: bool = False
     description: str = ""
@@ -308,8 +308,8 @@ def _describe(path: Path, lines: dict[tuple[str, ...], int], error: Any) -> str:
 
 
 def _is_internal(part: str) -> bool:
-    return part in {"KeyRange", "function-after[_ordered(), KeyRange]"} or part.startswith(
-        ("tuple[", "function-", "int", "float", "str")) and part not in {"int", "float", "str"}
+    return part in {"KeyRange", "function-after[_ordered(), KeyRange]"} or (part.startswith(
+        ("tuple[", "function-", "int", "float", "str")) and part not in {"int", "float", "str"})
 
 
 def _line_index(node: yaml.Node | None) -> dict[tuple[str, ...], int]:

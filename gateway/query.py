@@ -176,7 +176,7 @@ def _coerce(value: object, column: Column, name: str) -> Scalar:
         return value
     if column.type == "integer" and isinstance(value, float) and value.is_integer():
         return int(value)
-    if column.type == "float" and isinstance(value, int | float) and not isinstance(value, bool):
-        if math.isfinite(value):
-            return float(value)
+    if column.type == "float" and isinstance(value, int | float) and not isinstance(value, bool) \
+            and math.isfinite(value):
+        return float(value)
     raise InvalidQuery(f"value {value!r} does not fit column {name!r} of type {column.type}")

@@ -21,19 +21,26 @@ from pathlib import Path
 import grpc
 
 from . import dp
-from ._engine import Engine
+from ._engine import Engine, product_of_keys
 from ._proto.gateway.v1 import gateway_pb2 as pb
 from ._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from ._sqlfront import parse_sql
 from ._wire import dataset_to_wire, from_structured, rows_to_wire, to_scalar
 from .audit import AuditLog
 from .auth import Identity, Verifier
-from .errors import (GatewayError, InternalBug, InvalidQuery, PermissionDenied, PolicyViolation, QueryIdConflict,
-                     Unavailable)
+from .errors import (
+    GatewayError,
+    InvalidQuery,
+    PermissionDenied,
+    PolicyViolation,
+    QueryIdConflict,
+    Unavailable,
+)
 from .ledger import QueryIdInUse, Scope, SqliteLedger
 from .metrics import SiteMetrics
-from .policy import BudgetRule, LoadedPolicy, load_policy, period_window, to_fraction
-from .query import Query, check_query, dataset_of
+from .policy import BudgetRule, Dataset, LoadedPolicy, load_policy, period_window, to_fraction
+from .query import Query as ParsedQuery
+from .query import Scalar, check_query, dataset_of
 from .templates import resolve_template, validate_templates
 
 log = logging.getLogger("gateway.site")
@@ -192,7 +199,7 @@ class SiteService(pb_grpc.GatewayServicer):
         self.state.ledger.release(charge_id, base.SerializeToString())
         return base
 
-    def _parse(self, request: pb.QueryRequest, identity: Identity) -> Query:
+    def _parse(self, request: pb.QueryRequest, identity: Identity) -> ParsedQuery:
         body = request.WhichOneof("body")
         if body == "structured":
             return from_structured(request.structured)
@@ -212,7 +219,7 @@ class SiteService(pb_grpc.GatewayServicer):
         return spec is not None and spec.type.startswith("list[")
 
     def _existing(self, project: str, query_id: str, canonical_hash: str,
-                  scopes: list[Scope]) -> int | None | pb.QueryResponse:
+                  scopes: list[Scope]) -> int | pb.QueryResponse | None:
         """A retry of ``query_id``: the stored answer, an orphaned charge to adopt, or None if new."""
         found = self.state.ledger.find(project, query_id)
         if found is None:
@@ -308,11 +315,8 @@ def _usable(rule: BudgetRule | None, identity: Identity) -> bool:
     return rule is not None and rule.allows_role(identity.role)
 
 
-def _groups(query: Query, dataset: object) -> tuple[tuple[object, ...], ...]:
-    from ._engine import _product
-    from .policy import Dataset
-    assert isinstance(dataset, Dataset)
-    return _product([dataset.columns[c].public_keys for c in query.group_by])
+def _groups(query: ParsedQuery, dataset: Dataset) -> tuple[tuple[Scalar, ...], ...]:
+    return product_of_keys([dataset.columns[c].public_keys for c in query.group_by])
 
 
 def _query_id(raw: str) -> str:

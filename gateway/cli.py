@@ -1,0 +1,345 @@
+"""The ``gateway`` command line (DESIGN §11). User mistakes print one line to stderr and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import GatewayError
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """A mistake in how a command was called; printed as one line, never a traceback."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``gateway`` command."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("GATEWAY_LOG_LEVEL", "WARNING").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return int(args.run(args) or 0)
+    except (UserError, GatewayError, OSError, ValueError) as err:
+        message = err.message if isinstance(err, GatewayError) else str(err)
+        print(f"gateway: error: {message}", file=sys.stderr)
+        return 1 if isinstance(err, GatewayError) else EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description="Privacy-preserving federated query gateway.")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="run the embedded demo network with example questions")
+    demo.add_argument("--sites", type=int, default=1, help="number of sites (1-4; default 1)")
+    demo.add_argument("--patients", type=int, default=20_000, help="patients per site (default 20000)")
+    demo.add_argument("--keep-running", action="store_true", help="leave the network up and print how to query it")
+    demo.set_defaults(run=_demo)
+
+    data = sub.add_parser("data", help="synthetic data").add_subparsers(required=True, metavar="ACTION")
+    synth = data.add_parser("synth", help="write a synthetic cancer registry for one site to DuckDB")
+    synth.add_argument("--site", required=True)
+    synth.add_argument("--patients", type=int, required=True)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--out", type=Path, required=True)
+    synth.set_defaults(run=_synth)
+
+    site = sub.add_parser("site", help="site gateway").add_subparsers(required=True, metavar="ACTION")
+    serve = site.add_parser("serve", help="serve a site gateway")
+    serve.add_argument("--policy", type=Path, required=True)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=50051)
+    serve.add_argument("--metrics-port", type=int, default=None)
+    serve.add_argument("--state-dir", type=Path, default=Path("state"))
+    serve.add_argument("--trusted-key", type=Path, action="append", default=[],
+                       help="PEM public key trusted to sign tokens (repeatable)")
+    serve.add_argument("--jwks", type=Path, default=None, help="JWKS file of trusted token keys")
+    serve.add_argument("--issuer", default=None)
+    serve.add_argument("--audience", default=None)
+    serve.add_argument("--tls-cert", type=Path)
+    serve.add_argument("--tls-key", type=Path)
+    serve.add_argument("--client-ca", type=Path, help="require client certificates signed by this CA (mTLS)")
+    serve.add_argument("--allow-peer", action="append", default=[],
+                       help="accept only clients whose certificate CN is this (repeatable; needs --client-ca)")
+    serve.add_argument("--port-file", type=Path, help="write the bound port here once serving")
+    serve.set_defaults(run=_site_serve)
+
+    token = sub.add_parser("token", help="development tokens").add_subparsers(required=True, metavar="ACTION")
+    keygen = token.add_parser("keygen", help="write a DEVELOPMENT signing key pair")
+    keygen.add_argument("--out", type=Path, required=True)
+    keygen.set_defaults(run=_keygen)
+    mint = token.add_parser("mint", help="sign a DEVELOPMENT token")
+    mint.add_argument("--key", type=Path, required=True)
+    mint.add_argument("--subject", required=True)
+    mint.add_argument("--project", required=True)
+    mint.add_argument("--role", default="researcher")
+    mint.add_argument("--ttl", default="1h")
+    mint.add_argument("--issuer", default=None)
+    mint.add_argument("--audience", default=None)
+    mint.set_defaults(run=_mint)
+
+    query = sub.add_parser("query", help="run a query against a site or broker")
+    _target_args(query)
+    body = query.add_mutually_exclusive_group(required=True)
+    body.add_argument("--sql")
+    body.add_argument("--template")
+    query.add_argument("--param", action="append", default=[], metavar="K=V", help="template parameter")
+    query.add_argument("--epsilon", type=float, default=0.0)
+    query.add_argument("--dry-run", action="store_true")
+    query.add_argument("--query-id", default=None)
+    query.add_argument("--site", action="append", default=[], help="broker only: ask this site (repeatable)")
+    query.add_argument("--json", action="store_true")
+    query.set_defaults(run=_query)
+
+    budget = sub.add_parser("budget", help="show your project's privacy budget")
+    _target_args(budget)
+    budget.add_argument("--dataset", default="")
+    budget.add_argument("--json", action="store_true")
+    budget.set_defaults(run=_budget)
+
+    policy = sub.add_parser("policy", help="policy files").add_subparsers(required=True, metavar="ACTION")
+    check = policy.add_parser("check", help="validate policy files")
+    check.add_argument("files", type=Path, nargs="+")
+    check.set_defaults(run=_policy_check)
+    explain = policy.add_parser("explain", help="what a project may do under a policy")
+    explain.add_argument("file", type=Path)
+    explain.add_argument("--project", required=True)
+    explain.add_argument("--role", default="researcher")
+    explain.set_defaults(run=_policy_explain)
+    diff = policy.add_parser("diff", help="what changes between two policy files")
+    diff.add_argument("old", type=Path)
+    diff.add_argument("new", type=Path)
+    diff.set_defaults(run=_policy_diff)
+
+    audit = sub.add_parser("audit", help="audit log").add_subparsers(required=True, metavar="ACTION")
+    verify = audit.add_parser("verify", help="check the audit log's hash chain")
+    verify.add_argument("path", type=Path)
+    verify.set_defaults(run=_audit_verify)
+    tail = audit.add_parser("tail", help="print the last audit records")
+    tail.add_argument("path", type=Path)
+    tail.add_argument("-n", type=int, default=20)
+    tail.set_defaults(run=_audit_tail)
+    return parser
+
+
+def _target_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", required=True, metavar="HOST:PORT")
+    parser.add_argument("--token", default=None, help="bearer token (default: $GATEWAY_TOKEN)")
+    parser.add_argument("--ca", type=Path, help="CA certificate for TLS")
+    parser.add_argument("--cert", type=Path, help="client certificate for mTLS")
+    parser.add_argument("--key", type=Path, help="client key for mTLS")
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from .client import Client, ClientTls
+
+    token = args.token or os.environ.get("GATEWAY_TOKEN")
+    if not token:
+        raise UserError("no token: pass --token or set GATEWAY_TOKEN (see 'gateway token mint --help')")
+    tls = ClientTls(args.ca, args.cert, args.key) if args.ca else None
+    return Client(args.target, token=token, tls=tls)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    if not 1 <= args.sites <= 4:
+        raise UserError("--sites must be 1 to 4")
+    if not 100 <= args.patients <= 10_000_000:
+        raise UserError("--patients must be 100 to 10000000")
+    return run_demo(args.sites, args.patients, args.keep_running)
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from .synth import synthesize
+
+    if args.patients < 1:
+        raise UserError("--patients must be at least 1")
+    summary = synthesize(args.site, args.patients, args.out, seed=args.seed)
+    print(f"wrote {summary.patients} patients and {summary.treatment_rows} treatment rows for site "
+          f"{summary.site} to {summary.path} in {summary.seconds:.1f}s")
+    return 0
+
+
+def _site_serve(args: argparse.Namespace) -> int:
+    from ._server import TlsFiles
+    from .auth import DEV_AUDIENCE, DEV_ISSUER, AuthConfig, Verifier
+    from .metrics import SiteMetrics, serve_metrics
+    from .policy import PolicyFileError
+    from .site import SiteOptions, build_site_server
+
+    if not args.trusted_key and args.jwks is None:
+        raise UserError("no token keys: pass --trusted-key PEM (repeatable) or --jwks FILE")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UserError("--tls-cert and --tls-key go together")
+    config = AuthConfig.from_files(args.trusted_key, args.jwks, args.issuer or DEV_ISSUER,
+                                   args.audience or DEV_AUDIENCE)
+    tls = TlsFiles(args.tls_cert, args.tls_key, args.client_ca) if args.tls_cert else None
+    options = SiteOptions(args.policy, args.state_dir, Verifier(config), args.host, args.port, tls,
+                          tuple(args.allow_peer))
+    metrics = SiteMetrics()
+    try:
+        site = build_site_server(options, metrics)
+    except PolicyFileError as err:
+        raise UserError("invalid policy:\n" + "\n".join(err.problems)) from None
+    if args.metrics_port is not None:
+        bind = "127.0.0.1" if args.host == "127.0.0.1" else "0.0.0.0"  # the operator chose a non-loopback host
+        port = serve_metrics(args.metrics_port, metrics.registry, bind)
+        print(f"metrics on http://{args.host}:{port}/metrics", flush=True)
+    print(f"site {site.state.live.loaded.policy.site} serving on {args.host}:{site.port}"
+          + ("" if tls else " (PLAINTEXT, loopback development only)"), flush=True)
+    if args.port_file:
+        args.port_file.write_text(str(site.port))
+    _wait_for_signal()
+    site.stop()
+    return 0
+
+
+def _wait_for_signal() -> None:
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    while not done.wait(1.0):
+        pass
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from .auth import generate_dev_key
+
+    private, public = generate_dev_key(args.out)
+    print(f"DEVELOPMENT key pair (not for production): private {private}, public {public}")
+    return 0
+
+
+def _mint(args: argparse.Namespace) -> int:
+    from .auth import DEV_AUDIENCE, DEV_ISSUER, mint_dev_token, parse_ttl
+
+    token = mint_dev_token(args.key.read_bytes(), args.subject, args.project, args.role, parse_ttl(args.ttl),
+                           args.issuer or DEV_ISSUER, args.audience or DEV_AUDIENCE)
+    print(token)
+    print("note: DEVELOPMENT token signed with a local key", file=sys.stderr)
+    return 0
+
+
+def _params(pairs: list[str]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--param needs K=V, got {pair!r}")
+        params[key] = _number(value)
+    return params
+
+
+def _number(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _query(args: argparse.Namespace) -> int:
+    from .render import query_json, query_table
+
+    with _client(args) as client:
+        result = client.query(args.sql, template=args.template, params=_params(args.param) or None,
+                              epsilon=args.epsilon, dry_run=args.dry_run, query_id=args.query_id, sites=args.site)
+    print(json.dumps(query_json(result.response), allow_nan=False) if args.json else query_table(result.response))
+    return 0
+
+
+def _budget(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        frame = client.budget(args.dataset)
+    if args.json:
+        print(json.dumps({"budgets": frame.to_dicts()}))
+    else:
+        from .render import budget_table
+
+        print(budget_table(frame))
+    return 0
+
+
+def _policy_check(args: argparse.Namespace) -> int:
+    from .policy import PolicyFileError, load_policy
+    from .templates import validate_templates
+
+    failed = False
+    for path in args.files:
+        try:
+            problems = validate_templates(load_policy(path))
+        except PolicyFileError as err:
+            problems = err.problems
+        for line in problems:
+            print(line, file=sys.stderr)
+        if problems:
+            failed = True
+        else:
+            print(f"{path}: ok")
+    return 1 if failed else 0
+
+
+def _policy_explain(args: argparse.Namespace) -> int:
+    from .policy import PolicyFileError, load_policy
+    from .render import explain
+
+    try:
+        loaded = load_policy(args.file)
+    except PolicyFileError as err:
+        raise UserError("invalid policy:\n" + "\n".join(err.problems)) from None
+    print(explain(loaded.policy, args.project, args.role))
+    return 0
+
+
+def _policy_diff(args: argparse.Namespace) -> int:
+    from .policy import PolicyFileError, load_policy
+    from .render import diff
+
+    try:
+        old, new = load_policy(args.old), load_policy(args.new)
+    except PolicyFileError as err:
+        raise UserError("invalid policy:\n" + "\n".join(err.problems)) from None
+    lines = diff(old.policy, new.policy)
+    print("\n".join(lines) if lines else "no differences")
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from .audit import verify
+
+    if not args.path.is_file():
+        raise UserError(f"no audit log at {args.path}")
+    result = verify(args.path)
+    if result.ok:
+        print(f"{args.path}: ok, {result.records} records, chain intact")
+        return 0
+    print(f"{args.path}: TAMPERED: {result.problem} ({result.records} records verified before it)", file=sys.stderr)
+    return 1
+
+
+def _audit_tail(args: argparse.Namespace) -> int:
+    from .audit import tail
+
+    if not args.path.is_file():
+        raise UserError(f"no audit log at {args.path}")
+    for record in tail(args.path, args.n):
+        print(json.dumps(record, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

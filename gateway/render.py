@@ -1,0 +1,145 @@
+"""Human and machine renderings: query answers as tables and JSON, policy explain and diff."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ._proto.gateway.v1 import gateway_pb2 as pb
+from .policy import Policy
+
+
+def _num(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _key(value: pb.Value) -> Any:
+    kind = value.WhichOneof("kind")
+    return getattr(value, kind) if kind else None
+
+
+def query_json(response: pb.QueryResponse) -> dict[str, Any]:
+    """The ``--json`` shape of DESIGN §11."""
+    rows = []
+    for row in response.rows:
+        item: dict[str, Any] = {k.column: _key(k.value) for k in row.keys}
+        for e in row.estimates:
+            item[e.aggregate] = {"value": _num(e.value), "std_error": _num(e.std_error),
+                                 "ci95": [_num(e.ci_low), _num(e.ci_high)], "noise_scale": _num(e.noise_scale),
+                                 "suppressed": e.suppressed, "clamped": e.clamped}
+        rows.append(item)
+    out: dict[str, Any] = {"query_id": response.query_id, "dataset": response.dataset,
+                           "group_by": list(response.group_by), "aggregates": list(response.aggregates),
+                           "rows": rows, "epsilon_charged": response.epsilon_charged,
+                           "budget_remaining": response.budget_remaining, "cached": response.cached,
+                           "dry_run": response.dry_run}
+    if response.sites or response.site_answers or response.missing_sites:
+        out["sites"] = list(response.sites)
+        out["missing_sites"] = [{"site": m.site, "reason": m.reason, "message": m.message}
+                                for m in response.missing_sites]
+    return out
+
+
+def query_table(response: pb.QueryResponse) -> str:
+    """A fixed-width table: group keys, then per aggregate estimate ± half-width [95% interval]."""
+    header = [*response.group_by, *response.aggregates]
+    lines = []
+    for row in response.rows:
+        cells = [str(_key(k.value)) for k in row.keys]
+        for e in row.estimates:
+            cells.append(_cell(e, response.dry_run))
+        lines.append(cells)
+    widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h) for i, h in enumerate(header)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)),
+           "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) for cells in lines]
+    kind = "would charge" if response.dry_run else "charged"
+    source = "  (stored answer, no charge)" if response.cached else ""
+    out.append(f"epsilon {kind}: {response.epsilon_charged:g}   budget remaining: "
+               f"{response.budget_remaining:g}{source}")
+    if response.sites:
+        out.append(f"sites: {', '.join(response.sites)}")
+    for m in response.missing_sites:
+        out.append(f"missing site {m.site}: {m.reason} ({m.message})")
+    return "\n".join(out)
+
+
+def _cell(e: pb.Estimate, dry_run: bool) -> str:
+    if dry_run:
+        if math.isfinite(e.ci_half_width):
+            return f"± {e.ci_half_width:.4g} (95%)"
+        return f"noise scale {e.noise_scale:.4g}"
+    if e.suppressed:
+        return "suppressed (small cell)"
+    digits = 0 if e.aggregate == "count" else 2
+    return f"{e.value:.{digits}f} [{e.ci_low:.{digits}f}, {e.ci_high:.{digits}f}]"
+
+
+def budget_table(frame: Any) -> str:
+    """The budget frame from :meth:`gateway.client.Client.budget` as a fixed-width table."""
+    header = ["site", "dataset", "project", "limit", "spent", "remaining", "period", "resets_at"]
+    rows = [[_fmt(r[h]) for h in header] for r in frame.iter_rows(named=True)]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "never"
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def explain(policy: Policy, project: str, role: str) -> str:
+    """What ``project`` (with ``role``) may do at this site and what it costs."""
+    lines = [f"site {policy.site}: what project {project!r} (role {role!r}) may do", ""]
+    for name, dataset in policy.datasets.items():
+        rule = policy.budget_rule(project, name)
+        if rule is None or not rule.allows_role(role):
+            lines.append(f"dataset {name}: no access")
+            continue
+        limits = policy.epsilon_limits(name)
+        cap = policy.dataset_caps.get(name)
+        lines.append(f"dataset {name}: budget epsilon {float(rule.epsilon):g} per "
+                     f"{'period that never resets' if rule.period == 'never' else rule.period}"
+                     + (f" (dataset-wide cap {float(cap.epsilon):g} per {cap.period})" if cap else ""))
+        lines.append(f"  per query: default epsilon {float(limits.default):g}, max {float(limits.max):g}; "
+                     f"at most {int(rule.epsilon / limits.default)} default-cost queries per period")
+        lines.append(f"  aggregates: {', '.join(dataset.aggregates)}; each patient counts at most "
+                     f"{dataset.max_rows_per_unit} row(s)" + ("; templates only" if dataset.templates_only else ""))
+        for cname, col in dataset.columns.items():
+            extra = f" bounds [{col.bounds[0]:g}, {col.bounds[1]:g}]" if col.bounds else ""
+            keys = f" {len(col.public_keys)} public keys" if col.public_keys else ""
+            lines.append(f"  - {cname} ({col.type}): {', '.join(col.roles)}{extra}{keys}")
+        count_scale = dataset.max_rows_per_unit / float(limits.default)
+        lines.append(f"  a count at the default epsilon has noise std error ~{math.sqrt(2) * count_scale:.3g}")
+    templates = [t for t in policy.templates]
+    if templates:
+        lines += ["", f"templates: {', '.join(templates)}"]
+    if policy.suppression.min_count:
+        lines.append(f"groups with a noisy count under {policy.suppression.min_count} are suppressed")
+    return "\n".join(lines)
+
+
+def diff(old: Policy, new: Policy) -> list[str]:
+    """Human-readable changes between two policies (by key path)."""
+    return [f"{path}: {a!r} -> {b!r}" for path, a, b in _diff(old.model_dump(mode="json"),
+                                                              new.model_dump(mode="json"), "")]
+
+
+def _diff(a: Any, b: Any, path: str) -> list[tuple[str, Any, Any]]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in list(a) + [k for k in b if k not in a]:
+            sub = f"{path}.{key}" if path else str(key)
+            if key not in a:
+                out.append((sub, "(absent)", b[key]))
+            elif key not in b:
+                out.append((sub, a[key], "(removed)"))
+            else:
+                out += _diff(a[key], b[key], sub)
+        return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in _diff(x, y, f"{path}[{i}]")]
+    return [] if a == b else [(path, a, b)]
