@@ -13,10 +13,12 @@ import math
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from fractions import Fraction
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 
@@ -30,6 +32,7 @@ from .audit import AuditLog
 from .auth import Identity, Verifier
 from .errors import (
     GatewayError,
+    InternalBug,
     InvalidQuery,
     PermissionDenied,
     PolicyViolation,
@@ -44,6 +47,7 @@ from .query import Scalar, check_query, dataset_of
 from .templates import resolve_template, validate_templates
 
 log = logging.getLogger("gateway.site")
+T = TypeVar("T")
 _QUERY_ID_MAX = 128
 
 
@@ -94,6 +98,9 @@ class SiteService(pb_grpc.GatewayServicer):
     # -- calls ---------------------------------------------------------------------------------
 
     def ListDatasets(self, request: pb.ListDatasetsRequest, context: grpc.ServicerContext) -> pb.ListDatasetsResponse:
+        return _guarded(context, lambda: self._list_datasets(context))
+
+    def _list_datasets(self, context: grpc.ServicerContext) -> pb.ListDatasetsResponse:
         identity = self._identify(context)
         policy = self.state.live.loaded.policy
         datasets = [dataset_to_wire(name, ds, policy) for name, ds in policy.datasets.items()
@@ -101,6 +108,9 @@ class SiteService(pb_grpc.GatewayServicer):
         return pb.ListDatasetsResponse(datasets=datasets, served_by=policy.site)
 
     def GetBudget(self, request: pb.GetBudgetRequest, context: grpc.ServicerContext) -> pb.GetBudgetResponse:
+        return _guarded(context, lambda: self._get_budget(request, context))
+
+    def _get_budget(self, request: pb.GetBudgetRequest, context: grpc.ServicerContext) -> pb.GetBudgetResponse:
         identity = self._identify(context)
         policy = self.state.live.loaded.policy
         names = [request.dataset] if request.dataset else list(policy.datasets)
@@ -109,9 +119,9 @@ class SiteService(pb_grpc.GatewayServicer):
             try:
                 dataset_of(policy, name)
                 rule = self._rule(identity, name)
-            except GatewayError as err:
+            except GatewayError:
                 if request.dataset:
-                    context.abort(err.code, err.message)
+                    raise
                 continue
             scope = self._scopes(identity.project, name, rule)[0]
             budgets.append(self._budget_message(identity.project, scope, rule.period))
@@ -311,6 +321,18 @@ class SiteService(pb_grpc.GatewayServicer):
             log.exception("audit append failed")
 
 
+def _guarded(context: grpc.ServicerContext, call: Callable[[], T]) -> T:
+    """Run a read-only call, turning gateway errors into their status and anything else into INTERNAL."""
+    try:
+        return call()
+    except GatewayError as err:
+        context.abort(err.code, err.message)
+    except Exception:
+        log.exception("call failed")
+        context.abort(grpc.StatusCode.INTERNAL, "internal error (this is a bug in the gateway)")
+    raise InternalBug("abort returned")
+
+
 def _usable(rule: BudgetRule | None, identity: Identity) -> bool:
     return rule is not None and rule.allows_role(identity.role)
 
@@ -364,7 +386,9 @@ class PolicyWatcher(threading.Thread):
         old, self.state.live = self.state.live, live
         log.info("policy reloaded from %s", self.path)
         self.state.metrics.policy_reloads.labels("ok").inc()
-        threading.Timer(30, old.engine.close).start()  # let in-flight queries on the old engine finish
+        closer = threading.Timer(30, old.engine.close)  # let in-flight queries on the old engine finish
+        closer.daemon = True
+        closer.start()
         return True
 
 
