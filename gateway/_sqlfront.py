@@ -26,6 +26,7 @@ _FLIPPED = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "=": "=", "!=": "!="}
 _FORBIDDEN = (exp.Join, exp.Subquery, exp.Window, exp.Union, exp.Having, exp.Order, exp.Limit,
               exp.Distinct, exp.With, exp.Lateral, exp.Offset, exp.Qualify)
 MAX_SQL = 10_000
+_SELECT_PARTS = {"expressions", "from", "from_", "where", "group"}
 
 ParamValue = Scalar | tuple[Scalar, ...]
 
@@ -38,6 +39,8 @@ def parse_sql(sql: str, params: Mapping[str, ParamValue] | None = None) -> Query
         statements = [s for s in sqlglot.parse(sql, dialect="duckdb") if s is not None]
     except sqlglot.errors.SqlglotError as err:
         raise InvalidQuery(f"cannot parse SQL ({_first_line(err)}); {SUPPORTED}") from None
+    if any(token.comments for token in sqlglot.tokenize(sql, read="duckdb")):
+        raise InvalidQuery(f"SQL comments are not allowed; {SUPPORTED}")
     if len(statements) != 1:
         raise InvalidQuery(f"exactly one statement is allowed, got {len(statements)}; {SUPPORTED}")
     select = statements[0]
@@ -62,6 +65,15 @@ def _reject_unsupported(select: exp.Select) -> None:
             raise InvalidQuery(f"subqueries are not supported; {SUPPORTED}")
     if select.args.get("joins"):
         raise InvalidQuery(f"joins are not supported; {SUPPORTED}")
+    extra = sorted(k for k, v in select.args.items() if v and k not in _SELECT_PARTS)
+    if extra:
+        raise InvalidQuery(f"{extra[0].upper()} is not supported; {SUPPORTED}")
+    source = select.args.get("from_") or select.args.get("from")
+    table = source.this if source is not None else None
+    if isinstance(table, exp.Table):
+        modifiers = sorted(k for k, v in table.args.items() if v and k != "this")
+        if modifiers:
+            raise InvalidQuery(f"table modifiers ({', '.join(modifiers)}) are not supported; {SUPPORTED}")
 
 
 class _Converter:
@@ -141,6 +153,10 @@ class _Converter:
         if node.args.get("query") is not None:
             raise InvalidQuery(f"subqueries are not supported; {SUPPORTED}")
         field = node.args.get("field")
+        if field is not None and not isinstance(field, exp.Placeholder):
+            raise InvalidQuery(f"IN needs a parenthesised list of values or a :list parameter; {SUPPORTED}")
+        if field is None and not node.expressions:
+            raise InvalidQuery(f"IN needs at least one value; {SUPPORTED}")
         if isinstance(field, exp.Placeholder):
             values = self._param(field)
             values = values if isinstance(values, tuple) else (values,)

@@ -58,17 +58,26 @@ class AuthConfig:
         keys: dict[str, PublicKey] = {}
         for path in pem_files:
             key = serialization.load_pem_public_key(path.read_bytes())
-            if not isinstance(key, PublicKey):
-                raise ValueError(f"{path}: unsupported key type (use RSA, EC P-256 or Ed25519)")
-            keys[key_id(key)] = key
+            keys[key_id(_usable_key(key, path))] = _usable_key(key, path)
         if jwks_file is not None:
-            for jwk in jwt.PyJWKSet.from_json(jwks_file.read_text()).keys:
+            try:
+                jwks = jwt.PyJWKSet.from_json(jwks_file.read_text()).keys
+            except (jwt.PyJWTError, AttributeError, TypeError, ValueError) as err:
+                raise ValueError(f"{jwks_file}: not a usable JWKS key set ({err})") from None
+            for jwk in jwks:
                 if not jwk.key_id:
                     raise ValueError(f"{jwks_file}: every JWKS key needs a kid")
-                keys[jwk.key_id] = jwk.key
+                keys[jwk.key_id] = _usable_key(jwk.key, jwks_file)
         if not keys:
             raise ValueError("no trusted keys configured")
         return cls(keys, issuer, audience)
+
+
+def _usable_key(key: object, source: Path) -> PublicKey:
+    """Only public keys of a type and curve we pin an algorithm for may be trusted."""
+    if not isinstance(key, PublicKey) or not _algorithms(key):
+        raise ValueError(f"{source}: unsupported key (use an RSA, EC P-256/384/521 or Ed25519 public key)")
+    return key
 
 
 def key_id(key: PublicKey) -> str:

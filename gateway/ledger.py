@@ -165,6 +165,8 @@ class SqliteLedger:
         """See :meth:`Ledger.charge`; raises :class:`BudgetExhausted` or :class:`QueryIdInUse`."""
         if epsilon <= 0:
             raise InternalBug("a charge must be positive")
+        if len({(s.key, s.period_index) for s in scopes}) != len(scopes):
+            raise InternalBug("a charge names the same budget twice")
         with self._tx() as con:
             if con.execute("SELECT 1 FROM charges WHERE project = ? AND query_id = ?",
                            (project, query_id)).fetchone():
@@ -210,7 +212,8 @@ class SqliteLedger:
             for item in row[1].split(";") if row[1] else []:
                 key, _, period = item.rpartition("@")
                 _add(con, key, int(period), -amount)
-            con.execute("UPDATE charges SET status = 'refunded', query_id = query_id || '#refunded#' || id"
+            # free the query_id for a retry; char(1) cannot occur in a caller's (printable) query_id
+            con.execute("UPDATE charges SET status = 'refunded', query_id = query_id || char(1) || id"
                         " WHERE id = ?", (charge_id,))
 
     def find(self, project: str, query_id: str) -> ChargeRecord | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 AGGREGATES = ("count", "sum", "mean")
 ROLES = ("filter", "group_by", "aggregate")
@@ -227,7 +227,12 @@ class Policy(_Model):
     budgets: tuple[BudgetRule, ...] = ()
     dataset_caps: Mapping[str, DatasetCap] = Field(default_factory=dict)
     templates: Mapping[str, Template] = Field(default_factory=dict)
-    max_distinct_queries_per_period: int = Field(default=0, ge=0)
+
+    @field_validator("period_start", mode="after")
+    @classmethod
+    def _aware(cls, value: datetime) -> datetime:
+        """A start without a time zone means UTC."""
+        return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
     @model_validator(mode="after")
     def _references(self) -> Policy:
@@ -292,7 +297,7 @@ def load_policy(path: Path) -> LoadedPolicy:
     try:
         policy = Policy.model_validate(data)
     except ValidationError as err:
-        lines = _line_index(node)
+        lines = line_index(node)
         raise PolicyFileError([_describe(path, lines, e) for e in err.errors()]) from err
     return LoadedPolicy(policy, path.resolve(), hashlib.sha256(text.encode()).hexdigest())
 
@@ -302,17 +307,21 @@ def _describe(path: Path, lines: dict[tuple[str, ...], int], error: Any) -> str:
     # pydantic adds union-branch and type names to loc; keep the part that names the file's keys
     while loc and loc not in lines:
         loc = loc[:-1]
-    field = ".".join(str(p) for p in error["loc"] if not _is_internal(str(p))) or "(top)"
+    kept: list[str] = []
+    for part in (str(p) for p in error["loc"]):
+        if (*kept, part) in lines or not _is_internal(part):
+            kept.append(part)
+    field = ".".join(kept) or "(top)"
     reason = str(error["msg"]).removeprefix("Value error, ")
     return f"{path}:{lines.get(loc, 1)}: {field}: {reason}"
 
 
 def _is_internal(part: str) -> bool:
-    return part in {"KeyRange", "function-after[_ordered(), KeyRange]"} or (part.startswith(
-        ("tuple[", "function-", "int", "float", "str")) and part not in {"int", "float", "str"})
+    """Pydantic's union-branch tags in an error location (not keys of the file)."""
+    return part in {"int", "float", "str", "bool", "KeyRange"} or "[" in part or part.startswith("function-")
 
 
-def _line_index(node: yaml.Node | None) -> dict[tuple[str, ...], int]:
+def line_index(node: yaml.Node | None) -> dict[tuple[str, ...], int]:
     """Map each key path of the YAML document to the 1-based line it starts on."""
     index: dict[tuple[str, ...], int] = {}
 

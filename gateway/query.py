@@ -22,6 +22,7 @@ OPERATORS = ("in", "not in", "<", "<=", ">", ">=", "between")
 _FOLD = {"=": "in", "==": "in", "!=": "not in", "<>": "not in"}
 MAX_CELLS = 10_000
 MAX_LIST = 1_000
+_INT64 = 1 << 63
 
 
 @dataclass(frozen=True)
@@ -173,10 +174,16 @@ def _coerce(value: object, column: Column, name: str) -> Scalar:
             raise InvalidQuery(f"a value for {name!r} is longer than 1000 characters")
         return value
     if column.type == "integer" and isinstance(value, int) and not isinstance(value, bool):
+        if not -_INT64 <= value < _INT64:
+            raise InvalidQuery(f"value for {name!r} is outside the 64-bit integer range")
         return value
     if column.type == "integer" and isinstance(value, float) and value.is_integer():
         return int(value)
-    if column.type == "float" and isinstance(value, int | float) and not isinstance(value, bool) \
-            and math.isfinite(value):
-        return float(value)
+    if column.type == "float" and isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:
+            raise InvalidQuery(f"value for {name!r} is too large") from None
+        if math.isfinite(number):
+            return number + 0.0  # folds -0.0 into 0.0 so equal filters hash equally
     raise InvalidQuery(f"value {value!r} does not fit column {name!r} of type {column.type}")

@@ -5,9 +5,11 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Mapping
 
+import yaml
+
 from ._sqlfront import ParamValue, parse_sql
 from .errors import GatewayError, InvalidQuery, NotFound, PermissionDenied
-from .policy import LoadedPolicy, Parameter, Policy, Template
+from .policy import LoadedPolicy, Parameter, Policy, Template, line_index
 from .query import Query, Scalar, check_query
 
 _SAMPLE: dict[str, ParamValue] = {"integer": 0, "float": 0.0, "string": "x", "list[integer]": (0,),
@@ -75,7 +77,6 @@ def _samples(template: Template) -> dict[str, ParamValue]:
 
 
 def _line_of(loaded: LoadedPolicy, name: str) -> int:
-    for number, line in enumerate(loaded.path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip().startswith(f"{name}:"):
-            return number
-    return 1
+    node = yaml.compose(loaded.path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    lines = line_index(node)
+    return lines.get(("templates", name, "sql"), lines.get(("templates", name), 1))
