@@ -87,8 +87,10 @@ def verify(path: Path) -> Verification:
             continue
         try:
             record = json.loads(line)
-            claimed = record.pop("hash")
-        except (json.JSONDecodeError, KeyError, AttributeError):
+            claimed = record.pop("hash") if isinstance(record, dict) else None
+        except (json.JSONDecodeError, KeyError):
+            claimed = None
+        if claimed is None:
             return Verification(count, f"line {number}: not an audit record")
         if record.get("prev") != prev or record.get("seq") != count + 1:
             return Verification(count, f"line {number}: chain broken (record removed, reordered or inserted)")
@@ -100,4 +102,4 @@ def verify(path: Path) -> Verification:
 
 def tail(path: Path, n: int = 20) -> list[dict[str, Any]]:
     """The last ``n`` records."""
-    return list(_records(path))[-n:]
+    return list(_records(path))[-n:] if n > 0 else []

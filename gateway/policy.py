@@ -294,6 +294,9 @@ def load_policy(path: Path) -> LoadedPolicy:
         raise PolicyFileError([f"{path}:{line}: (yaml): {getattr(err, 'problem', err)}"]) from err
     if not isinstance(data, dict):
         raise PolicyFileError([f"{path}:1: (file): a policy must be a mapping of keys"])
+    duplicates = _duplicate_keys(node)
+    if duplicates:
+        raise PolicyFileError([f"{path}:{line}: {field}: key appears more than once" for field, line in duplicates])
     try:
         policy = Policy.model_validate(data)
     except ValidationError as err:
@@ -339,6 +342,23 @@ def line_index(node: yaml.Node | None) -> dict[tuple[str, ...], int]:
     if node is not None:
         walk(node, ())
     return index
+
+
+def _duplicate_keys(node: yaml.Node | None, path: str = "") -> list[tuple[str, int]]:
+    """Keys given twice in one mapping (YAML would silently keep the last one)."""
+    found: list[tuple[str, int]] = []
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key, value in node.value:
+            name = f"{path}.{key.value}" if path else str(key.value)
+            if str(key.value) in seen:
+                found.append((name, key.start_mark.line + 1))
+            seen.add(str(key.value))
+            found += _duplicate_keys(value, name)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found += _duplicate_keys(item, f"{path}.{i}")
+    return found
 
 
 def period_window(period: str, start: datetime, now: datetime) -> tuple[int, str]:

@@ -482,7 +482,7 @@ def test_from_files_private_key_pem_raises_value_error(tmp_path: Path, ec_key: e
 
 def test_from_files_unsupported_key_type_raises_value_error(tmp_path: Path) -> None:
     path = write_public(tmp_path, "dsa", dsa.generate_private_key(1024))
-    with pytest.raises(ValueError, match="unsupported key type"):
+    with pytest.raises(ValueError, match="unsupported key"):
         AuthConfig.from_files([path])
 
 

@@ -130,7 +130,8 @@ def test_unknown_aggregate_function() -> None:
     ((Aggregate("sum"),), "sum needs a column, e.g. sum(column)"),
     ((Aggregate("mean"),), "mean needs a column, e.g. mean(column)"),
     ((COUNT, COUNT), "an aggregate is repeated; ask for each aggregate once"),
-    ((Aggregate("mean", "bmi"), COUNT, Aggregate("mean", "bmi")), "an aggregate is repeated; ask for each aggregate once"),
+    ((Aggregate("mean", "bmi"), COUNT, Aggregate("mean", "bmi")),
+     "an aggregate is repeated; ask for each aggregate once"),
     ((), "a query needs at least one aggregate: count, sum(column) or mean(column)"),
 ])
 def test_aggregate_shape(aggregates: tuple[Aggregate, ...], message: str) -> None:

@@ -64,7 +64,8 @@ def test_bounding_keeps_at_most_k_rows_per_patient(start_site, token, site_data)
     site = start_site(noise=ExactNoise())
     with client(site, token) as c:
         got = c.query("SELECT count(*), sum(cycles) FROM treatments", epsilon=1).to_polars()
-    (bounded,), = exact(site_data, "SELECT sum(least(n, 5)) FROM (SELECT count(*) n FROM treatments GROUP BY patient_id)")
+    (bounded,), = exact(site_data,
+                        "SELECT sum(least(n, 5)) FROM (SELECT count(*) n FROM treatments GROUP BY patient_id)")
     (raw,), = exact(site_data, "SELECT count(*) FROM treatments")
     assert raw > bounded  # the data has patients with more than 5 rows
     assert got["count"][0] == bounded
@@ -225,9 +226,8 @@ def test_list_datasets_only_what_the_project_may_use(start_site, token):
     stage = next(col for col in full["patients"].columns if col.name == "stage")
     assert [v.string_value for v in stage.public_keys] == ["I", "II", "III", "IV"]
     assert full["treatments"].max_rows_per_unit == 5
-    with pytest.raises(NotFound):
-        with client(site, token) as c:
-            c.budget("nope")
+    with pytest.raises(NotFound), client(site, token) as c:
+        c.budget("nope")
 
 
 def test_templates_only_dataset(start_site, token, tmp_path, site_data):
