@@ -16,7 +16,14 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from gateway import audit
 from gateway._proto.gateway.v1 import gateway_pb2 as pb
 from gateway.client import Client, structured_message
-from gateway.errors import InvalidQuery, NotFound, PermissionDenied, QueryIdConflict, RemoteBudgetExhausted
+from gateway.errors import (
+    GatewayError,
+    InvalidQuery,
+    NotFound,
+    PermissionDenied,
+    QueryIdConflict,
+    RemoteBudgetExhausted,
+)
 
 
 def exact(site_data: Path, sql: str) -> list[tuple]:
@@ -288,3 +295,117 @@ def test_audit_log_records_every_query_without_values(start_site, token):
     assert [r["outcome"] for r in records] == ["ok", "invalid"]
     text = path.read_text()
     assert str(result.response.rows[0].estimates[0].value) not in text
+
+
+def _jwt(keys, **overrides):
+    import datetime as dt
+
+    import jwt as pyjwt
+    from cryptography.hazmat.primitives import serialization
+
+    from gateway.auth import key_id
+
+    now = dt.datetime.now(dt.UTC)
+    claims = {"sub": "alice", "project": "onc-test", "role": "researcher", "iss": "gateway-dev", "aud": "gateway",
+              "iat": now, "nbf": now, "exp": now + dt.timedelta(hours=1)}
+    claims.update({k: v for k, v in overrides.items() if v is not None})
+    for k in [k for k, v in overrides.items() if v is None]:
+        claims.pop(k)
+    private = serialization.load_pem_private_key(keys[0].read_bytes(), password=None)
+    return pyjwt.encode(claims, private, algorithm="ES256", headers={"kid": key_id(private.public_key())})
+
+
+def _none_alg(token: str) -> str:
+    import base64
+    import json as json_
+
+    header = base64.urlsafe_b64encode(json_.dumps({"alg": "none", "typ": "JWT"}).encode()).rstrip(b"=").decode()
+    return f"{header}.{token.split('.')[1]}."
+
+
+def _hmac_with_public_key(keys, token: str) -> str:
+    import base64
+    import hashlib
+    import hmac
+    import json as json_
+
+    header = base64.urlsafe_b64encode(json_.dumps({"alg": "HS256", "typ": "JWT"}).encode()).rstrip(b"=").decode()
+    signing_input = f"{header}.{token.split('.')[1]}".encode()
+    signature = hmac.new(keys[1].read_bytes(), signing_input, hashlib.sha256).digest()
+    return f"{signing_input.decode()}.{base64.urlsafe_b64encode(signature).rstrip(b'=').decode()}"
+
+
+def _tampered(token: str) -> str:
+    head, payload, signature = token.split(".")
+    return f"{head}.{payload}.{signature[:-4]}{'AAAA' if signature[-4:] != 'AAAA' else 'BBBB'}"
+
+
+def _other_key_same_kid(keys, tmp_path) -> str:
+    import jwt as pyjwt
+
+    from gateway.auth import generate_dev_key
+
+    other_private, _ = generate_dev_key(tmp_path / "other")
+    good = _jwt(keys)
+    kid = pyjwt.get_unverified_header(good)["kid"]
+    claims = pyjwt.decode(good, options={"verify_signature": False})
+    from cryptography.hazmat.primitives import serialization
+    key = serialization.load_pem_private_key(other_private.read_bytes(), password=None)
+    return pyjwt.encode(claims, key, algorithm="ES256", headers={"kid": kid})
+
+
+@pytest.mark.parametrize("case", ["expired", "not_yet_valid", "wrong_issuer", "wrong_audience", "no_sub",
+                                  "no_project", "no_role", "tampered_signature", "alg_none", "hmac_public_key",
+                                  "unknown_kid", "other_key_same_kid"])
+def test_jwt_rejections_through_the_server(start_site, stub_for, keys, tmp_path, case):
+    import datetime as dt
+
+    import jwt as pyjwt
+
+    now = dt.datetime.now(dt.UTC)
+    good = _jwt(keys)
+    tokens = {
+        "expired": lambda: _jwt(keys, exp=now - dt.timedelta(minutes=5)),
+        "not_yet_valid": lambda: _jwt(keys, nbf=now + dt.timedelta(minutes=5)),
+        "wrong_issuer": lambda: _jwt(keys, iss="someone-else"),
+        "wrong_audience": lambda: _jwt(keys, aud="other-service"),
+        "no_sub": lambda: _jwt(keys, sub=None),
+        "no_project": lambda: _jwt(keys, project=None),
+        "no_role": lambda: _jwt(keys, role=None),
+        "tampered_signature": lambda: _tampered(good),
+        "alg_none": lambda: _none_alg(good),
+        "hmac_public_key": lambda: _hmac_with_public_key(keys, good),
+        "unknown_kid": lambda: pyjwt.encode(pyjwt.decode(good, options={"verify_signature": False}),
+                                            __import__("cryptography.hazmat.primitives.serialization",
+                                                       fromlist=["x"]).load_pem_private_key(
+                                                keys[0].read_bytes(), password=None),
+                                            algorithm="ES256", headers={"kid": "not-a-known-key"}),
+        "other_key_same_kid": lambda: _other_key_same_kid(keys, tmp_path),
+    }
+    site = start_site()
+    stub = stub_for(site)
+    ok = stub.Query(pb.QueryRequest(sql="SELECT count(*) FROM patients", epsilon=0.1),
+                    metadata=[("authorization", f"Bearer {good}")], timeout=10)
+    assert ok.epsilon_charged == pytest.approx(0.1)  # the same claims with a valid signature are accepted
+    spent = site.state.ledger.total_spent()
+    code, details = _status(stub.Query, pb.QueryRequest(sql="SELECT count(*) FROM patients WHERE sex = 'F'",
+                                                        epsilon=0.1), tokens[case]())
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+    assert details == "invalid or expired credentials; get a fresh token"  # never says which check failed
+    assert site.state.ledger.total_spent() == spent
+
+
+def test_engine_failure_refunds_the_charge(start_site, token, tmp_path, site_data):
+    from conftest import copy_data
+
+    data = copy_data(site_data, tmp_path / "private.duckdb")
+    site = start_site(policy=write_policy(tmp_path, data))
+    with client(site, token) as c:
+        c.query("SELECT count(*) FROM patients", epsilon=0.1)
+        data.unlink()  # the data source disappears under a running site
+        with pytest.raises(GatewayError) as err:
+            c.query("SELECT count(*) FROM patients WHERE sex = 'M'", epsilon=0.2, query_id="after-loss")
+        assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert c.budget("patients")["spent"][0] == pytest.approx(0.1)
+    record = site.state.ledger.find("onc-test", "after-loss")
+    assert record is None  # refunded charges free their query_id for a retry
