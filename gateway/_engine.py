@@ -87,8 +87,13 @@ class Engine:
             raise FailedPrecondition(f"the site could not run the query on its data ({type(err).__name__}); "
                                      "ask the site operator to check the data source") from err
         width = sum(2 if a.function == "mean" else 1 for a in query.aggregates)
-        components = tuple(tuple(int(row[i]) for row in rows) for i in range(width))
-        return ExactResult(groups, components)
+        if not query.group_by:
+            return ExactResult(groups, tuple((int(rows[0][i]),) for i in range(width)))
+        # every public key gets a value (zero when absent); groups with non-public keys are dropped here
+        found = {tuple(row[:len(query.group_by)]): row[len(query.group_by):] for row in rows}
+        zero = (0,) * width
+        ordered = [found.get(key, zero) for key in groups]
+        return ExactResult(groups, tuple(tuple(int(v[i] or 0) for v in ordered) for i in range(width)))
 
     def _ensure(self, name: str) -> _Prepared:
         dataset = self._loaded.policy.datasets[name]
@@ -179,32 +184,20 @@ def _site_seed(workdir: Path | None) -> bytes:
 
 def build_sql(query: Query, dataset: Dataset,
               relation: str) -> tuple[str, list[object], tuple[tuple[Scalar, ...], ...]]:
-    """One statement for ``query``: clamped fixed-point aggregates for every public group key.
+    """One statement for ``query``: clamped fixed-point aggregates, grouped by the group-by columns.
 
-    Returns the SQL, its bound parameters and the group keys in result order.
+    Returns the SQL, its bound parameters and the public group keys in answer order. Groups whose
+    key is not public are computed but never leave the engine (see :meth:`Engine.run`).
     """
     params: list[object] = []
-    keys = [dataset.columns[c].public_keys for c in query.group_by]
-    withs = []
-    for i, column_keys in enumerate(keys):
-        withs.append(f"k{i}(g{i}, o{i}) AS (VALUES " + ", ".join("(?, ?)" for _ in column_keys) + ")")
-        for rank, key in enumerate(column_keys):
-            params += [key, rank]
     exprs = [e for a in query.aggregates for e in _aggregate_sql(a, dataset, params)]
     where = [_filter_sql(f, params) for f in query.filters]
-    where += [f"{quote(c)} IN (SELECT g{i} FROM k{i})" for i, c in enumerate(query.group_by)]
     where_sql = f" WHERE {' AND '.join(where)}" if where else ""
     if not query.group_by:
         return f"SELECT {', '.join(exprs)} FROM {relation}{where_sql}", params, ((),)
-    groups = ", ".join(f"{quote(c)} AS g{i}" for i, c in enumerate(query.group_by))
-    named = ", ".join(f"{e} AS a{j}" for j, e in enumerate(exprs))
-    withs.append(f"agg AS (SELECT {groups}, {named} FROM {relation}{where_sql} GROUP BY ALL)")
-    withs.append("keys AS (SELECT * FROM " + " CROSS JOIN ".join(f"k{i}" for i in range(len(keys))) + ")")
-    using = ", ".join(f"g{i}" for i in range(len(keys)))
-    order = ", ".join(f"o{i}" for i in range(len(keys)))
-    outputs = ", ".join(f"coalesce(agg.a{j}, 0)" for j in range(len(exprs)))
-    sql = f"WITH {', '.join(withs)} SELECT {outputs} FROM keys LEFT JOIN agg USING ({using}) ORDER BY {order}"
-    return sql, params, product_of_keys(keys)
+    groups = ", ".join(quote(c) for c in query.group_by)
+    sql = f"SELECT {groups}, {', '.join(exprs)} FROM {relation}{where_sql} GROUP BY {groups}"
+    return sql, params, product_of_keys([dataset.columns[c].public_keys for c in query.group_by])
 
 
 def product_of_keys(keys: Sequence[Sequence[Scalar]]) -> tuple[tuple[Scalar, ...], ...]:
@@ -232,10 +225,14 @@ def _fixed_point(name: str, column: Column, params: list[object]) -> str:
     low, high = column.bounds
     if column.type == "integer" and column.scale_digits == 0 and low.is_integer() and high.is_integer():
         # integers at unit precision: clamping alone gives the fixed-point value (and is ~4x faster)
-        params += [int(low), int(high)]
-        return f"CAST(least(greatest({quote(name)}, ?), ?) AS BIGINT)"
-    params += [low, high, 10 ** column.scale_digits]
-    return f"CAST(round(least(greatest(CAST({quote(name)} AS DOUBLE), ?), ?) * ?) AS BIGINT)"
+        params += [int(low), int(low), int(high), int(high)]
+        column_sql = quote(name)
+        return (f"CAST(CASE WHEN {column_sql} < ? THEN ? WHEN {column_sql} > ? THEN ? ELSE {column_sql} END"
+                " AS BIGINT)")
+    params += [low, low, high, high, 10 ** column.scale_digits]
+    value = f"CAST({quote(name)} AS DOUBLE)"
+    # CASE rather than least/greatest: same result, about twice as fast in DuckDB
+    return f"CAST(round(CASE WHEN {value} < ? THEN ? WHEN {value} > ? THEN ? ELSE {value} END * ?) AS BIGINT)"
 
 
 def _filter_sql(f: Filter, params: list[object]) -> str:
