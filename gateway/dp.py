@@ -143,6 +143,12 @@ def measurement(scale: float) -> dp.Measurement:
     return dp.m.make_laplace(dp.vector_domain(dp.atom_domain(T="i64")), dp.l1_distance(T="i64"), scale=scale)
 
 
+@lru_cache(maxsize=4096)
+def _map_within(scale: float, sensitivity: int, epsilon: Fraction) -> bool:
+    """OpenDP's privacy map of the cached measurement at ``sensitivity`` is at most ``epsilon``."""
+    return Fraction(measurement(scale).map(sensitivity)) <= epsilon
+
+
 class Noise:
     """The production noise source: OpenDP's sampler. Subclassed only by test fixtures."""
 
@@ -152,10 +158,9 @@ class Noise:
         """Noisy copy of ``exact`` for ``component``."""
         if any(abs(v) >= _I64_SAFE for v in exact):
             raise InternalBug("an exact aggregate is outside the 64-bit range")
-        meas = measurement(component.scale)
-        if Fraction(meas.map(component.sensitivity)) > component.epsilon:
+        if not _map_within(component.scale, component.sensitivity, component.epsilon):
             raise InternalBug("measurement privacy map exceeds the charged epsilon")
-        return list(meas(list(exact)))
+        return list(measurement(component.scale)(list(exact)))
 
 
 def release(plan: Plan, groups: tuple[tuple[Scalar, ...], ...], exact: tuple[tuple[int, ...], ...],
