@@ -66,7 +66,9 @@ def estimate_to_wire(e: Estimate) -> pb.Estimate:
     """One estimate as a wire message."""
     return pb.Estimate(aggregate=e.aggregate, value=e.value, std_error=e.std_error, noise_scale=e.noise_scale,
                        ci_low=e.ci_low, ci_high=e.ci_high, ci_half_width=e.ci_half_width, suppressed=e.suppressed,
-                       clamped=e.clamped, mechanism=e.mechanism, epsilon=float(e.epsilon))
+                       clamped=e.clamped, mechanism=e.mechanism, epsilon=float(e.epsilon), numerator=e.numerator,
+                       denominator=e.denominator, numerator_std_error=e.numerator_std_error,
+                       denominator_std_error=e.denominator_std_error)
 
 
 def dataset_to_wire(name: str, dataset: Dataset, policy: Policy) -> pb.Dataset:

@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="run the embedded demo network with example questions")
-    demo.add_argument("--sites", type=int, default=1, help="number of sites (1-4; default 1)")
+    demo.add_argument("--sites", type=int, default=4, help="number of sites (1-4; default 4)")
     demo.add_argument("--patients", type=int, default=20_000, help="patients per site (default 20000)")
     demo.add_argument("--keep-running", action="store_true", help="leave the network up and print how to query it")
     demo.set_defaults(run=_demo)
@@ -75,6 +75,17 @@ def _parser() -> argparse.ArgumentParser:
                        help="accept only clients whose certificate CN is this (repeatable; needs --client-ca)")
     serve.add_argument("--port-file", type=Path, help="write the bound port here once serving")
     serve.set_defaults(run=_site_serve)
+
+    broker = sub.add_parser("broker", help="broker").add_subparsers(required=True, metavar="ACTION")
+    bserve = broker.add_parser("serve", help="serve a broker in front of the sites in a config file")
+    bserve.add_argument("--config", type=Path, required=True)
+    bserve.add_argument("--host", default="127.0.0.1")
+    bserve.add_argument("--port", type=int, default=50050)
+    bserve.add_argument("--metrics-port", type=int, default=None)
+    bserve.add_argument("--tls-cert", type=Path)
+    bserve.add_argument("--tls-key", type=Path)
+    bserve.add_argument("--port-file", type=Path, help="write the bound port here once serving")
+    bserve.set_defaults(run=_broker_serve)
 
     token = sub.add_parser("token", help="development tokens").add_subparsers(required=True, metavar="ACTION")
     keygen = token.add_parser("keygen", help="write a DEVELOPMENT signing key pair")
@@ -204,6 +215,28 @@ def _site_serve(args: argparse.Namespace) -> int:
         args.port_file.write_text(str(site.port))
     _wait_for_signal()
     site.stop()
+    return 0
+
+
+def _broker_serve(args: argparse.Namespace) -> int:
+    from ._server import TlsFiles
+    from .broker import build_broker_server, load_broker_config
+    from .metrics import BrokerMetrics, serve_metrics
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UserError("--tls-cert and --tls-key go together")
+    config = load_broker_config(args.config)
+    metrics = BrokerMetrics()
+    tls = TlsFiles(args.tls_cert, args.tls_key) if args.tls_cert else None
+    broker = build_broker_server(config, args.config.resolve().parent, args.host, args.port, tls, metrics)
+    if args.metrics_port is not None:
+        port = serve_metrics(args.metrics_port, metrics.registry)
+        print(f"metrics on http://127.0.0.1:{port}/metrics", flush=True)
+    print(f"broker {config.name} serving on {args.host}:{broker.port} for {len(config.sites)} site(s)", flush=True)
+    if args.port_file:
+        args.port_file.write_text(str(broker.port))
+    _wait_for_signal()
+    broker.stop()
     return 0
 
 

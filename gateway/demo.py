@@ -1,22 +1,16 @@
-"""``gateway demo``: synthetic registries, site gateways on loopback, dev tokens, a short tour."""
+"""``gateway demo``: synthetic registries, site gateways and a broker on loopback, a short tour."""
 
 from __future__ import annotations
 
-import logging
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from .auth import AuthConfig, Verifier, generate_dev_key, mint_dev_token
 from .client import Client
 from .errors import GatewayError
+from .network import SITES, LocalNetwork, start_network
 from .render import budget_table, query_table
-from .site import RunningSite, SiteOptions, build_site_server
-from .synth import synthesize
-
-SITES = ("north", "south", "east", "west")
-POLICIES = Path(__file__).resolve().parent.parent / "policies"
 
 
 def _say(text: str = "") -> None:
@@ -24,77 +18,80 @@ def _say(text: str = "") -> None:
 
 
 def run_demo(n_sites: int, patients: int, keep_running: bool) -> int:
-    """Run the tour on ``n_sites`` loopback sites; returns the exit code."""
+    """Start the network (each site and the broker in its own process), run the tour; returns the exit code."""
     started = time.perf_counter()
-    logging.getLogger("gateway.server").setLevel(logging.ERROR)  # the demo says itself that it is loopback-only
     work = Path(tempfile.mkdtemp(prefix="gateway-demo-"))
-    running: list[RunningSite] = []
+    network: LocalNetwork | None = None
     try:
-        private, public = generate_dev_key(work / "keys")
-        verifier = Verifier(AuthConfig.from_files([public]))
-        for index, name in enumerate(SITES[:n_sites]):
-            synthesize(name, patients, work / "data" / f"{name}.duckdb", seed=index)
-            policy = work / f"{name}.yaml"
-            shutil.copy(POLICIES / f"{name}.yaml", policy)
-            running.append(build_site_server(SiteOptions(policy, work / "state" / name, verifier)))
-        _say(f"Demo network: {n_sites} site gateway(s) on loopback (plaintext, development only) with "
-             f"{patients} synthetic patients each (ready in {time.perf_counter() - started:.1f}s)")
-        for name, site in zip(SITES, running, strict=False):
-            _say(f"  site {name}: 127.0.0.1:{site.port}")
-        token = mint_dev_token(private.read_bytes(), "demo-researcher", "demo")
-        _tour(running, token)
+        network = start_network(work, n_sites, patients)
+        assert network.broker is not None
+        _say(f"Demo network on loopback (plaintext, development only): {n_sites} site gateway(s) with {patients} "
+             f"synthetic patients each and a broker, ready in {time.perf_counter() - started:.1f}s")
+        for name, site in network.sites.items():
+            _say(f"  site {name:<6} {site.target}")
+        _say(f"  broker       {network.broker.target}")
+        token = network.token()
+        with Client(network.broker.target, token=token) as client:
+            _tour(client)
         if keep_running:
-            _say(f"\nThe network stays up. Token (development only):\n  export GATEWAY_TOKEN={token}")
-            _say(f"  gateway query --target 127.0.0.1:{running[0].port} "
-                 "--sql 'SELECT stage, count(*) FROM patients GROUP BY stage'")
-            _say(f"  gateway budget --target 127.0.0.1:{running[0].port}\nPress Ctrl-C to stop.")
-            try:
-                while True:
-                    time.sleep(3600)
-            except KeyboardInterrupt:
-                pass
-        _say(f"\nDemo finished in {time.perf_counter() - started:.1f}s.")
+            _keep_running(network, token)
+        _say(f"\nDemo finished in {time.perf_counter() - started:.1f}s; all processes stopped.")
         return 0
     finally:
-        for site in running:
-            site.stop(grace=1)
+        if network is not None:
+            network.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _tour(running: list[RunningSite], token: str) -> None:
-    first = f"127.0.0.1:{running[0].port}"
-    with Client(first, token=token) as client:
-        _say("\n1. Datasets this project may query at site north:")
-        for ds in client.datasets():
-            _say(f"   {ds.name}: {len(ds.columns)} columns, aggregates {', '.join(ds.aggregates)}, "
-                 f"epsilon per query {ds.epsilon_default:g} (max {ds.epsilon_max:g})")
-        _step(client, "2. Patients per stage (noisy counts, 95% intervals):",
-              "SELECT stage, count(*) FROM patients GROUP BY stage", 0.3)
-        _step(client, "3. Mean age at diagnosis by stage:",
-              "SELECT stage, mean(age_at_diagnosis) FROM patients GROUP BY stage", 0.5)
-        _step(client, "4. Treatment episodes and mean cost by type (at most 5 rows per patient count):",
-              "SELECT treatment_type, count(*), mean(cost_usd) FROM treatments GROUP BY treatment_type", 0.5)
-        _step(client, "5. The same question as in 2, asked again: the stored answer, at no cost:",
-              "SELECT stage, count(*) FROM patients GROUP BY stage", 0.3)
-        _say("\n6. Pricing a question before asking it (dry run, nothing charged):")
-        _say(_indent(query_table(client.query(
-            "SELECT sex, count(*) FROM patients WHERE diagnosis_year >= 2020 GROUP BY sex", epsilon=1,
-            dry_run=True).response)))
-        _say("\n7. A question the remaining budget cannot pay for:")
-        try:
-            for year in range(2010, 2025):
-                sql = f"SELECT vital_status, count(*) FROM patients WHERE diagnosis_year = {year} GROUP BY vital_status"
-                client.query(sql, epsilon=1)
-                _say(f"   {sql}: charged 1")
-        except GatewayError as err:
-            _say(f"   refused ({err.code.name}): {err.message}")
-        _say("\n8. The project's remaining budget:")
-        _say(_indent(budget_table(client.budget())))
-    for site in running[1:]:
-        with Client(f"127.0.0.1:{site.port}", token=token) as client:
-            result = client.query("SELECT stage, count(*) FROM patients GROUP BY stage", epsilon=0.3)
-            _say(f"\nSite {site.state.live.loaded.policy.site}, patients per stage:")
-            _say(_indent(query_table(result.response)))
+def _tour(client: Client) -> None:
+    _say("\n1. Datasets this project may query, and where:")
+    for ds in client.datasets():
+        _say(f"   {ds.name}: at {', '.join(ds.sites)}; aggregates {', '.join(ds.aggregates)}; "
+             f"epsilon per query {ds.epsilon_default:g} (max {ds.epsilon_max:g})")
+    sql = "SELECT stage, count(*) FROM patients GROUP BY stage"
+    _say(f"\n2. Patients per stage at each site and pooled (noisy counts, 95% intervals):\n   {sql}")
+    result = client.query(sql, epsilon=0.3)
+    for answer in result.response.site_answers:
+        cells = ", ".join(f"{row.keys[0].value.string_value} {row.estimates[0].value:.0f}" for row in answer.rows)
+        _say(f"   {answer.site:<6} {cells}")
+    _say(_indent(query_table(result.response)))
+    _step(client, "3. Mean age at diagnosis by stage, pooled over all sites:",
+          "SELECT stage, count(*), mean(age_at_diagnosis) FROM patients GROUP BY stage", 0.5)
+    _step(client, "4. Treatment episodes and mean cost by type (each patient counts at most 5 rows):",
+          "SELECT treatment_type, count(*), mean(cost_usd) FROM treatments GROUP BY treatment_type", 0.5)
+    _step(client, "5. Question 2 asked again: the stored answers, at no cost:", sql, 0.3)
+    _say("\n6. Pricing a question before asking it (dry run, nothing charged):")
+    _say(_indent(query_table(client.query("SELECT sex, count(*) FROM patients WHERE diagnosis_year >= 2020 "
+                                          "GROUP BY sex", epsilon=1, dry_run=True).response)))
+    _say("\n7. Spending the rest of the budget until a question is refused:")
+    try:
+        for year in range(2010, 2025):
+            question = (f"SELECT vital_status, count(*) FROM patients WHERE diagnosis_year = {year} "
+                        "GROUP BY vital_status")
+            client.query(question, epsilon=1)
+            _say(f"   {question}: charged 1 at every site")
+    except GatewayError as err:
+        _say(f"   refused ({err.code.name}): {err.message[:300]}")
+    _say("\n8. The project's remaining budget at every site:")
+    _say(_indent(budget_table(client.budget())))
+
+
+def _keep_running(network: LocalNetwork, token: str) -> None:
+    assert network.broker is not None
+    target = network.broker.target
+    _say("\nThe network stays up. A DEVELOPMENT token for project 'demo' (budget 3 per site, mostly spent by the "
+         f"tour) and one for 'onc-demo' (budget 10):\n  export GATEWAY_TOKEN={network.token('onc-demo')}")
+    _say(f"  gateway query --target {target} --sql 'SELECT stage, count(*) FROM patients GROUP BY stage'")
+    _say(f"  gateway budget --target {target}")
+    _say(f"  python -c \"from gateway.client import Client; import os; "
+         f"print(Client('{target}', token=os.environ['GATEWAY_TOKEN']).query("
+         "'SELECT sex, count(*) FROM patients GROUP BY sex').to_polars())\"")
+    _say("Press Ctrl-C to stop.")
+    try:
+        while all(p.popen.poll() is None for p in network.sites.values()):
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
 
 
 def _step(client: Client, title: str, sql: str, epsilon: float) -> None:
@@ -104,3 +101,6 @@ def _step(client: Client, title: str, sql: str, epsilon: float) -> None:
 
 def _indent(text: str) -> str:
     return "\n".join("   " + line for line in text.splitlines())
+
+
+__all__ = ["SITES", "run_demo"]

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
 
+from .accuracy import Z95, discrete_laplace_half_width, discrete_laplace_std, ratio_estimate
 from .errors import InternalBug
 from .policy import Dataset
 from .query import Aggregate, Query, Scalar
@@ -30,7 +31,6 @@ import opendp.prelude as dp
 
 dp.enable_features("contrib")
 
-Z95 = 1.959963984540054
 _I64_SAFE = 1 << 62
 
 
@@ -88,6 +88,10 @@ class Estimate:
     epsilon: Fraction
     suppressed: bool = False
     clamped: bool = False
+    numerator: float = math.nan
+    denominator: float = math.nan
+    numerator_std_error: float = math.nan
+    denominator_std_error: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -220,33 +224,13 @@ def _estimate(agg: AggregatePlan, values: list[int], mechanism: str) -> Estimate
     count_part = agg.components[1]
     total, count = values[0] / first.unit, values[1]
     name = _mechanism_name(agg, mechanism)
-    if count < 1:
-        mid = (low + high) / 2
-        return Estimate(label, mid, (high - low) / 2, first.scale / first.unit, low, high, math.nan, name,
-                        agg.epsilon, clamped=True)
-    ratio = total / count
-    value = min(max(ratio, low), high)
-    se = math.sqrt(first.std_error ** 2 + value ** 2 * count_part.std_error ** 2) / count
+    value, se, clamped = ratio_estimate(total, count, first.std_error, count_part.std_error, low, high)
     return Estimate(label, value, se, first.scale / first.unit, max(low, value - Z95 * se),
-                    min(high, value + Z95 * se), Z95 * se, name, agg.epsilon, clamped=value != ratio)
+                    min(high, value + Z95 * se), Z95 * se, name, agg.epsilon, clamped=clamped, numerator=total,
+                    denominator=float(count), numerator_std_error=first.std_error,
+                    denominator_std_error=count_part.std_error)
 
 
 def _suppressed(e: Estimate) -> Estimate:
     return Estimate(e.aggregate, math.nan, e.std_error, e.noise_scale, math.nan, math.nan, e.ci_half_width,
                     e.mechanism, e.epsilon, suppressed=True, clamped=False)
-
-
-def discrete_laplace_std(scale: float) -> float:
-    """Standard deviation of the discrete Laplace with ``scale`` b: sqrt(2a)/(1-a), a = exp(-1/b)."""
-    a = math.exp(-1.0 / scale)
-    return math.sqrt(2 * a) / (1 - a)
-
-
-def discrete_laplace_half_width(scale: float, level: float = 0.95) -> float:
-    """Smallest integer t with P(|X| <= t) >= level for the discrete Laplace with ``scale`` b.
-
-    P(|X| > t) = 2 a^(t+1) / (1 + a), a = exp(-1/b).
-    """
-    a = math.exp(-1.0 / scale)
-    tail = (1 - level) * (1 + a) / 2
-    return float(max(0, math.ceil(math.log(tail) / math.log(a) - 1 - 1e-12)))

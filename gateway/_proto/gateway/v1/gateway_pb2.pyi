@@ -165,7 +165,7 @@ class QueryRequest(_message.Message):
     def __init__(self, query_id: _Optional[str] = ..., structured: _Optional[_Union[StructuredQuery, _Mapping]] = ..., sql: _Optional[str] = ..., template: _Optional[_Union[TemplateCall, _Mapping]] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., dry_run: _Optional[bool] = ..., sites: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Estimate(_message.Message):
-    __slots__ = ("aggregate", "value", "std_error", "noise_scale", "ci_low", "ci_high", "suppressed", "clamped", "mechanism", "epsilon", "ci_half_width")
+    __slots__ = ("aggregate", "value", "std_error", "noise_scale", "ci_low", "ci_high", "suppressed", "clamped", "mechanism", "epsilon", "ci_half_width", "numerator", "denominator", "numerator_std_error", "denominator_std_error")
     AGGREGATE_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     STD_ERROR_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +177,10 @@ class Estimate(_message.Message):
     MECHANISM_FIELD_NUMBER: _ClassVar[int]
     EPSILON_FIELD_NUMBER: _ClassVar[int]
     CI_HALF_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    NUMERATOR_FIELD_NUMBER: _ClassVar[int]
+    DENOMINATOR_FIELD_NUMBER: _ClassVar[int]
+    NUMERATOR_STD_ERROR_FIELD_NUMBER: _ClassVar[int]
+    DENOMINATOR_STD_ERROR_FIELD_NUMBER: _ClassVar[int]
     aggregate: str
     value: float
     std_error: float
@@ -188,7 +192,11 @@ class Estimate(_message.Message):
     mechanism: str
     epsilon: float
     ci_half_width: float
-    def __init__(self, aggregate: _Optional[str] = ..., value: _Optional[float] = ..., std_error: _Optional[float] = ..., noise_scale: _Optional[float] = ..., ci_low: _Optional[float] = ..., ci_high: _Optional[float] = ..., suppressed: _Optional[bool] = ..., clamped: _Optional[bool] = ..., mechanism: _Optional[str] = ..., epsilon: _Optional[float] = ..., ci_half_width: _Optional[float] = ...) -> None: ...
+    numerator: float
+    denominator: float
+    numerator_std_error: float
+    denominator_std_error: float
+    def __init__(self, aggregate: _Optional[str] = ..., value: _Optional[float] = ..., std_error: _Optional[float] = ..., noise_scale: _Optional[float] = ..., ci_low: _Optional[float] = ..., ci_high: _Optional[float] = ..., suppressed: _Optional[bool] = ..., clamped: _Optional[bool] = ..., mechanism: _Optional[str] = ..., epsilon: _Optional[float] = ..., ci_half_width: _Optional[float] = ..., numerator: _Optional[float] = ..., denominator: _Optional[float] = ..., numerator_std_error: _Optional[float] = ..., denominator_std_error: _Optional[float] = ...) -> None: ...
 
 class GroupKey(_message.Message):
     __slots__ = ("column", "value")
