@@ -128,7 +128,7 @@ class BrokerService(pb_grpc.GatewayServicer):
         budgets = []
         for outcome in self._answered_or_abort(outcomes, context):
             for b in outcome.response.budgets:
-                b.site = b.site or outcome.site
+                b.site = outcome.site  # the name the broker knows the site by, as in `sites`
                 budgets.append(b)
         return pb.GetBudgetResponse(budgets=budgets, served_by=self.config.name)
 

@@ -424,7 +424,9 @@ class RunningSite:
     watcher: PolicyWatcher
 
     def stop(self, grace: float = 5.0) -> None:
-        """Stop serving (in-flight calls get ``grace`` seconds), then close ledger, audit and engine."""
+        """Stop serving (in-flight calls get ``grace`` seconds), then close ledger, audit and engine. Idempotent."""
+        if self.watcher.stopped.is_set():
+            return
         self.watcher.stopped.set()
         self.server.stop(grace).wait()
         self.state.ledger.close()
