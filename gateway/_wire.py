@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from ._proto.gateway.v1 import gateway_pb2 as pb
-from .dp import Estimate, Row
 from .errors import InvalidQuery
 from .policy import Dataset, Policy
 from .query import Aggregate, Filter, Query, Scalar
+
+if TYPE_CHECKING:  # the broker uses this module and must not load OpenDP
+    from .dp import Estimate, Row
 
 
 def to_scalar(value: pb.Value) -> Scalar:

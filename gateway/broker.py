@@ -24,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ._proto.gateway.v1 import gateway_pb2 as pb
 from ._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from ._server import is_loopback
+from ._sqlfront import parse_sql
+from ._wire import to_structured
 from .accuracy import Z95, ratio_estimate
 from .errors import GatewayError, InvalidQuery
 from .metrics import BrokerMetrics
@@ -140,6 +142,12 @@ class BrokerService(pb_grpc.GatewayServicer):
         forwarded = pb.QueryRequest()
         forwarded.CopyFrom(request)
         del forwarded.sites[:]
+        if request.WhichOneof("body") == "sql":
+            # parse once here instead of at every site; sites check the structured query against policy
+            try:
+                forwarded.structured.CopyFrom(to_structured(parse_sql(request.sql)))
+            except GatewayError as err:
+                context.abort(err.code, err.message)
         forwarded.query_id = request.query_id or f"broker-{uuid.uuid4().hex}"
         outcomes = self._fan("Query", forwarded, context, names)
         answered = [o for o in outcomes if o.response is not None]
