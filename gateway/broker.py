@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent import futures
@@ -135,6 +136,13 @@ class BrokerService(pb_grpc.GatewayServicer):
         return pb.GetBudgetResponse(budgets=budgets, served_by=self.config.name)
 
     def Query(self, request: pb.QueryRequest, context: grpc.ServicerContext) -> pb.QueryResponse:
+        started = time.perf_counter()
+        try:
+            return self._query(request, context)
+        finally:
+            self.metrics.duration.labels("_broker").observe(time.perf_counter() - started)
+
+    def _query(self, request: pb.QueryRequest, context: grpc.ServicerContext) -> pb.QueryResponse:
         try:
             names = self._names(request.sites)
         except GatewayError as err:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +22,7 @@ def _say(text: str = "") -> None:
 def run_demo(n_sites: int, patients: int, keep_running: bool) -> int:
     """Start the network (each site and the broker in its own process), run the tour; returns the exit code."""
     started = time.perf_counter()
+    signal.signal(signal.SIGTERM, _exit_on_signal)  # SIGTERM, like Ctrl-C, stops the child processes too
     work = Path(tempfile.mkdtemp(prefix="gateway-demo-"))
     network: LocalNetwork | None = None
     try:
@@ -41,6 +44,10 @@ def run_demo(n_sites: int, patients: int, keep_running: bool) -> int:
         if network is not None:
             network.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _tour(client: Client) -> None:
@@ -87,10 +94,10 @@ def _keep_running(network: LocalNetwork, token: str) -> None:
          f"print(Client('{target}', token=os.environ['GATEWAY_TOKEN']).query("
          "'SELECT sex, count(*) FROM patients GROUP BY sex').to_polars())\"")
     _say("Press Ctrl-C to stop.")
-    try:
-        while all(p.popen.poll() is None for p in network.sites.values()):
-            time.sleep(1)
-    except KeyboardInterrupt:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # explicit: a background job may have SIGINT ignored
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0) and all(p.popen.poll() is None for p in network.sites.values()):
         pass
 
 

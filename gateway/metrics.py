@@ -45,6 +45,7 @@ class BrokerMetrics:
         self.registry = registry
         self.site_requests = Counter("gateway_broker_site_requests", "Broker calls to sites by outcome",
                                      ("site", "outcome"), registry=registry)
+        # label "_broker": the broker does not parse SQL bodies into datasets for its own metrics
         self.duration = Histogram("gateway_query_duration_seconds", "Query handling time", ("dataset",),
                                   registry=registry)
 
