@@ -126,7 +126,7 @@ class Engine:
             return f"read_parquet('{pattern}')"
         assert source.database is not None and source.table is not None
         path = self._loaded.resolve(source.database)
-        stamp = _stamp(path)
+        stamp = file_stamp(path)
         attached = self._attached.get(path)
         if attached is not None and attached[1] == stamp:
             return f"{attached[0]}.{quote(source.table)}"
@@ -162,7 +162,8 @@ class Engine:
                                      f"{str(err).splitlines()[0][:160]}); ask the site operator") from err
 
 
-def _stamp(path: Path) -> tuple[int, int]:
+def file_stamp(path: Path) -> tuple[int, int]:
+    """(mtime_ns, size) of a file, or (0, 0) when it is missing: a cheap change detector."""
     try:
         stat = path.stat()
     except OSError:

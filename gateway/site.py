@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,9 +22,10 @@ from typing import TypeVar
 import grpc
 
 from . import dp
-from ._engine import Engine, product_of_keys
+from ._engine import product_of_keys
 from ._proto.gateway.v1 import gateway_pb2 as pb
 from ._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
+from ._reload import Live, PolicyWatcher, load_live
 from ._sqlfront import parse_sql
 from ._wire import dataset_to_wire, from_structured, rows_to_wire, to_scalar
 from .audit import AuditLog
@@ -41,22 +41,14 @@ from .errors import (
 )
 from .ledger import QueryIdInUse, Scope, SqliteLedger
 from .metrics import SiteMetrics
-from .policy import BudgetRule, Dataset, LoadedPolicy, load_policy, period_window, to_fraction
+from .policy import BudgetRule, Dataset, period_window, to_fraction
 from .query import Query as ParsedQuery
 from .query import Scalar, check_query, dataset_of
-from .templates import resolve_template, validate_templates
+from .templates import resolve_template
 
 log = logging.getLogger("gateway.site")
 T = TypeVar("T")
 _QUERY_ID_MAX = 128
-
-
-@dataclass(frozen=True)
-class Live:
-    """The policy in force and the engine serving it; swapped whole on reload."""
-
-    loaded: LoadedPolicy
-    engine: Engine
 
 
 @dataclass
@@ -71,22 +63,6 @@ class SiteState:
     state_dir: Path
     noise: dp.Noise = field(default_factory=dp.Noise)
     allowed_peers: tuple[str, ...] = ()
-
-
-def load_live(path: Path, state_dir: Path) -> Live:
-    """Load and fully validate a policy and prepare its data; raises on any problem."""
-    loaded = load_policy(path)
-    problems = validate_templates(loaded)
-    if problems:
-        from .policy import PolicyFileError
-        raise PolicyFileError(problems)
-    engine = Engine(loaded, state_dir)
-    try:
-        engine.prepare_all()
-    except GatewayError:
-        engine.close()
-        raise
-    return Live(loaded, engine)
 
 
 class SiteService(pb_grpc.GatewayServicer):
@@ -357,47 +333,6 @@ def _outcome(err: GatewayError) -> str:
     return {grpc.StatusCode.RESOURCE_EXHAUSTED: "budget_exhausted", grpc.StatusCode.PERMISSION_DENIED: "denied",
             grpc.StatusCode.UNAUTHENTICATED: "unauthenticated", grpc.StatusCode.INVALID_ARGUMENT: "invalid",
             grpc.StatusCode.NOT_FOUND: "invalid", grpc.StatusCode.ALREADY_EXISTS: "invalid"}.get(err.code, "error")
-
-
-class PolicyWatcher(threading.Thread):
-    """Reloads the policy file when it changes; an invalid edit is logged, counted and ignored."""
-
-    def __init__(self, state: SiteState, path: Path, interval: float) -> None:
-        super().__init__(name="policy-watcher", daemon=True)
-        self.state, self.path, self.interval = state, path, interval
-        self.stopped = threading.Event()
-        self._seen = _stamp(path)
-
-    def run(self) -> None:
-        while not self.stopped.wait(self.interval):
-            stamp = _stamp(self.path)
-            if stamp != self._seen:
-                self._seen = stamp
-                self.reload()
-
-    def reload(self) -> bool:
-        """Try to load the file now; True when the new policy is live."""
-        try:
-            live = load_live(self.path, self.state.state_dir)
-        except Exception as err:  # any failure keeps the last good policy live
-            log.error("policy reload rejected, keeping the last good policy: %s", err)
-            self.state.metrics.policy_reloads.labels("rejected").inc()
-            return False
-        old, self.state.live = self.state.live, live
-        log.info("policy reloaded from %s", self.path)
-        self.state.metrics.policy_reloads.labels("ok").inc()
-        closer = threading.Timer(30, old.engine.close)  # let in-flight queries on the old engine finish
-        closer.daemon = True
-        closer.start()
-        return True
-
-
-def _stamp(path: Path) -> tuple[int, int]:
-    try:
-        stat = path.stat()
-        return stat.st_mtime_ns, stat.st_size
-    except OSError:
-        return 0, 0
 
 
 @dataclass(frozen=True)

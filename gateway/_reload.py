@@ -1,0 +1,81 @@
+"""Loading a policy into a live engine, and reloading it when the file changes."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from ._engine import Engine, file_stamp
+from .errors import GatewayError
+from .metrics import SiteMetrics
+from .policy import LoadedPolicy, PolicyFileError, load_policy
+from .templates import validate_templates
+
+log = logging.getLogger("gateway.site")
+
+
+@dataclass(frozen=True)
+class Live:
+    """The policy in force and the engine serving it; swapped whole on reload."""
+
+    loaded: LoadedPolicy
+    engine: Engine
+
+
+class HasLive(Protocol):
+    """What the watcher swaps: the site's live policy and engine."""
+
+    live: Live
+    metrics: SiteMetrics
+    state_dir: Path
+
+
+def load_live(path: Path, state_dir: Path) -> Live:
+    """Load and fully validate a policy and prepare its data; raises on any problem."""
+    loaded = load_policy(path)
+    problems = validate_templates(loaded)
+    if problems:
+        raise PolicyFileError(problems)
+    engine = Engine(loaded, state_dir)
+    try:
+        engine.prepare_all()
+    except GatewayError:
+        engine.close()
+        raise
+    return Live(loaded, engine)
+
+
+class PolicyWatcher(threading.Thread):
+    """Reloads the policy file when it changes; an invalid edit is logged, counted and ignored."""
+
+    def __init__(self, state: HasLive, path: Path, interval: float) -> None:
+        super().__init__(name="policy-watcher", daemon=True)
+        self.state, self.path, self.interval = state, path, interval
+        self.stopped = threading.Event()
+        self._seen = file_stamp(path)
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            stamp = file_stamp(self.path)
+            if stamp != self._seen:
+                self._seen = stamp
+                self.reload()
+
+    def reload(self) -> bool:
+        """Try to load the file now; True when the new policy is live."""
+        try:
+            live = load_live(self.path, self.state.state_dir)
+        except Exception as err:  # any failure keeps the last good policy live
+            log.error("policy reload rejected, keeping the last good policy: %s", err)
+            self.state.metrics.policy_reloads.labels("rejected").inc()
+            return False
+        old, self.state.live = self.state.live, live
+        log.info("policy reloaded from %s", self.path)
+        self.state.metrics.policy_reloads.labels("ok").inc()
+        closer = threading.Timer(30, old.engine.close)  # let in-flight queries on the old engine finish
+        closer.daemon = True
+        closer.start()
+        return True
