@@ -29,6 +29,7 @@ class Process:
 
     name: str
     popen: subprocess.Popen[bytes]
+    args: list[str] = field(default_factory=list)
     port: int = 0
 
     @property
@@ -51,6 +52,16 @@ class LocalNetwork:
         """A DEVELOPMENT token accepted by every site of this network."""
         return mint_dev_token(self.private_key.read_bytes(), subject, project, role)
 
+    def restart_site(self, name: str) -> Process:
+        """Start site ``name`` again on its state dir (after it died); it gets a new port."""
+        old = self.sites[name]
+        if old.popen.poll() is None:
+            raise RuntimeError(f"site {name} is still running")
+        process = _spawn(name, old.args, self.workdir / f"{name}.port", self.workdir / f"{name}.log")
+        _wait_port(process, self.workdir / f"{name}.port", self.workdir / f"{name}.log")
+        self.sites[name] = process
+        return process
+
     def stop(self) -> None:
         """SIGTERM every process, then SIGKILL what has not exited after 15 s."""
         procs = [p.popen for p in [*self.sites.values(), *([self.broker] if self.broker else [])]]
@@ -72,7 +83,7 @@ def _spawn(name: str, args: list[str], port_file: Path, log: Path) -> Process:
     with log.open("ab") as out:
         popen = subprocess.Popen([sys.executable, "-m", "gateway.cli", *args, "--port", "0", "--port-file",
                                   str(port_file)], stdout=out, stderr=out, env=env)
-    return Process(name, popen)
+    return Process(name, popen, args)
 
 
 def _wait_port(process: Process, port_file: Path, log: Path, timeout: float = 120) -> None:

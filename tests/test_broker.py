@@ -223,3 +223,29 @@ def test_unreachable_broker_is_typed(token):
     with Client("127.0.0.1:1", token=token(), retries=1, timeout=2) as c, pytest.raises(Unavailable):
         c.query("SELECT count(*) FROM patients")
     assert Unavailable.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_site_killed_during_a_query_then_restarted_charges_once(tmp_path):
+    """A query is in flight to a hung site, which is then killed and restarted on its state dir: the
+    client's retry with the same query_id is answered and the site's ledger holds exactly one charge.
+    (The charge-while-killed case is covered by the SIGKILL stream test in test_cli.py.)"""
+    net = start_network(tmp_path / "net", n_sites=2, patients=2000, deadline_seconds=2)
+    try:
+        assert net.broker is not None
+        victim = net.sites["south"].popen
+        with Client(net.broker.target, token=net.token(), retries=0, timeout=30) as c:
+            victim.send_signal(signal.SIGSTOP)
+            partial = c.query("SELECT sex, count(*) FROM patients GROUP BY sex", epsilon=0.5, query_id="d-1")
+            assert partial.missing_sites["south"].startswith("deadline")
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(timeout=10)
+            restarted = net.restart_site("south")
+            # the broker was configured with the old port: ask the restarted site directly, as a client retry would
+            with Client(restarted.target, token=net.token(), retries=0) as direct:
+                retry = direct.query("SELECT sex, count(*) FROM patients GROUP BY sex", epsilon=0.5,
+                                     query_id="d-1")
+        assert len(retry.to_polars()) == 2
+        assert _site_spent(net, "south") == Fraction(1, 2)
+        assert _site_spent(net, "north") == Fraction(1, 2)
+    finally:
+        net.stop()
