@@ -79,13 +79,13 @@ def start_site(tmp_path: Path, keys: tuple[Path, Path], site_data: Path) -> Iter
     started: list[RunningSite] = []
 
     def start(noise: dp.Noise | None = None, policy: Path | None = None, state_dir: Path | None = None,
-              reload_interval: float = 0.2) -> RunningSite:
+              reload_interval: float = 0.2, metrics: SiteMetrics | None = None) -> RunningSite:
         folder = tmp_path / f"site{len(started)}"
         folder.mkdir()
         policy = policy or write_policy(folder, site_data)
         options = SiteOptions(policy, state_dir or folder / "state", Verifier(AuthConfig.from_files([keys[1]])),
                               reload_interval=reload_interval)
-        site = build_site_server(options, SiteMetrics(CollectorRegistry()), noise)
+        site = build_site_server(options, metrics or SiteMetrics(CollectorRegistry()), noise)
         started.append(site)
         return site
 
