@@ -65,7 +65,7 @@ class Engine:
         self._aliases = itertools.count()
 
     def close(self) -> None:
-        """Release the DuckDB connection and delete the working file."""
+        """Release the DuckDB connection and delete the working file (idempotent)."""
         self._con.close()
         if self._path is not None:
             self._path.unlink(missing_ok=True)

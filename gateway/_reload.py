@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -15,6 +16,7 @@ from .policy import LoadedPolicy, PolicyFileError, load_policy
 from .templates import validate_templates
 
 log = logging.getLogger("gateway.site")
+RETIRE_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -56,13 +58,22 @@ class PolicyWatcher(threading.Thread):
         self.state, self.path, self.interval = state, path, interval
         self.stopped = threading.Event()
         self._seen = file_stamp(path)
+        self._retired: list[tuple[float, Engine]] = []
 
     def run(self) -> None:
         while not self.stopped.wait(self.interval):
+            self.close_retired(older_than=RETIRE_SECONDS)
             stamp = file_stamp(self.path)
             if stamp != self._seen:
                 self._seen = stamp
                 self.reload()
+
+    def close_retired(self, older_than: float = 0.0) -> None:
+        """Close engines replaced by a reload at least ``older_than`` seconds ago."""
+        now = time.monotonic()
+        for item in [r for r in self._retired if now - r[0] >= older_than]:
+            self._retired.remove(item)
+            item[1].close()
 
     def reload(self) -> bool:
         """Try to load the file now; True when the new policy is live."""
@@ -75,7 +86,5 @@ class PolicyWatcher(threading.Thread):
         old, self.state.live = self.state.live, live
         log.info("policy reloaded from %s", self.path)
         self.state.metrics.policy_reloads.labels("ok").inc()
-        closer = threading.Timer(30, old.engine.close)  # let in-flight queries on the old engine finish
-        closer.daemon = True
-        closer.start()
+        self._retired.append((time.monotonic(), old.engine))  # in-flight queries may still use it
         return True

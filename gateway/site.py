@@ -364,6 +364,7 @@ class RunningSite:
             return
         self.watcher.stopped.set()
         self.server.stop(grace).wait()
+        self.watcher.close_retired()
         self.state.ledger.close()
         self.state.audit.close()
         self.state.live.engine.close()
