@@ -8,6 +8,7 @@ counts with a delta-method interval. It sees no row and holds no budget.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -116,15 +117,19 @@ class BrokerService(pb_grpc.GatewayServicer):
     def ListDatasets(self, request: pb.ListDatasetsRequest, context: grpc.ServicerContext) -> pb.ListDatasetsResponse:
         outcomes = self._fan("ListDatasets", request, context, self._names(()))
         answered = self._answered_or_abort(outcomes, context)
-        merged: dict[str, pb.Dataset] = {}
+        versions: dict[str, dict[str, pb.Dataset]] = {}
         for outcome in answered:
             for ds in outcome.response.datasets:
-                if ds.name not in merged:
-                    merged[ds.name] = pb.Dataset()
-                    merged[ds.name].CopyFrom(ds)
-                    del merged[ds.name].sites[:]
-                merged[ds.name].sites.append(outcome.site)
-        return pb.ListDatasetsResponse(datasets=list(merged.values()), served_by=self.config.name)
+                versions.setdefault(ds.name, {})[outcome.site] = ds
+        datasets = []
+        for by_site in versions.values():
+            merged = pb.Dataset()
+            merged.CopyFrom(next(iter(by_site.values())))
+            del merged.sites[:]
+            merged.sites.extend(by_site)
+            merged.differences.extend(dataset_differences(by_site))
+            datasets.append(merged)
+        return pb.ListDatasetsResponse(datasets=datasets, served_by=self.config.name)
 
     def GetBudget(self, request: pb.GetBudgetRequest, context: grpc.ServicerContext) -> pb.GetBudgetResponse:
         outcomes = self._fan("GetBudget", request, context, self._names(()))
@@ -208,6 +213,32 @@ class BrokerService(pb_grpc.GatewayServicer):
         context.abort(grpc.StatusCode.UNAVAILABLE if transient else grpc.StatusCode.FAILED_PRECONDITION,
                       f"only {answered} site(s) answered, at least {self.config.min_sites} needed; {listed}"
                       + ("; retrying with the same query_id is safe" if transient else ""))
+
+
+def dataset_differences(by_site: dict[str, pb.Dataset]) -> list[str]:
+    """Where the sites' declarations of one dataset differ: columns, roles, bounds, keys, aggregates, costs."""
+    described = {site: _describe(ds) for site, ds in by_site.items()}
+    aspects = sorted({aspect for d in described.values() for aspect in d})
+    lines = []
+    for aspect in aspects:
+        values = {site: d.get(aspect, "absent") for site, d in described.items()}
+        if len(set(values.values())) > 1:
+            lines.append(f"{aspect}: " + "; ".join(f"{site} {value}" for site, value in values.items()))
+    return lines
+
+
+def _describe(ds: pb.Dataset) -> dict[str, str]:
+    out = {"aggregates": ", ".join(ds.aggregates), "max rows per patient": str(ds.max_rows_per_unit),
+           "epsilon per query": f"default {ds.epsilon_default:g}, max {ds.epsilon_max:g}"}
+    for col in ds.columns:
+        out[f"column {col.name}"] = f"{col.type} ({', '.join(col.roles)})"
+        if col.has_bounds:
+            out[f"column {col.name} bounds"] = f"[{col.lower:g}, {col.upper:g}]"
+        if col.public_keys:
+            keys = [getattr(k, k.WhichOneof("kind") or "string_value") for k in col.public_keys]
+            digest = hashlib.sha256(repr(keys).encode()).hexdigest()[:8]
+            out[f"column {col.name} keys"] = f"{len(keys)} keys ({keys[0]}..{keys[-1]}, #{digest})"
+    return out
 
 
 def _call(method: Callable[..., Any], request: Any, metadata: list[tuple[str, str]],

@@ -55,6 +55,8 @@ def _tour(client: Client) -> None:
     for ds in client.datasets():
         _say(f"   {ds.name}: at {', '.join(ds.sites)}; aggregates {', '.join(ds.aggregates)}; "
              f"epsilon per query {ds.epsilon_default:g} (max {ds.epsilon_max:g})")
+        for line in ds.differences:
+            _say(f"     differs between sites: {line}")
     sql = "SELECT stage, count(*) FROM patients GROUP BY stage"
     _say(f"\n2. Patients per stage at each site and pooled (noisy counts, 95% intervals):\n   {sql}")
     result = client.query(sql, epsilon=0.3)

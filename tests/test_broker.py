@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from fractions import Fraction
+from pathlib import Path
 
 import grpc
 import pytest
@@ -249,3 +250,24 @@ def test_site_killed_during_a_query_then_restarted_charges_once(tmp_path):
         assert _site_spent(net, "north") == Fraction(1, 2)
     finally:
         net.stop()
+
+
+def test_list_datasets_says_where_sites_differ(start_site, start_broker, token, tmp_path, site_data):
+    from conftest import write_policy
+
+    same = start_broker({"a": start_site(), "b": start_site()})
+    text = (Path(__file__).parent.parent / "policies" / "north.yaml").read_text()
+    changed = text.replace("bounds: [18, 99]", "bounds: [0, 120]").replace("keys: {range: [18, 99]}",
+                                                                          "keys: {range: [0, 120]}")
+    folder = tmp_path / "changed"
+    folder.mkdir()
+    differ = start_broker({"a": start_site(), "b": start_site(policy=write_policy(folder, site_data, text=changed))})
+    with Client(f"127.0.0.1:{same.port}", token=token()) as c:
+        agreed = {d.name: d for d in c.datasets()}
+    with Client(f"127.0.0.1:{differ.port}", token=token()) as c:
+        listed = {d.name: d for d in c.datasets()}
+    assert list(agreed["patients"].sites) == ["a", "b"] and list(agreed["patients"].differences) == []
+    differences = list(listed["patients"].differences)
+    assert "column age_at_diagnosis bounds: a [18, 99]; b [0, 120]" in differences
+    assert any(line.startswith("column age_at_diagnosis keys: a 82 keys (18..99") for line in differences)
+    assert list(listed["treatments"].differences) == []

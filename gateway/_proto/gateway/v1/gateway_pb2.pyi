@@ -66,7 +66,7 @@ class Template(_message.Message):
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., sql: _Optional[str] = ..., parameters: _Optional[_Iterable[_Union[TemplateParameter, _Mapping]]] = ...) -> None: ...
 
 class Dataset(_message.Message):
-    __slots__ = ("name", "description", "privacy_unit", "max_rows_per_unit", "columns", "aggregates", "epsilon_default", "epsilon_max", "templates", "templates_only", "sites")
+    __slots__ = ("name", "description", "privacy_unit", "max_rows_per_unit", "columns", "aggregates", "epsilon_default", "epsilon_max", "templates", "templates_only", "sites", "differences")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     PRIVACY_UNIT_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,7 @@ class Dataset(_message.Message):
     TEMPLATES_FIELD_NUMBER: _ClassVar[int]
     TEMPLATES_ONLY_FIELD_NUMBER: _ClassVar[int]
     SITES_FIELD_NUMBER: _ClassVar[int]
+    DIFFERENCES_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     privacy_unit: str
@@ -89,7 +90,8 @@ class Dataset(_message.Message):
     templates: _containers.RepeatedCompositeFieldContainer[Template]
     templates_only: bool
     sites: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., privacy_unit: _Optional[str] = ..., max_rows_per_unit: _Optional[int] = ..., columns: _Optional[_Iterable[_Union[Column, _Mapping]]] = ..., aggregates: _Optional[_Iterable[str]] = ..., epsilon_default: _Optional[float] = ..., epsilon_max: _Optional[float] = ..., templates: _Optional[_Iterable[_Union[Template, _Mapping]]] = ..., templates_only: _Optional[bool] = ..., sites: _Optional[_Iterable[str]] = ...) -> None: ...
+    differences: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., privacy_unit: _Optional[str] = ..., max_rows_per_unit: _Optional[int] = ..., columns: _Optional[_Iterable[_Union[Column, _Mapping]]] = ..., aggregates: _Optional[_Iterable[str]] = ..., epsilon_default: _Optional[float] = ..., epsilon_max: _Optional[float] = ..., templates: _Optional[_Iterable[_Union[Template, _Mapping]]] = ..., templates_only: _Optional[bool] = ..., sites: _Optional[_Iterable[str]] = ..., differences: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListDatasetsResponse(_message.Message):
     __slots__ = ("datasets", "served_by")
