@@ -12,7 +12,9 @@ keeps does not depend on other patients). The snapshot is rebuilt when the sourc
 from __future__ import annotations
 
 import itertools
+import logging
 import os
+import re
 import secrets
 import threading
 import uuid
@@ -25,6 +27,8 @@ import duckdb
 from .errors import FailedPrecondition
 from .policy import Column, Dataset, LoadedPolicy
 from .query import Aggregate, Filter, Query, Scalar
+
+log = logging.getLogger("gateway.engine")
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,7 @@ class Engine:
         try:
             rows = self._con.cursor().execute(sql, params).fetchall()
         except duckdb.Error as err:
+            log.error("query on %s failed: %s", query.dataset, _without_values(err))
             raise FailedPrecondition(f"the site could not run the query on its data ({type(err).__name__}); "
                                      "ask the site operator to check the data source") from err
         width = sum(2 if a.function == "mean" else 1 for a in query.aggregates)
@@ -158,8 +163,21 @@ class Engine:
                 [self._seed, dataset.max_rows_per_unit])
             return _Prepared(snapshot, fingerprint, bounded=True)
         except duckdb.Error as err:
-            raise FailedPrecondition(f"the site could not load dataset {name!r} ({type(err).__name__}: "
-                                     f"{str(err).splitlines()[0][:160]}); ask the site operator") from err
+            # DuckDB's message can quote data values: it goes to the site's log, never to the caller
+            log.error("loading dataset %s failed: %s", name, _without_values(err))
+            raise FailedPrecondition(f"the site could not load dataset {name!r} ({type(err).__name__}); "
+                                     "ask the site operator") from err
+
+
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+_NUMBER = re.compile(r"\b\d+(\.\d+)?\b")
+
+
+def _without_values(err: Exception) -> str:
+    """A DuckDB error's first line with quoted literals and numbers masked (they may be data values)."""
+    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    masked = _NUMBER.sub("<n>", _QUOTED.sub("<value>", first))
+    return f"{type(err).__name__}: {masked[:300]}"
 
 
 def file_stamp(path: Path) -> tuple[int, int]:

@@ -409,3 +409,17 @@ def test_engine_failure_refunds_the_charge(start_site, token, tmp_path, site_dat
         assert c.budget("patients")["spent"][0] == pytest.approx(0.1)
     record = site.state.ledger.find("onc-test", "after-loss")
     assert record is None  # refunded charges free their query_id for a retry
+
+
+def test_engine_errors_never_echo_data_values(start_site, token, tmp_path, site_data, caplog):
+    text = (Path(__file__).parent.parent / "policies" / "north.yaml").read_text().replace(
+        "      sex:\n        type: string\n        roles: [filter, group_by]\n        keys: [F, M]\n",
+        "      sex:\n        type: float\n        roles: [aggregate]\n        bounds: [0, 1]\n", 1)
+    site = start_site(policy=write_policy(tmp_path, site_data, text=text))
+    with client(site, token) as c, pytest.raises(GatewayError) as err:
+        c.query("SELECT sum(sex) FROM patients", epsilon=0.1)
+    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "'F'" not in err.value.message and "'M'" not in err.value.message
+    logged = " ".join(r.getMessage() for r in caplog.records if r.name == "gateway.engine")
+    assert "<value>" in logged and "'F'" not in logged and "'M'" not in logged
+    assert site.state.ledger.total_spent() == 0
