@@ -529,3 +529,20 @@ def test_from_files_jwks_rejects_non_public_keys(tmp_path: Path, ec_key: ec.Elli
     path.write_text(json.dumps({"keys": [jwk]}))
     with pytest.raises(ValueError):
         AuthConfig.from_files(jwks_file=path)
+
+
+def test_cached_token_is_still_rejected_once_it_expires(tmp_path):
+    import datetime as dt
+    import time
+
+    from gateway.auth import AuthConfig, Verifier, generate_dev_key, mint_dev_token
+
+    private, public = generate_dev_key(tmp_path / "k")
+    keys = AuthConfig.from_files([public]).keys
+    verifier = Verifier(AuthConfig(keys, leeway_seconds=0))
+    token = mint_dev_token(private.read_bytes(), "alice", "onc-1", ttl=dt.timedelta(seconds=1))
+    assert verifier.verify(f"Bearer {token}").project == "onc-1"
+    assert verifier.verify(f"Bearer {token}").project == "onc-1"  # served from the cache
+    time.sleep(1.6)
+    with pytest.raises(Unauthenticated):
+        verifier.verify(f"Bearer {token}")
