@@ -13,14 +13,15 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from .errors import BudgetExhausted, InternalBug
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,12 @@ class SqliteLedger:
         self._all: list[sqlite3.Connection] = []
         self._guard = threading.Lock()
         self._conn().executescript(_SCHEMA)
+        # group commit: one writer thread applies every pending write in one transaction (one fsync)
+        self._pending: list[_Write[Any]] = []
+        self._wake = threading.Condition()
+        self._closed = False
+        self._writer = threading.Thread(target=self._write_loop, name="ledger-writer", daemon=True)
+        self._writer.start()
 
     def _conn(self) -> sqlite3.Connection:
         con: sqlite3.Connection | None = getattr(self._local, "con", None)
@@ -143,22 +150,59 @@ class SqliteLedger:
         return con
 
     def close(self) -> None:
-        """Close every connection this ledger opened."""
+        """Finish pending writes, stop the writer and close every connection this ledger opened."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._writer.join(timeout=30)
         with self._guard:
             for con in self._all:
                 con.close()
             self._all.clear()
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _write(self, apply: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``apply`` in the next group transaction; returns once that transaction is durable."""
+        op: _Write[T] = _Write(apply)
+        with self._wake:
+            if self._closed:
+                raise InternalBug("the ledger is closed")
+            self._pending.append(op)
+            self._wake.notify()
+        op.done.wait()
+        if op.error is not None:
+            raise op.error
+        return op.result  # type: ignore[return-value]
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._pending and not self._closed:
+                    self._wake.wait()
+                batch, self._pending = self._pending, []
+                if not batch and self._closed:
+                    return
+            self._commit(batch)
+
+    def _commit(self, batch: list[_Write[Any]]) -> None:
         con = self._conn()
-        con.execute("BEGIN IMMEDIATE")
         try:
-            yield con
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        con.execute("COMMIT")
+            con.execute("BEGIN IMMEDIATE")
+            for op in batch:  # each write succeeds or fails on its own, inside the shared transaction
+                con.execute("SAVEPOINT op")
+                try:
+                    op.result = op.apply(con)
+                except Exception as err:  # handed to the caller of this write
+                    con.execute("ROLLBACK TO op")
+                    op.error = err
+                con.execute("RELEASE op")
+            con.execute("COMMIT")
+        except Exception as err:  # the transaction itself failed: nothing in it is durable
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+            for op in batch:
+                op.error = op.error or err
+        for op in batch:
+            op.done.set()
 
     def charge(self, project: str, query_id: str, canonical_hash: str, epsilon: Fraction,
                scopes: Sequence[Scope]) -> int:
@@ -167,7 +211,7 @@ class SqliteLedger:
             raise InternalBug("a charge must be positive")
         if len({(s.key, s.period_index) for s in scopes}) != len(scopes):
             raise InternalBug("a charge names the same budget twice")
-        with self._tx() as con:
+        def apply(con: sqlite3.Connection) -> int:
             if con.execute("SELECT 1 FROM charges WHERE project = ? AND query_id = ?",
                            (project, query_id)).fetchone():
                 raise QueryIdInUse(query_id)
@@ -186,24 +230,30 @@ class SqliteLedger:
             assert cur.lastrowid is not None
             return cur.lastrowid
 
+        return self._write(apply)
+
     def adopt(self, charge_id: int) -> bool:
         """Take over an orphaned reserved charge (its process died); False if someone else has it."""
-        with self._tx() as con:
+        def apply(con: sqlite3.Connection) -> bool:
             cur = con.execute("UPDATE charges SET owner = ? WHERE id = ? AND status = 'reserved' AND owner != ?",
                               (self.owner, charge_id, self.owner))
             return cur.rowcount == 1
 
+        return self._write(apply)
+
     def release(self, charge_id: int, answer: bytes) -> None:
         """See :meth:`Ledger.release`."""
-        with self._tx() as con:
+        def apply(con: sqlite3.Connection) -> None:
             cur = con.execute("UPDATE charges SET status = 'released', answer = ? WHERE id = ? AND status = 'reserved'",
                               (answer, charge_id))
             if cur.rowcount != 1:
                 raise InternalBug(f"charge {charge_id} is not reserved")
 
+        self._write(apply)
+
     def refund(self, charge_id: int) -> None:
         """See :meth:`Ledger.refund`."""
-        with self._tx() as con:
+        def apply(con: sqlite3.Connection) -> None:
             row = con.execute("SELECT epsilon, scopes FROM charges WHERE id = ? AND status = 'reserved'",
                               (charge_id,)).fetchone()
             if row is None:
@@ -215,6 +265,8 @@ class SqliteLedger:
             # free the query_id for a retry; char(1) cannot occur in a caller's (printable) query_id
             con.execute("UPDATE charges SET status = 'refunded', query_id = query_id || char(1) || id"
                         " WHERE id = ?", (charge_id,))
+
+        self._write(apply)
 
     def find(self, project: str, query_id: str) -> ChargeRecord | None:
         """See :meth:`Ledger.find`."""
@@ -240,6 +292,16 @@ class SqliteLedger:
         """Sum of every non-refunded charge (for audits and tests)."""
         rows = self._conn().execute("SELECT epsilon FROM charges WHERE status != 'refunded'").fetchall()
         return sum((Fraction(r[0]) for r in rows), Fraction(0))
+
+
+class _Write(Generic[T]):
+    """One pending write for the group-commit thread."""
+
+    def __init__(self, apply: Callable[[sqlite3.Connection], T]) -> None:
+        self.apply = apply
+        self.done = threading.Event()
+        self.result: T | None = None
+        self.error: Exception | None = None
 
 
 def _spent(con: sqlite3.Connection, key: str, period: int) -> Fraction:

@@ -522,7 +522,6 @@ def test_64_threads_on_one_ledger_never_overspend(tmp_path: Path) -> None:
         assert outcomes.count("exhausted") == 54
         assert led.state(scope) == BudgetState(Fraction(1), Fraction(1))
         assert led.total_spent() == 1
-        assert len(led._all) >= 64  # every thread used its own connection
     finally:
         led.close()
 
