@@ -67,8 +67,11 @@ class Ledger(Protocol):
     """What a site needs from a budget ledger; implementations must be atomic and durable."""
 
     def charge(self, project: str, query_id: str, canonical_hash: str, epsilon: Fraction,
-               scopes: Sequence[Scope]) -> int:
-        """Atomically check every scope has ``epsilon`` left and charge them all; durable on return."""
+               scopes: Sequence[Scope], answer: bytes | None = None) -> int:
+        """Atomically check every scope has ``epsilon`` left and charge them all; durable on return.
+
+        With ``answer``, the charge is stored released with that answer in the same transaction.
+        """
         ...
 
     def release(self, charge_id: int, answer: bytes) -> None:
@@ -205,8 +208,12 @@ class SqliteLedger:
             op.done.set()
 
     def charge(self, project: str, query_id: str, canonical_hash: str, epsilon: Fraction,
-               scopes: Sequence[Scope]) -> int:
-        """See :meth:`Ledger.charge`; raises :class:`BudgetExhausted` or :class:`QueryIdInUse`."""
+               scopes: Sequence[Scope], answer: bytes | None = None) -> int:
+        """See :meth:`Ledger.charge`; raises :class:`BudgetExhausted` or :class:`QueryIdInUse`.
+
+        With ``answer`` the charge is stored already released with it (one transaction: check, charge
+        and store); without, it is ``reserved`` until :meth:`release` or :meth:`refund`.
+        """
         if epsilon <= 0:
             raise InternalBug("a charge must be positive")
         if len({(s.key, s.period_index) for s in scopes}) != len(scopes):
@@ -223,10 +230,11 @@ class SqliteLedger:
             for scope in scopes:
                 _add(con, scope.key, scope.period_index, epsilon)
             cur = con.execute(
-                "INSERT INTO charges (project, query_id, canonical_hash, epsilon, scopes, status, owner, created)"
-                " VALUES (?, ?, ?, ?, ?, 'reserved', ?, ?)",
+                "INSERT INTO charges (project, query_id, canonical_hash, epsilon, scopes, status, owner, answer,"
+                " created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (project, query_id, canonical_hash, _text(epsilon),
-                 ";".join(f"{s.key}@{s.period_index}" for s in scopes), self.owner, time.time()))
+                 ";".join(f"{s.key}@{s.period_index}" for s in scopes),
+                 "reserved" if answer is None else "released", self.owner, answer, time.time()))
             assert cur.lastrowid is not None
             return cur.lastrowid
 

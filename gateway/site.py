@@ -31,6 +31,7 @@ from ._wire import dataset_to_wire, from_structured, rows_to_wire, to_scalar
 from .audit import AuditLog
 from .auth import Identity, Verifier
 from .errors import (
+    BudgetExhausted,
     GatewayError,
     InternalBug,
     InvalidQuery,
@@ -159,31 +160,42 @@ class SiteService(pb_grpc.GatewayServicer):
         query_id = _query_id(request.query_id)
         base.query_id = query_id
         record["query_id"] = query_id
-        charge_id = self._existing(identity.project, query_id, canonical_hash, scopes)
-        if isinstance(charge_id, pb.QueryResponse):
-            return charge_id
-        if charge_id is None:
+        orphan = self._existing(identity.project, query_id, canonical_hash, scopes)
+        if isinstance(orphan, pb.QueryResponse):
+            return orphan
+        if orphan is None:
             stored = self.state.ledger.find_answer(identity.project, canonical_hash)
             if stored is not None:
                 return self._replay(stored, query_id, scopes)
-            try:
-                charge_id = self.state.ledger.charge(identity.project, query_id, canonical_hash, epsilon, scopes)
-            except QueryIdInUse:
-                raise Unavailable(f"query_id {query_id!r} is being answered right now; retry shortly") from None
-        record["charge_id"] = charge_id
-        self._publish(identity.project, query.dataset, scopes[0])
-        try:
-            exact = live.engine.run(query)
-        except BaseException:
-            self.state.ledger.refund(charge_id)
-            self._publish(identity.project, query.dataset, scopes[0])
-            raise
+            self._precheck(epsilon, scopes)  # refuse before touching data when the budget cannot pay
+        exact = live.engine.run(query)  # a failure here has charged nothing
         rows = dp.release(plan, exact.groups, exact.components, self.state.noise, policy.suppression.min_count)
         base.rows.extend(rows_to_wire(rows, query.group_by))
         base.epsilon_charged = float(epsilon)
+        answer = base.SerializeToString()
+        # The one durable transaction: check the budget, charge it and store the answer, before the
+        # answer leaves the process. Refused here (a concurrent query spent the budget), the noisy
+        # value is discarded unseen.
+        if orphan is None:
+            try:
+                record["charge_id"] = self.state.ledger.charge(identity.project, query_id, canonical_hash, epsilon,
+                                                               scopes, answer=answer)
+            except QueryIdInUse:  # the same query_id was answered concurrently: give that answer
+                found = self.state.ledger.find(identity.project, query_id)
+                if found is None or found.answer is None or found.canonical_hash != canonical_hash:
+                    raise Unavailable(f"query_id {query_id!r} is being answered right now; retry shortly") from None
+                return self._replay(found.answer, query_id, scopes)
+        else:
+            self.state.ledger.release(orphan, answer)
+        self._publish(identity.project, query.dataset, scopes[0])
         base.budget_remaining = self._remaining(scopes)
-        self.state.ledger.release(charge_id, base.SerializeToString())
         return base
+
+    def _precheck(self, epsilon: Fraction, scopes: list[Scope]) -> None:
+        for scope in scopes:
+            state = self.state.ledger.state(scope)
+            if state.spent + epsilon > scope.limit:
+                raise BudgetExhausted(scope.dataset, epsilon, state.remaining, scope.resets_at, scope.label)
 
     def _parse(self, request: pb.QueryRequest, identity: Identity) -> ParsedQuery:
         body = request.WhichOneof("body")
