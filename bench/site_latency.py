@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
@@ -119,24 +120,24 @@ def _measure(client: Client, raw: duckdb.DuckDBPyConnection, gw_sql: str, raw_sq
     return statistics.median(gw_times) * 1000, statistics.median(raw_times) * 1000
 
 
-def _throughput(port: int, token: str, seconds: float, size: int) -> dict[str, float]:
-    done, counts, errors = threading.Event(), [0] * 8, [0] * 8
+CLIENTS = 8
+
+
+def _run_clients(seconds: float, step: Callable[[int, int], None]) -> tuple[list[int], list[int], float]:
+    """Run ``step(worker, i)`` in CLIENTS threads for ``seconds``: (ok counts, error counts, elapsed)."""
+    done, counts, errors = threading.Event(), [0] * CLIENTS, [0] * CLIENTS
 
     def worker(w: int) -> None:
-        with Client(f"127.0.0.1:{port}", token=token) as client:
-            i = 0
-            while not done.is_set():
-                i += 1
-                try:
-                    # the same work as the latency "count" case; a distinct epsilon per request makes every
-                    # canonical query distinct, so no stored answer is reused
-                    client.query(f"SELECT count(*) FROM patients WHERE age_at_diagnosis >= {18 + i % 80}",
-                                 epsilon=1e-4 + w * 1e-6 + i * 1e-11, query_id=f"tp-{w}-{i}-{time.time_ns()}")
-                    counts[w] += 1
-                except Exception:  # count, do not hide
-                    errors[w] += 1
+        i = 0
+        while not done.is_set():
+            i += 1
+            try:
+                step(w, i)
+                counts[w] += 1
+            except Exception:  # count, do not hide
+                errors[w] += 1
 
-    threads = [threading.Thread(target=worker, args=(w,)) for w in range(8)]
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(CLIENTS)]
     start = time.perf_counter()
     for t in threads:
         t.start()
@@ -144,33 +145,36 @@ def _throughput(port: int, token: str, seconds: float, size: int) -> dict[str, f
     done.set()
     for t in threads:
         t.join()
-    elapsed = time.perf_counter() - start
-    return {"rows": size, "clients": 8, "seconds": elapsed, "queries": sum(counts), "errors": sum(errors),
+    return counts, errors, time.perf_counter() - start
+
+
+def _throughput(port: int, token: str, seconds: float, size: int) -> dict[str, float]:
+    clients = [Client(f"127.0.0.1:{port}", token=token) for _ in range(CLIENTS)]
+
+    def step(w: int, i: int) -> None:
+        # the same work as the latency "count" case; a distinct epsilon per request makes every
+        # canonical query distinct, so no stored answer is reused
+        clients[w].query(f"SELECT count(*) FROM patients WHERE age_at_diagnosis >= {18 + i % 80}",
+                         epsilon=1e-4 + w * 1e-6 + i * 1e-11, query_id=f"tp-{w}-{i}-{time.time_ns()}")
+
+    counts, errors, elapsed = _run_clients(seconds, step)
+    for client in clients:
+        client.close()
+    return {"rows": size, "clients": CLIENTS, "seconds": elapsed, "queries": sum(counts), "errors": sum(errors),
             "qps": sum(counts) / elapsed, "distinct": True}
 
 
 def _raw_throughput(data: Path, seconds: float) -> float:
     """The same count queries straight on DuckDB from 8 threads: the machine's ceiling for this work."""
-    done, counts = threading.Event(), [0] * 8
     con = duckdb.connect(str(data), read_only=True)
+    cursors = [con.cursor() for _ in range(CLIENTS)]
 
-    def worker(w: int) -> None:
-        cursor, i = con.cursor(), 0
-        while not done.is_set():
-            i += 1
-            cursor.execute(f"SELECT count(*) FROM patients WHERE age_at_diagnosis >= {18 + i % 80}").fetchall()
-            counts[w] += 1
+    def step(w: int, i: int) -> None:
+        cursors[w].execute(f"SELECT count(*) FROM patients WHERE age_at_diagnosis >= {18 + i % 80}").fetchall()
 
-    threads = [threading.Thread(target=worker, args=(w,)) for w in range(8)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    time.sleep(seconds)
-    done.set()
-    for t in threads:
-        t.join()
+    counts, _errors, elapsed = _run_clients(seconds, step)
     con.close()
-    return sum(counts) / (time.perf_counter() - start)
+    return sum(counts) / elapsed
 
 
 if __name__ == "__main__":

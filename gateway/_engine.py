@@ -67,6 +67,7 @@ class Engine:
         self._prepared: dict[str, _Prepared] = {}
         self._attached: dict[Path, tuple[str, tuple[int, int]]] = {}
         self._aliases = itertools.count()
+        self._resolved: dict[str, Path] = {}
 
     def close(self) -> None:
         """Release the DuckDB connection and delete the working file (idempotent)."""
@@ -117,7 +118,9 @@ class Engine:
         source = dataset.source
         target = source.database if source.database is not None else source.parquet
         assert target is not None
-        path = self._loaded.resolve(target)
+        path = self._resolved.get(target)
+        if path is None:  # resolving touches the file system: once per source, not per query
+            path = self._resolved[target] = self._loaded.resolve(target)
         try:
             paths = [path] if path.exists() else sorted(path.parent.glob(path.name))
             return tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in paths)
