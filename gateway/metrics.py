@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-OUTCOMES = ("ok", "cached", "dry_run", "budget_exhausted", "denied", "invalid", "unauthenticated", "error")
-
 
 class SiteMetrics:
     """The site gateway's metrics."""

@@ -19,8 +19,6 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-AGGREGATES = ("count", "sum", "mean")
-ROLES = ("filter", "group_by", "aggregate")
 _NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
 
 
