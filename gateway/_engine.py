@@ -25,7 +25,7 @@ from pathlib import Path
 import duckdb
 
 from .errors import FailedPrecondition
-from .policy import Column, Dataset, LoadedPolicy
+from .policy import MAX_SOURCE_ROWS, Column, Dataset, LoadedPolicy
 from .query import Aggregate, Filter, Query, Scalar
 
 log = logging.getLogger("gateway.engine")
@@ -152,10 +152,14 @@ class Engine:
             source = self._source(dataset)
             unit = quote(dataset.privacy_unit)
             columns = ", ".join(quote(c) for c in dataset.columns)
-            unique = self._con.execute(
-                f"SELECT count(*) = count(DISTINCT {unit}) AND count({unit}) = count(*) FROM {source}"
-            ).fetchone()
-            if unique is not None and unique[0]:
+            rows, unique = self._con.execute(
+                f"SELECT count(*), count(*) = count(DISTINCT {unit}) AND count({unit}) = count(*) FROM {source}"
+            ).fetchone() or (0, False)
+            if rows > MAX_SOURCE_ROWS:
+                # the policy's bounds keep sums inside 64 bits only up to this many rows
+                raise FailedPrecondition(f"dataset {name!r} has more than 2^31 rows, more than the site can sum "
+                                         "exactly; ask the site operator")
+            if unique:
                 return _Prepared(source, fingerprint, bounded=False)
             snapshot = quote(f"bounded_{name}")
             self._con.execute(
@@ -242,19 +246,22 @@ def _aggregate_sql(agg: Aggregate, dataset: Dataset, params: list[object]) -> li
 
 
 def _fixed_point(name: str, column: Column, params: list[object]) -> str:
-    """The clamped value scaled to an integer, so sums are exact and within the declared bounds."""
-    assert column.bounds is not None
-    low, high = column.bounds
-    if column.type == "integer" and column.scale_digits == 0 and low.is_integer() and high.is_integer():
-        # integers at unit precision: clamping alone gives the fixed-point value (and is ~4x faster)
-        params += [int(low), int(low), int(high), int(high)]
-        column_sql = quote(name)
-        return (f"CAST(CASE WHEN {column_sql} < ? THEN ? WHEN {column_sql} > ? THEN ? ELSE {column_sql} END"
-                " AS BIGINT)")
-    params += [low, low, high, high, 10 ** column.scale_digits]
-    value = f"CAST({quote(name)} AS DOUBLE)"
+    """The value scaled to fixed point, rounded, and clamped *as an integer* to ``column.fixed_bounds``.
+
+    Clamping after rounding, against the integers the DP layer sizes its noise from, makes the
+    sensitivity exact by construction, whatever rounding rule DuckDB uses (half away from zero,
+    where Python rounds half to even: clamping before rounding once let a row add one unit more).
+    """
+    low, high = column.fixed_bounds
+    if column.type == "integer" and column.scale_digits == 0:
+        # integers at unit precision are already fixed-point: clamping alone (about 4x faster)
+        value = quote(name)
+    else:
+        # |bounds| <= 2^31 (policy check), so these are exact integers in a double
+        value = f"round(CAST({quote(name)} AS DOUBLE) * {column.unit})"
+    params += [low, low, high, high]
     # CASE rather than least/greatest: same result, about twice as fast in DuckDB
-    return f"CAST(round(CASE WHEN {value} < ? THEN ? WHEN {value} > ? THEN ? ELSE {value} END * ?) AS BIGINT)"
+    return f"CAST(CASE WHEN {value} < ? THEN ? WHEN {value} > ? THEN ? ELSE {value} END AS BIGINT)"
 
 
 def _filter_sql(f: Filter, params: list[object]) -> str:

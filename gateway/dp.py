@@ -7,8 +7,9 @@ adds the noise, with input distance = the L1 sensitivity derived from the policy
 epsilon it is charged, and measurements are built once per (scale) and reused.
 
 Sensitivities, for the add/remove-one-patient neighbouring relation, k = max rows per patient:
-  count vector over public groups: k;  sum of a column clamped to [L, U] at fixed point 10^-d:
-  k * max(|round(L*10^d)|, |round(U*10^d)|);  mean = noisy sum / noisy count, half of its epsilon each.
+  count vector over public groups: k;  sum of a column whose scaled, rounded values are clamped as
+  integers to ``Column.fixed_bounds`` [l, u] (the declared bounds times 10^d, rounded inward):
+  k * max(|l|, |u|);  mean = noisy sum / noisy count, half of its epsilon each.
 """
 
 from __future__ import annotations
@@ -115,14 +116,15 @@ def plan_query(query: Query, dataset: Dataset, epsilon: Fraction) -> Plan:
             continue
         assert agg.column is not None
         column = dataset.columns[agg.column]
-        assert column.bounds is not None
-        unit = 10 ** column.scale_digits
-        bound = max(abs(round(column.bounds[0] * unit)), abs(round(column.bounds[1] * unit)))
+        unit = column.unit
+        # the engine clamps each scaled integer to exactly column.fixed_bounds: no row adds more than this
+        sensitivity = k * column.max_contribution
         if agg.function == "sum":
-            parts: tuple[Component, ...] = (_component("sum", k * max(bound, 1), share, unit),)
+            parts: tuple[Component, ...] = (_component("sum", sensitivity, share, unit),)
         else:
-            parts = (_component("sum", k * max(bound, 1), share / 2, unit), _component("count", k, share / 2, 1))
-        plans.append(AggregatePlan(agg, parts, column.bounds, share))
+            parts = (_component("sum", sensitivity, share / 2, unit), _component("count", k, share / 2, 1))
+        low, high = column.fixed_bounds
+        plans.append(AggregatePlan(agg, parts, (low / unit, high / unit), share))
     return Plan(tuple(plans), epsilon)
 
 

@@ -8,6 +8,7 @@ the field (:class:`PolicyFileError`). Relative data paths resolve against the po
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +21,10 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 _NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
+# Sums are exact 64-bit integers. A table may hold up to 2^31 rows; with every row's fixed-point value
+# at most 2^31 in magnitude, a sum stays below 2^62 (headroom for the noise, which OpenDP adds in i64).
+MAX_SOURCE_ROWS = 1 << 31
+MAX_FIXED_BOUND = 1 << 31
 
 
 def to_fraction(value: Any) -> Fraction:
@@ -73,8 +78,8 @@ class Column(_Model):
                 raise ValueError("a string column cannot have the aggregate role")
             if self.bounds is None:
                 raise ValueError("an aggregate column needs bounds: [lower, upper]")
-        if self.bounds is not None and not self.bounds[0] < self.bounds[1]:
-            raise ValueError("bounds must be [lower, upper] with lower < upper")
+        if self.bounds is not None:
+            self._check_bounds(self.bounds)
         if "group_by" in self.roles and not self.public_keys:
             raise ValueError("a group_by column needs its public keys (keys: [...] or keys: {range: [a, b]})")
         for key in self.public_keys:
@@ -91,12 +96,52 @@ class Column(_Model):
             return tuple(range(self.keys.range[0], self.keys.range[1] + 1))
         return self.keys or ()
 
+    def _check_bounds(self, bounds: tuple[float, float]) -> None:
+        low, high = bounds
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError("bounds must be finite numbers")
+        if not low < high:
+            raise ValueError("bounds must be [lower, upper] with lower < upper")
+        fixed_low, fixed_high = self.fixed_bounds
+        digits = self.scale_digits
+        if fixed_low >= fixed_high:
+            raise ValueError(f"bounds [{low:g}, {high:g}] hold fewer than two values at precision {digits} "
+                             f"(steps of {10.0 ** -digits:g}); widen the bounds or raise precision")
+        if max(-fixed_low, fixed_high) > MAX_FIXED_BOUND:
+            raise ValueError(f"bounds [{low:g}, {high:g}] at precision {digits} are too large: sums over a "
+                             f"table of up to 2^31 rows could overflow 64-bit integers; narrow the bounds "
+                             f"or lower precision (|bound| x 10^precision must be at most 2^31)")
+
     @property
     def scale_digits(self) -> int:
         """Decimal digits kept when summing this column as fixed-point integers."""
         if self.precision >= 0:
             return self.precision
         return 0 if self.type == "integer" else 2
+
+    @property
+    def unit(self) -> int:
+        """Fixed-point units per 1 of the column's value (10^scale_digits)."""
+        return int(10 ** self.scale_digits)
+
+    @property
+    def fixed_bounds(self) -> tuple[int, int]:
+        """The clamping bounds as integers in units of 1/:attr:`unit`, rounded inward (exact decimals).
+
+        The one definition of what a row can contribute to a sum: the engine clamps every scaled,
+        rounded value to exactly these integers, and the DP layer sizes the noise from them. Inward
+        rounding keeps every contribution inside the declared bounds.
+        """
+        if self.bounds is None:
+            raise ValueError("a column without bounds has no fixed-point bounds")
+        low, high = (to_fraction(b) * self.unit for b in self.bounds)
+        return -(-low.numerator // low.denominator), high.numerator // high.denominator  # ceil, floor
+
+    @property
+    def max_contribution(self) -> int:
+        """The largest |fixed-point value| one row can add to a sum of this column."""
+        low, high = self.fixed_bounds
+        return max(abs(low), abs(high))
 
 
 def _key_fits(kind: str, key: object) -> bool:

@@ -140,6 +140,12 @@ def test_to_fraction_rejects_non_numbers(value: object) -> None:
      ["17: datasets.patients.columns.age: bounds must be [lower, upper] with lower < upper"]),
     ("bounds_equal", BASE.replace("bounds: [18, 99]", "bounds: [5, 5]"),
      ["17: datasets.patients.columns.age: bounds must be [lower, upper] with lower < upper"]),
+    ("bounds_infinite", BASE.replace("bounds: [18, 99]", "bounds: [0, .inf]"),
+     ["17: datasets.patients.columns.age: bounds must be finite numbers"]),
+    ("bounds_overflow", BASE.replace("bounds: [18, 99]", "bounds: [0, 1e12]"),
+     ["17: datasets.patients.columns.age: bounds [0, 1e+12] at precision 0 are too large: sums over a table of "
+      "up to 2^31 rows could overflow 64-bit integers; narrow the bounds or lower precision "
+      "(|bound| x 10^precision must be at most 2^31)"]),
     ("string_keys_are_ints", BASE.replace("keys: [F, M]", "keys: [1, 2]"),
      ["13: datasets.patients.columns.sex: key 1 is not a string"]),
     ("integer_keys_are_strings", BASE.replace("keys: {range: [18, 99]}", "keys: [a, b]"),

@@ -1,0 +1,134 @@
+"""Sums on fixed-point integers: no row ever contributes more than the noise is sized for.
+
+A bound times 10^precision that ends in .5 once let a clamped row add one unit more than the
+sensitivity (Python rounds half to even, DuckDB half away from zero): the true epsilon was up to
+1.5x the charge. The fix clamps the scaled, rounded integer against ``Column.fixed_bounds``, the
+same integers the DP layer reads; these tests hold the engine's SQL to that, for any bounds.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import duckdb
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from gateway import dp
+from gateway._engine import build_sql, quote
+from gateway.policy import MAX_FIXED_BOUND, Column, Dataset, Source
+from gateway.query import Aggregate, Query
+from tests.conftest import ExactNoise, write_policy
+from tests.test_site import client, exact
+
+
+def _dataset(column: Column, rows: int, k: int = 1) -> Dataset:
+    return Dataset(source=Source(database="x.duckdb", table="t"), privacy_unit="pid", max_rows_per_unit=k,
+                   columns={"x": column, "i": Column(type="integer", roles=("group_by",), keys=tuple(range(rows)))})
+
+
+def _adversarial(column: Column) -> list[float]:
+    """Values at, beyond and half a unit around every bound, and far outside them."""
+    assert column.bounds is not None
+    unit = column.unit
+    low, high = column.bounds
+    fixed_low, fixed_high = column.fixed_bounds
+    edges = [low, high, fixed_low / unit, fixed_high / unit]
+    values = [e + d / unit for e in edges for d in (-1.5, -1, -0.5, -0.25, 0, 0.25, 0.5, 1, 1.5)]
+    values += [math.nextafter(e, s) for e in edges for s in (-math.inf, math.inf)]
+    values += [0.0, 1e15, -1e15, math.inf, -math.inf]
+    if column.type == "integer":
+        return sorted({float(round(v)) for v in values if math.isfinite(v)})
+    return values
+
+
+def per_row_contributions(column: Column, values: list[float]) -> list[int]:
+    """The engine's own SQL for ``sum(x)``, grouped so that each row is its own group."""
+    dataset = _dataset(column, len(values))
+    query = Query("d", (Aggregate("sum", "x"),), group_by=("i",))
+    sql, params, _groups = build_sql(query, dataset, "t")
+    con = duckdb.connect()
+    sql_type = "BIGINT" if column.type == "integer" else "DOUBLE"
+    con.execute(f"CREATE TABLE t (i BIGINT, pid BIGINT, {quote('x')} {sql_type})")
+    con.executemany("INSERT INTO t VALUES (?, ?, ?)",
+                    [(i, i, int(v) if column.type == "integer" else v) for i, v in enumerate(values)])
+    got = dict(con.execute(sql, params).fetchall())
+    return [int(got[i]) for i in range(len(values))]
+
+
+@st.composite
+def columns(draw: st.DrawFn) -> Column:
+    kind = draw(st.sampled_from(["integer", "float"]))
+    precision = draw(st.integers(-1, 6))
+    # bounds on a grid of halves and quarters at the column's precision hit the rounding ties
+    step = Fraction(1, 4 * 10 ** max(precision, 0))
+    low = draw(st.integers(-4000, 4000)) * step * draw(st.sampled_from([1, 10, 1000]))
+    width = draw(st.integers(1, 8000)) * step * draw(st.sampled_from([1, 10, 1000]))
+    try:
+        return Column(type=kind, roles=("aggregate",), bounds=(float(low), float(low + width)), precision=precision)
+    except ValidationError:
+        assume(False)
+        raise
+
+
+@settings(max_examples=150, deadline=None)
+@given(columns())
+def test_no_row_contributes_more_than_the_sensitivity(column: Column) -> None:
+    k = 3
+    plan = dp.plan_query(Query("d", (Aggregate("sum", "x"),)), _dataset(column, 1, k), Fraction(1))
+    sensitivity_per_row = plan.aggregates[0].components[0].sensitivity / k
+    contributions = per_row_contributions(column, _adversarial(column))
+    low, high = column.fixed_bounds
+    assert all(low <= c <= high for c in contributions)
+    assert max(abs(c) for c in contributions) <= sensitivity_per_row
+    # and the bound is tight: a row at the declared upper bound reaches the fixed-point upper bound
+    assert high in contributions
+
+
+@pytest.mark.parametrize(("bounds", "precision", "expected"), [
+    ((0, 2.5), 0, (0, 2)),       # the reported case: Python's round(2.5) == 2, DuckDB's round(2.5) == 3
+    ((0, 0.25), 1, (0, 2)),
+    ((-2.5, 2.5), 0, (-2, 2)),
+    ((0.1, 0.7), 1, (1, 7)),     # decimal meaning: 0.1 is one tenth, not the float just above it
+    ((15, 50), 1, (150, 500)),
+])
+def test_fixed_bounds_round_inward_exactly(bounds, precision, expected) -> None:
+    column = Column(type="float", roles=("aggregate",), bounds=bounds, precision=precision)
+    assert column.fixed_bounds == expected
+    contributions = per_row_contributions(column, [bounds[1], bounds[1] + 0.5, bounds[0] - 0.5, 1e12])
+    assert max(contributions) == expected[1]
+    assert min(contributions) >= expected[0]
+
+
+@pytest.mark.parametrize(("bounds", "precision", "reason"), [
+    ((0, math.inf), 0, "bounds must be finite numbers"),
+    ((-math.inf, 0), 0, "bounds must be finite numbers"),
+    ((0, math.nan), 0, "bounds must be finite numbers"),
+    ((0.1, 0.4), 0, "hold fewer than two values at precision 0"),
+    ((0, MAX_FIXED_BOUND + 1), 0, "could overflow 64-bit integers"),
+    ((0, 1e6), 6, "could overflow 64-bit integers"),
+])
+def test_bounds_that_cannot_be_summed_exactly_are_refused(bounds, precision, reason) -> None:
+    with pytest.raises(ValidationError, match=reason):
+        Column(type="float", roles=("aggregate",), bounds=bounds, precision=precision)
+
+
+def test_a_half_unit_bound_charges_what_a_row_can_add_through_the_site(start_site, token, site_data, tmp_path):
+    # bmi bounded at 20.25 with precision 1: a row above it adds 20.2 (202 units), never 20.3
+    folder = tmp_path / "halves"
+    folder.mkdir()
+    policy = write_policy(folder, site_data)
+    policy.write_text(policy.read_text().replace(
+        "      bmi:\n        type: float\n        roles: [aggregate]\n        bounds: [15, 50]",
+        "      bmi:\n        type: float\n        roles: [filter, aggregate]\n        bounds: [15, 20.25]"))
+    site = start_site(noise=ExactNoise(), policy=policy)
+    (above,), = exact(site_data, "SELECT count(*) FROM patients WHERE bmi >= 20.3")
+    assert above > 10
+    with client(site, token) as c:
+        result = c.query("SELECT sum(bmi) FROM patients WHERE bmi >= 20.3", epsilon=1)
+    estimate = result.response.rows[0].estimates[0]
+    assert estimate.value == pytest.approx(20.2 * above)
+    assert estimate.noise_scale == pytest.approx(202 / 1 / 10)  # sensitivity 202 units, in units of 0.1
