@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from gateway.client import Client
-from gateway.network import start_network
+from gateway.demo.network import start_network
 
 ROOT = Path(__file__).resolve().parent.parent
 # same work, different canonical queries: the direct and the broker query must not share a stored answer

@@ -25,7 +25,7 @@ import duckdb
 
 from gateway.auth import generate_dev_key, mint_dev_token
 from gateway.client import Client
-from gateway.synth import synthesize
+from gateway.demo.synth import synthesize
 
 ROOT = Path(__file__).resolve().parent.parent
 BUDGET = 'budgets:\n  - project: "bench"\n    epsilon: 100000000\n    period: never\n'

@@ -1,12 +1,10 @@
-"""gRPC server plumbing shared by site and broker: health, reflection, TLS/mTLS, loopback rule."""
+"""gRPC server plumbing shared by site and broker: health, reflection, TLS/mTLS, the loopback rule."""
 
 from __future__ import annotations
 
 import ipaddress
 import logging
 from concurrent import futures
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -14,18 +12,10 @@ from grpc_reflection.v1alpha import reflection
 
 from ._proto.gateway.v1 import gateway_pb2 as pb
 from ._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
+from ._transport import Tls, server_credentials
 
 log = logging.getLogger("gateway.server")
 SERVICE = pb.DESCRIPTOR.services_by_name["Gateway"].full_name
-
-
-@dataclass(frozen=True)
-class TlsFiles:
-    """Server certificate and key; with ``client_ca`` every client must present a certificate (mTLS)."""
-
-    cert: Path
-    key: Path
-    client_ca: Path | None = None
 
 
 def is_loopback(host: str) -> bool:
@@ -38,7 +28,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def make_server(servicer: pb_grpc.GatewayServicer, host: str, port: int, tls: TlsFiles | None,
+def make_server(servicer: pb_grpc.GatewayServicer, host: str, port: int, tls: Tls | None,
                 max_workers: int = 16) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A started gRPC server serving ``servicer`` with health checking and reflection.
 
@@ -57,11 +47,7 @@ def make_server(servicer: pb_grpc.GatewayServicer, host: str, port: int, tls: Tl
         bound = server.add_insecure_port(address)
         log.warning("serving PLAINTEXT on %s:%s (loopback development only)", host, bound)
     else:
-        creds = grpc.ssl_server_credentials(
-            [(tls.key.read_bytes(), tls.cert.read_bytes())],
-            root_certificates=tls.client_ca.read_bytes() if tls.client_ca else None,
-            require_client_auth=tls.client_ca is not None)
-        bound = server.add_secure_port(address, creds)
+        bound = server.add_secure_port(address, server_credentials(tls))
     if bound == 0:
         raise OSError(f"cannot bind {address}")
     server.start()

@@ -154,12 +154,13 @@ def _target_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from .client import Client, ClientTls
+    from ._transport import Tls
+    from .client import Client
 
     token = args.token or os.environ.get("GATEWAY_TOKEN")
     if not token:
         raise UserError("no token: pass --token or set GATEWAY_TOKEN (see 'gateway token mint --help')")
-    tls = ClientTls(args.ca, args.cert, args.key) if args.ca else None
+    tls = Tls(args.ca, args.cert, args.key) if args.ca else None
     return Client(args.target, token=token, tls=tls)
 
 
@@ -174,7 +175,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from .synth import synthesize
+    from .demo.synth import synthesize
 
     if args.patients < 1:
         raise UserError("--patients must be at least 1")
@@ -185,7 +186,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _site_serve(args: argparse.Namespace) -> int:
-    from ._server import TlsFiles
+    from ._transport import Tls
     from .auth import DEV_AUDIENCE, DEV_ISSUER, AuthConfig, Verifier
     from .metrics import SiteMetrics, serve_metrics
     from .policy import PolicyFileError
@@ -197,7 +198,7 @@ def _site_serve(args: argparse.Namespace) -> int:
         raise UserError("--tls-cert and --tls-key go together")
     config = AuthConfig.from_files(args.trusted_key, args.jwks, args.issuer or DEV_ISSUER,
                                    args.audience or DEV_AUDIENCE)
-    tls = TlsFiles(args.tls_cert, args.tls_key, args.client_ca) if args.tls_cert else None
+    tls = Tls(args.client_ca, args.tls_cert, args.tls_key) if args.tls_cert else None
     options = SiteOptions(args.policy, args.state_dir, Verifier(config), args.host, args.port, tls,
                           tuple(args.allow_peer))
     metrics = SiteMetrics()
@@ -219,7 +220,7 @@ def _site_serve(args: argparse.Namespace) -> int:
 
 
 def _broker_serve(args: argparse.Namespace) -> int:
-    from ._server import TlsFiles
+    from ._transport import Tls
     from .broker import build_broker_server, load_broker_config
     from .metrics import BrokerMetrics, serve_metrics
 
@@ -227,8 +228,8 @@ def _broker_serve(args: argparse.Namespace) -> int:
         raise UserError("--tls-cert and --tls-key go together")
     config = load_broker_config(args.config)
     metrics = BrokerMetrics()
-    tls = TlsFiles(args.tls_cert, args.tls_key) if args.tls_cert else None
-    broker = build_broker_server(config, args.config.resolve().parent, args.host, args.port, tls, metrics)
+    tls = Tls(cert=args.tls_cert, key=args.tls_key) if args.tls_cert else None
+    broker = build_broker_server(config, args.host, args.port, tls, metrics)
     if args.metrics_port is not None:
         port = serve_metrics(args.metrics_port, metrics.registry)
         print(f"metrics on http://127.0.0.1:{port}/metrics", flush=True)

@@ -20,8 +20,6 @@ import math
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -29,21 +27,12 @@ import polars as pl
 
 from ._proto.gateway.v1 import gateway_pb2 as pb
 from ._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
+from ._transport import Tls, open_channel
 from ._wire import to_value
 from .errors import GatewayError, error_from_status
 
 T = TypeVar("T")
 StructuredSpec = Mapping[str, Any]
-
-
-@dataclass(frozen=True)
-class ClientTls:
-    """CA to trust and, for mTLS, this client's certificate and key."""
-
-    ca: Path
-    cert: Path | None = None
-    key: Path | None = None
-    server_name: str | None = None
 
 
 class QueryResult:
@@ -112,17 +101,10 @@ def _frame(group_by: Sequence[str], rows: Sequence[pb.ResultRow]) -> pl.DataFram
 class Client:
     """Talks gateway.v1 to one target (a site or a broker)."""
 
-    def __init__(self, target: str, token: str | None = None, tls: ClientTls | None = None,
+    def __init__(self, target: str, token: str | None = None, tls: Tls | None = None,
                  timeout: float = 60.0, retries: int = 3) -> None:
         self.target, self.token, self.timeout, self.retries = target, token, timeout, retries
-        if tls is None:
-            self._channel = grpc.insecure_channel(target)
-        else:
-            creds = grpc.ssl_channel_credentials(
-                tls.ca.read_bytes(), tls.key.read_bytes() if tls.key else None,
-                tls.cert.read_bytes() if tls.cert else None)
-            options = [("grpc.ssl_target_name_override", tls.server_name)] if tls.server_name else []
-            self._channel = grpc.secure_channel(target, creds, options=options)
+        self._channel = open_channel(target, tls)
         self._stub = pb_grpc.GatewayStub(self._channel)
 
     def __enter__(self) -> Client:

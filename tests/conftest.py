@@ -13,9 +13,9 @@ from prometheus_client import CollectorRegistry
 from gateway import dp
 from gateway._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.auth import AuthConfig, Verifier, generate_dev_key, mint_dev_token
+from gateway.demo.synth import synthesize
 from gateway.metrics import SiteMetrics
 from gateway.site import RunningSite, SiteOptions, build_site_server
-from gateway.synth import synthesize
 
 ROOT = Path(__file__).resolve().parent.parent
 PATIENTS = 4000

@@ -19,10 +19,10 @@ from prometheus_client import CollectorRegistry
 
 from gateway.broker import BrokerConfig, SiteEntry, build_broker_server, load_broker_config
 from gateway.client import Client
+from gateway.demo.network import start_network
 from gateway.errors import InvalidQuery, RemoteBudgetExhausted, Unavailable
 from gateway.ledger import SqliteLedger
 from gateway.metrics import BrokerMetrics
-from gateway.network import start_network
 
 
 @pytest.fixture
@@ -31,7 +31,7 @@ def start_broker(tmp_path):
 
     def start(sites, **config):
         entries = [SiteEntry(name=name, address=f"127.0.0.1:{site.port}") for name, site in sites.items()]
-        broker = build_broker_server(BrokerConfig(sites=tuple(entries), **config), tmp_path,
+        broker = build_broker_server(BrokerConfig(sites=tuple(entries), **config),
                                      metrics=BrokerMetrics(CollectorRegistry()))
         started.append(broker)
         return broker
@@ -218,6 +218,19 @@ def test_broker_config_validation(tmp_path):
     path.write_text("sites:\n  - {name: a, address: '127.0.0.1:1', colour: red}\n")
     with pytest.raises(ValueError, match="Extra inputs"):
         load_broker_config(path)
+    path.write_text("sites:\n  - {name: a, address: 'h:1', tls: {ca: ca.pem, colour: red}}\n")
+    with pytest.raises(ValueError, match="colour"):
+        load_broker_config(path)
+    path.write_text("sites:\n  - {name: a, address: 'h:1', tls: {ca: ca.pem, cert: b.pem}}\n")
+    with pytest.raises(ValueError, match="both cert and key"):
+        load_broker_config(path)
+    path.write_text("sites:\n  - {name: a, address: 'h:1', tls: {cert: b.pem, key: b.key}}\n")
+    with pytest.raises(ValueError, match="tls needs ca"):
+        load_broker_config(path)
+    path.write_text("sites:\n  - {name: a, address: 'h:1', tls: {ca: pki/ca.pem, cert: b.pem, key: /abs/b.key}}\n")
+    tls = load_broker_config(path).sites[0].tls
+    assert tls is not None
+    assert (tls.ca, tls.cert, tls.key) == (tmp_path / "pki" / "ca.pem", tmp_path / "b.pem", Path("/abs/b.key"))
 
 
 def test_unreachable_broker_is_typed(token):

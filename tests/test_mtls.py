@@ -14,10 +14,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from prometheus_client import CollectorRegistry
 
-from gateway._server import TlsFiles
+from gateway._transport import Tls
 from gateway.auth import AuthConfig, Verifier
-from gateway.broker import BrokerConfig, SiteEntry, SiteTls, build_broker_server
-from gateway.client import Client, ClientTls
+from gateway.broker import BrokerConfig, SiteEntry, build_broker_server
+from gateway.client import Client
 from gateway.errors import PermissionDenied, Unavailable
 from gateway.metrics import BrokerMetrics, SiteMetrics
 from gateway.site import SiteOptions, build_site_server
@@ -56,21 +56,21 @@ def test_broker_reaches_site_over_mtls_and_site_checks_peer_name(pki, tmp_path, 
     folder.mkdir()
     site = build_site_server(
         SiteOptions(write_policy(folder, site_data), folder / "state", Verifier(AuthConfig.from_files([keys[1]])),
-                    tls=TlsFiles(pki / "site.pem", pki / "site.key", pki / "ca.pem"), allowed_peers=("broker",)),
+                    tls=Tls(pki / "ca.pem", pki / "site.pem", pki / "site.key"), allowed_peers=("broker",)),
         SiteMetrics(CollectorRegistry()))
     broker = build_broker_server(
         BrokerConfig(sites=(SiteEntry(name="north", address=f"localhost:{site.port}",
-                                      tls=SiteTls(ca="ca.pem", cert="broker.pem", key="broker.key")),)),
-        pki, metrics=BrokerMetrics(CollectorRegistry()))
+                                      tls=Tls(pki / "ca.pem", pki / "broker.pem", pki / "broker.key")),)),
+        metrics=BrokerMetrics(CollectorRegistry()))
     try:
         with Client(f"127.0.0.1:{broker.port}", token=token()) as c:
             result = c.query("SELECT stage, count(*) FROM patients GROUP BY stage", epsilon=0.2)
         assert result.sites == ["north"] and len(result.to_polars()) == 4
-        intruder = ClientTls(pki / "ca.pem", pki / "intruder.pem", pki / "intruder.key", server_name="localhost")
+        intruder = Tls(pki / "ca.pem", pki / "intruder.pem", pki / "intruder.key", server_name="localhost")
         with Client(f"localhost:{site.port}", token=token(), tls=intruder, retries=0) as c, \
                 pytest.raises(PermissionDenied, match="client certificate"):
             c.query("SELECT count(*) FROM patients")
-        no_cert = ClientTls(pki / "ca.pem", server_name="localhost")
+        no_cert = Tls(pki / "ca.pem", server_name="localhost")
         with Client(f"localhost:{site.port}", token=token(), tls=no_cert, retries=0, timeout=5) as c, \
                 pytest.raises(Unavailable):
             c.query("SELECT count(*) FROM patients")

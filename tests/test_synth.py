@@ -9,7 +9,7 @@ from typing import Any
 import duckdb
 import pytest
 
-from gateway.synth import SITE_PROFILES, SiteProfile, SynthSummary, synthesize
+from gateway.demo.synth import SITE_PROFILES, SiteProfile, SynthSummary, synthesize
 
 PATIENT_SCHEMA = [
     ("patient_id", "BIGINT"),

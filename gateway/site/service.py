@@ -21,16 +21,16 @@ from typing import TypeVar
 
 import grpc
 
-from . import dp
-from ._engine import product_of_keys
-from ._proto.gateway.v1 import gateway_pb2 as pb
-from ._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
-from ._reload import Live, PolicyWatcher, load_live
-from ._sqlfront import parse_sql
-from ._wire import dataset_to_wire, from_structured, rows_to_wire, to_scalar
-from .audit import AuditLog
-from .auth import Identity, Verifier
-from .errors import (
+from .. import dp
+from .._engine import product_of_keys
+from .._proto.gateway.v1 import gateway_pb2 as pb
+from .._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
+from .._sqlfront import parse_sql
+from .._transport import Tls
+from .._wire import dataset_to_wire, from_structured, rows_to_wire, to_scalar
+from ..audit import AuditLog
+from ..auth import Identity, Verifier
+from ..errors import (
     BudgetExhausted,
     GatewayError,
     InternalBug,
@@ -40,12 +40,13 @@ from .errors import (
     QueryIdConflict,
     Unavailable,
 )
-from .ledger import QueryIdInUse, Scope, SqliteLedger
-from .metrics import SiteMetrics
-from .policy import BudgetRule, Dataset, period_window, to_fraction
-from .query import Query as ParsedQuery
-from .query import Scalar, check_query, dataset_of
-from .templates import resolve_template
+from ..ledger import QueryIdInUse, Scope, SqliteLedger
+from ..metrics import SiteMetrics
+from ..policy import BudgetRule, Dataset, period_window, to_fraction
+from ..query import Query as ParsedQuery
+from ..query import Scalar, check_query, dataset_of
+from ..templates import resolve_template
+from ._reload import Live, PolicyWatcher, load_live
 
 log = logging.getLogger("gateway.site")
 T = TypeVar("T")
@@ -356,7 +357,7 @@ class SiteOptions:
     verifier: Verifier
     host: str = "127.0.0.1"
     port: int = 0
-    tls: object | None = None
+    tls: Tls | None = None
     allowed_peers: tuple[str, ...] = ()
     reload_interval: float = 2.0
 
@@ -388,7 +389,7 @@ def build_site_server(options: SiteOptions, metrics: SiteMetrics | None = None,
 
     ``noise`` exists for test fixtures only (e.g. exact answers); the command line never sets it.
     """
-    from ._server import TlsFiles, make_server
+    from .._server import make_server
 
     options.state_dir.mkdir(parents=True, exist_ok=True)
     for stale in options.state_dir.glob("engine-*.duckdb*"):
@@ -398,8 +399,7 @@ def build_site_server(options: SiteOptions, metrics: SiteMetrics | None = None,
                       audit=AuditLog(options.state_dir / "audit.jsonl"), metrics=metrics or SiteMetrics(),
                       verifier=options.verifier, state_dir=options.state_dir, noise=noise or dp.Noise(),
                       allowed_peers=options.allowed_peers)
-    tls = options.tls if isinstance(options.tls, TlsFiles) else None
-    server, port, _health = make_server(SiteService(state), options.host, options.port, tls)
+    server, port, _health = make_server(SiteService(state), options.host, options.port, options.tls)
     watcher = PolicyWatcher(state, options.policy, options.reload_interval)
     watcher.start()
     log.info("site %s serving on %s:%s", live.loaded.policy.site, options.host, port)

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import yaml
 
-from .auth import generate_dev_key, mint_dev_token
+from ..auth import generate_dev_key, mint_dev_token
 from .synth import synthesize
 
 SITES = ("north", "south", "east", "west")
-POLICIES = Path(__file__).resolve().parent.parent / "policies"
+POLICIES = Path(__file__).resolve().parent / "policies"
 
 
 @dataclass

@@ -9,10 +9,10 @@ import threading
 import time
 from pathlib import Path
 
-from .client import Client
-from .errors import GatewayError
+from ..client import Client
+from ..errors import GatewayError
+from ..render import budget_table, query_table
 from .network import SITES, LocalNetwork, start_network
-from .render import budget_table, query_table
 
 
 def _say(text: str = "") -> None:

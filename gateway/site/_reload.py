@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from ._engine import Engine, file_stamp
-from .errors import GatewayError
-from .metrics import SiteMetrics
-from .policy import LoadedPolicy, PolicyFileError, load_policy
-from .templates import validate_templates
+from .._engine import Engine, file_stamp
+from ..errors import GatewayError
+from ..metrics import SiteMetrics
+from ..policy import LoadedPolicy, PolicyFileError, load_policy
+from ..templates import validate_templates
 
 log = logging.getLogger("gateway.site")
 RETIRE_SECONDS = 30.0

@@ -1,0 +1,64 @@
+"""TLS material and gRPC channels: the one TLS type and the one channel builder of the gateway.
+
+Client, CLI and broker open channels with :func:`open_channel`; servers take their credentials
+from :func:`server_credentials`. Kept free of server dependencies (the client imports it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import ClassVar
+
+import grpc
+
+
+@dataclass(frozen=True)
+class Tls:
+    """TLS material for one end of a connection.
+
+    ``cert`` and ``key`` are this end's certificate (a server needs them; a client with them does
+    mTLS). ``ca`` is whom to trust for the peer: on a client, the server's CA; on a server, the
+    CA of client certificates, which makes every client present one (mTLS). ``server_name``
+    (client only) overrides the name expected in the server's certificate.
+    """
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    server_name: str | None = None
+
+    # parsed from broker config files too: unknown keys are errors there
+    __pydantic_config__: ClassVar[dict[str, str]] = {"extra": "forbid"}
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("give both cert and key, or neither")
+
+    def relative_to(self, base: Path) -> Tls:
+        """The same material with relative paths resolved against ``base`` (a config file's folder)."""
+        def resolve(path: Path | None) -> Path | None:
+            return None if path is None else (base / path)
+        return replace(self, ca=resolve(self.ca), cert=resolve(self.cert), key=resolve(self.key))
+
+
+def _read(path: Path | None) -> bytes | None:
+    return None if path is None else path.read_bytes()
+
+
+def open_channel(target: str, tls: Tls | None = None) -> grpc.Channel:
+    """A channel to ``target``: plaintext without ``tls`` (loopback development), else TLS or mTLS."""
+    if tls is None:
+        return grpc.insecure_channel(target)
+    creds = grpc.ssl_channel_credentials(_read(tls.ca), _read(tls.key), _read(tls.cert))
+    options = [("grpc.ssl_target_name_override", tls.server_name)] if tls.server_name else []
+    return grpc.secure_channel(target, creds, options=options)
+
+
+def server_credentials(tls: Tls) -> grpc.ServerCredentials:
+    """Server credentials from ``tls.cert``/``tls.key``; with ``tls.ca`` every client must present a certificate."""
+    if tls.cert is None or tls.key is None:
+        raise ValueError("a TLS server needs a certificate and key")
+    ca = _read(tls.ca)
+    return grpc.ssl_server_credentials([(tls.key.read_bytes(), tls.cert.read_bytes())], root_certificates=ca,
+                                       require_client_auth=ca is not None)
