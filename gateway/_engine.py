@@ -24,11 +24,14 @@ from pathlib import Path
 
 import duckdb
 
+from .aggregates import ComponentSql, kind_of
+from .answers import Scalar
 from .errors import FailedPrecondition
 from .policy import MAX_SOURCE_ROWS, Column, Dataset, LoadedPolicy
-from .query import Aggregate, Filter, Query, Scalar
+from .query import Aggregate, Filter, Query
 
 log = logging.getLogger("gateway.engine")
+_I64_SAFE = 1 << 62  # exact values stay below this, leaving headroom for the noise (see _mechanisms)
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class _Prepared:
     relation: str
     fingerprint: tuple[object, ...]
     bounded: bool
+    rows: int
 
 
 def quote(name: str) -> str:
@@ -84,15 +88,16 @@ class Engine:
     def run(self, query: Query) -> ExactResult:
         """Exact aggregates for a query already checked against the policy."""
         dataset = self._loaded.policy.datasets[query.dataset]
-        relation = self._ensure(query.dataset).relation
-        sql, params, groups = build_sql(query, dataset, relation)
+        prepared = self._ensure(query.dataset)
+        _check_fits(query, dataset, prepared.rows)
+        sql, params, groups = build_sql(query, dataset, prepared.relation)
         try:
             rows = self._con.cursor().execute(sql, params).fetchall()
         except duckdb.Error as err:
             log.error("query on %s failed: %s", query.dataset, _without_values(err))
             raise FailedPrecondition(f"the site could not run the query on its data ({type(err).__name__}); "
                                      "ask the site operator to check the data source") from err
-        width = sum(2 if a.function == "mean" else 1 for a in query.aggregates)
+        width = sum(len(kind_of(a.function).components) for a in query.aggregates)
         if not query.group_by:
             return ExactResult(groups, tuple((int(rows[0][i]),) for i in range(width)))
         # every public key gets a value (zero when absent); groups with non-public keys are dropped here
@@ -160,7 +165,7 @@ class Engine:
                 raise FailedPrecondition(f"dataset {name!r} has more than 2^31 rows, more than the site can sum "
                                          "exactly; ask the site operator")
             if unique:
-                return _Prepared(source, fingerprint, bounded=False)
+                return _Prepared(source, fingerprint, bounded=False, rows=rows)
             snapshot = quote(f"bounded_{name}")
             self._con.execute(
                 f"CREATE OR REPLACE TABLE {snapshot} AS SELECT {columns} FROM ("
@@ -168,12 +173,23 @@ class Engine:
                 f" ORDER BY hash(?::BIGINT, {unit}, {columns})) AS _rank"
                 f" FROM {source} WHERE {unit} IS NOT NULL) WHERE _rank <= ?",
                 [self._seed, dataset.max_rows_per_unit])
-            return _Prepared(snapshot, fingerprint, bounded=True)
+            return _Prepared(snapshot, fingerprint, bounded=True, rows=rows)
         except duckdb.Error as err:
             # DuckDB's message can quote data values: it goes to the site's log, never to the caller
             log.error("loading dataset %s failed: %s", name, _without_values(err))
             raise FailedPrecondition(f"the site could not load dataset {name!r} ({type(err).__name__}); "
                                      "ask the site operator") from err
+
+
+def _check_fits(query: Query, dataset: Dataset, rows: int) -> None:
+    """Refuse a component whose exact value over ``rows`` rows could leave 64 bits (sums of squares can)."""
+    for agg in query.aggregates:
+        column = dataset.columns[agg.column] if agg.column is not None else None
+        for spec in kind_of(agg.function).components:
+            if spec.row_bound(column) * rows >= _I64_SAFE:
+                raise FailedPrecondition(f"{agg.label} is not available on dataset {query.dataset!r}: over its "
+                                         f"{rows} rows the exact {spec.name} could exceed 64 bits with the column's "
+                                         "bounds; ask the site's privacy officer to narrow them")
 
 
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
@@ -234,15 +250,26 @@ def product_of_keys(keys: Sequence[Sequence[Scalar]]) -> tuple[tuple[Scalar, ...
 
 
 def _aggregate_sql(agg: Aggregate, dataset: Dataset, params: list[object]) -> list[str]:
-    if agg.function == "count":
-        return ["count(*)"]
-    assert agg.column is not None
-    column = dataset.columns[agg.column]
-    fixed = _fixed_point(agg.column, column, params)
-    total = f"coalesce(sum({fixed}), 0)"
-    if agg.function == "sum":
-        return [total]
-    return [total, f"count({quote(agg.column)})"]
+    column = dataset.columns[agg.column] if agg.column is not None else None
+    return [_component_sql(spec.sql, agg.column, column, params) for spec in kind_of(agg.function).components]
+
+
+def _component_sql(sql: ComponentSql, name: str | None, column: Column | None, params: list[object]) -> str:
+    if sql == "rows":
+        return "count(*)"
+    assert name is not None and column is not None
+    if sql == "values":
+        return f"count({quote(name)})"
+    fixed = _fixed_point(name, column, params)
+    if sql == "sum":
+        return f"coalesce(sum({fixed}), 0)"
+    centered = f"({fixed} - {column.fixed_center})"
+    if sql == "centered_sum":
+        return f"coalesce(sum({centered}), 0)"
+    # |centered| <= 2^31, so its square fits a BIGINT; DuckDB sums BIGINTs into a HUGEINT. The second
+    # factor binds its own parameters (they are positional).
+    again = f"({_fixed_point(name, column, params)} - {column.fixed_center})"
+    return f"coalesce(sum({centered} * {again}), 0)"
 
 
 def _fixed_point(name: str, column: Column, params: list[object]) -> str:

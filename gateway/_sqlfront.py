@@ -13,10 +13,12 @@ from collections.abc import Mapping
 import sqlglot
 from sqlglot import exp
 
+from .aggregates import BY_SQL_NAME, sql_forms
+from .answers import Scalar
 from .errors import InvalidQuery
-from .query import Aggregate, Filter, Query, Scalar
+from .query import Aggregate, Filter, Query
 
-SUPPORTED = ("supported: SELECT <count(*) | sum(col) | avg(col) | mean(col), group-by columns> "
+SUPPORTED = (f"supported: SELECT <{' | '.join(sql_forms())}, group-by columns> "
              "FROM <dataset> [WHERE <col> <op> <value> [AND ...]] [GROUP BY <col>, ...]; "
              "ops: =, !=, <, <=, >, >=, IN (...), NOT IN (...), BETWEEN a AND b")
 _COMPARISONS: dict[type[exp.Expression], str] = {
@@ -119,13 +121,17 @@ class _Converter:
             if isinstance(arg, exp.Star) or (isinstance(arg, exp.Literal) and arg.this == "1"):
                 return Aggregate("count")
             raise InvalidQuery(f"only count(*) is supported, got {node.sql()!r}; {SUPPORTED}")
-        if isinstance(node, exp.Sum):
-            return Aggregate("sum", self._column(node.this))
-        if isinstance(node, exp.Avg):
-            return Aggregate("mean", self._column(node.this))
-        if isinstance(node, exp.Anonymous) and str(node.this).lower() == "mean" and len(node.expressions) == 1:
-            return Aggregate("mean", self._column(node.expressions[0]))
-        raise InvalidQuery(f"unsupported select item {node.sql()!r}; {SUPPORTED}")
+        if isinstance(node, exp.Anonymous):
+            name, args = str(node.this).lower(), list(node.expressions)
+        elif isinstance(node, exp.AggFunc):
+            name, args = node.sql_name().lower(), [a for a in (node.this, *node.expressions) if a is not None]
+        else:
+            raise InvalidQuery(f"unsupported select item {node.sql()!r}; {SUPPORTED}")
+        kind = BY_SQL_NAME.get(name)
+        if kind is None or kind.columns != len(args):
+            raise InvalidQuery(f"unsupported select item {node.sql()!r}; {SUPPORTED}")
+        columns = [self._column(a) for a in args]
+        return Aggregate(kind.name, columns[0], tuple(columns[1:]))
 
     def _filters(self, node: exp.Expression) -> list[Filter]:
         if isinstance(node, exp.Paren):

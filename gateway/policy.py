@@ -20,6 +20,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .aggregates import KINDS
+
 _NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
 # Sums are exact 64-bit integers. A table may hold up to 2^31 rows; with every row's fixed-point value
 # at most 2^31 in magnitude, a sum stays below 2^62 (headroom for the noise, which OpenDP adds in i64).
@@ -138,6 +140,18 @@ class Column(_Model):
         return -(-low.numerator // low.denominator), high.numerator // high.denominator  # ceil, floor
 
     @property
+    def fixed_center(self) -> int:
+        """The integer (fixed-point) midpoint of :attr:`fixed_bounds`, rounded down."""
+        low, high = self.fixed_bounds
+        return (low + high) // 2
+
+    @property
+    def max_centered_contribution(self) -> int:
+        """The largest |value - fixed_center| a row can have, in fixed-point units."""
+        low, high = self.fixed_bounds
+        return max(self.fixed_center - low, high - self.fixed_center)
+
+    @property
     def max_contribution(self) -> int:
         """The largest |fixed-point value| one row can add to a sum of this column."""
         low, high = self.fixed_bounds
@@ -205,10 +219,20 @@ class Dataset(_Model):
     privacy_unit: str = Field(pattern=_NAME)
     max_rows_per_unit: int = Field(ge=1, le=1000)
     columns: Mapping[str, Column]
-    aggregates: tuple[Literal["count", "sum", "mean"], ...] = ("count", "sum", "mean")
+    aggregates: tuple[str, ...] = ("count", "sum", "mean")
     epsilon: EpsilonLimits | None = None
     templates_only: bool = False
     description: str = ""
+
+    @field_validator("aggregates", mode="after")
+    @classmethod
+    def _known_kinds(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            if name not in KINDS:
+                raise ValueError(f"unknown aggregate {name!r}; known: {', '.join(KINDS)}")
+        if len(set(value)) != len(value):
+            raise ValueError("an aggregate is listed twice")
+        return value
 
     @model_validator(mode="after")
     def _names(self) -> Dataset:

@@ -13,11 +13,15 @@ import json
 import math
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import TYPE_CHECKING
 
+from .aggregates import kind_of, supported_aggregates
+from .answers import Scalar
 from .errors import InvalidQuery, NotFound, PolicyViolation
-from .policy import Column, Dataset, Policy
 
-Scalar = int | float | str
+if TYPE_CHECKING:  # the client imports this module: no pydantic at run time
+    from .policy import Column, Dataset, Policy
+
 OPERATORS = ("in", "not in", "<", "<=", ">", ">=", "between")
 _FOLD = {"=": "in", "==": "in", "!=": "not in", "<>": "not in"}
 MAX_CELLS = 10_000
@@ -27,15 +31,25 @@ _INT64 = 1 << 63
 
 @dataclass(frozen=True)
 class Aggregate:
-    """One aggregate: ``count`` (no column), ``sum(column)`` or ``mean(column)``."""
+    """One aggregate: a kind from :data:`gateway.aggregates.KINDS` over its columns, with parameters."""
 
     function: str
     column: str | None = None
+    more_columns: tuple[str, ...] = ()
+    params: tuple[tuple[str, Scalar], ...] = ()
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Every column the aggregate names, in order."""
+        return ((self.column,) if self.column is not None else ()) + self.more_columns
 
     @property
     def label(self) -> str:
         """The name the aggregate carries in answers, e.g. ``mean(age_at_diagnosis)``."""
-        return self.function if self.column is None else f"{self.function}({self.column})"
+        if not self.columns and not self.params:
+            return self.function
+        params = "; " + ", ".join(f"{k}={v!r}" for k, v in self.params) if self.params else ""
+        return f"{self.function}({', '.join(self.columns)}{params})"
 
 
 @dataclass(frozen=True)
@@ -105,7 +119,7 @@ def check_query(query: Query, policy: Policy) -> Query:
     """Validate ``query`` against ``policy``; return it normalised with values coerced to column types."""
     dataset = dataset_of(policy, query.dataset)
     if not query.aggregates:
-        raise InvalidQuery("a query needs at least one aggregate: count, sum(column) or mean(column)")
+        raise InvalidQuery(f"a query needs at least one aggregate: {supported_aggregates()}")
     if len(set(query.aggregates)) != len(query.aggregates):
         raise InvalidQuery("an aggregate is repeated; ask for each aggregate once")
     for agg in query.aggregates:
@@ -125,13 +139,7 @@ def _check_aggregate(agg: Aggregate, dataset: Dataset, name: str) -> None:
     if agg.function not in dataset.aggregates:
         allowed = ", ".join(dataset.aggregates)
         raise PolicyViolation("aggregate", f"{agg.function!r} is not allowed on {name!r}; allowed: {allowed}")
-    if agg.function == "count":
-        if agg.column is not None:
-            raise InvalidQuery("count takes no column: use count(*) (each row of the dataset counts)")
-        return
-    if agg.column is None:
-        raise InvalidQuery(f"{agg.function} needs a column, e.g. {agg.function}(column)")
-    _column(dataset, agg.column, "aggregate", name)
+    kind_of(agg.function).check(agg, lambda column: _column(dataset, column, "aggregate", name))
 
 
 def _column(dataset: Dataset, name: str, role: str, dataset_name: str) -> Column:

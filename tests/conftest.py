@@ -10,11 +10,12 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gateway import dp
+from gateway import _mechanisms as mechanisms
 from gateway._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.auth import AuthConfig, Verifier, generate_dev_key, mint_dev_token
+from gateway.broker import BrokerConfig, SiteEntry, build_broker_server
 from gateway.demo.synth import synthesize
-from gateway.metrics import SiteMetrics
+from gateway.metrics import BrokerMetrics, SiteMetrics
 from gateway.site import RunningSite, SiteOptions, build_site_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,12 +38,12 @@ TEST_BUDGETS = """budgets:
 """
 
 
-class ExactNoise(dp.Noise):
+class ExactNoise(mechanisms.Noise):
     """TEST ONLY: releases exact aggregates, to check SQL results. Never reachable from policy or CLI."""
 
     mechanism = "exact(test-only)"
 
-    def apply(self, component: dp.Component, exact: tuple[int, ...]) -> list[int]:
+    def apply(self, component: mechanisms.Component, exact: tuple[int, ...]) -> list[int]:
         return list(exact)
 
 
@@ -78,7 +79,7 @@ def site_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def start_site(tmp_path: Path, keys: tuple[Path, Path], site_data: Path) -> Iterator[Callable[..., RunningSite]]:
     started: list[RunningSite] = []
 
-    def start(noise: dp.Noise | None = None, policy: Path | None = None, state_dir: Path | None = None,
+    def start(noise: mechanisms.Noise | None = None, policy: Path | None = None, state_dir: Path | None = None,
               reload_interval: float = 0.2, metrics: SiteMetrics | None = None) -> RunningSite:
         folder = tmp_path / f"site{len(started)}"
         folder.mkdir()
@@ -112,3 +113,19 @@ def copy_data(src: Path, dst: Path) -> Path:
     """A private copy of a DuckDB file (tests that change data must not touch the shared one)."""
     shutil.copy(src, dst)
     return dst
+
+
+@pytest.fixture
+def start_broker(tmp_path):
+    started = []
+
+    def start(sites, **config):
+        entries = [SiteEntry(name=name, address=f"127.0.0.1:{site.port}") for name, site in sites.items()]
+        broker = build_broker_server(BrokerConfig(sites=tuple(entries), **config),
+                                     metrics=BrokerMetrics(CollectorRegistry()))
+        started.append(broker)
+        return broker
+
+    yield start
+    for broker in started:
+        broker.stop(grace=0)

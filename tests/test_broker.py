@@ -15,30 +15,12 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import ExactNoise
-from prometheus_client import CollectorRegistry
 
-from gateway.broker import BrokerConfig, SiteEntry, build_broker_server, load_broker_config
+from gateway.broker import load_broker_config
 from gateway.client import Client
 from gateway.demo.network import start_network
 from gateway.errors import InvalidQuery, RemoteBudgetExhausted, Unavailable
 from gateway.ledger import SqliteLedger
-from gateway.metrics import BrokerMetrics
-
-
-@pytest.fixture
-def start_broker(tmp_path):
-    started = []
-
-    def start(sites, **config):
-        entries = [SiteEntry(name=name, address=f"127.0.0.1:{site.port}") for name, site in sites.items()]
-        broker = build_broker_server(BrokerConfig(sites=tuple(entries), **config),
-                                     metrics=BrokerMetrics(CollectorRegistry()))
-        started.append(broker)
-        return broker
-
-    yield start
-    for broker in started:
-        broker.stop(grace=0)
 
 
 def test_pooled_counts_and_means_are_exact_combinations(start_site, start_broker, token):

@@ -17,8 +17,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from gateway import dp
+from gateway import _mechanisms as mechanisms
 from gateway._engine import build_sql, quote
+from gateway.aggregates import KINDS, Kind
 from gateway.policy import MAX_FIXED_BOUND, Column, Dataset, Source
 from gateway.query import Aggregate, Query
 from tests.conftest import ExactNoise, write_policy
@@ -45,18 +46,24 @@ def _adversarial(column: Column) -> list[float]:
     return values
 
 
-def per_row_contributions(column: Column, values: list[float]) -> list[int]:
-    """The engine's own SQL for ``sum(x)``, grouped so that each row is its own group."""
+def per_row_components(column: Column, values: list[float], function: str = "sum") -> list[tuple[int, ...]]:
+    """The engine's own SQL for ``function(x)``, grouped so that each row is its own group: per row,
+    what it adds to each of the kind's components."""
     dataset = _dataset(column, len(values))
-    query = Query("d", (Aggregate("sum", "x"),), group_by=("i",))
+    query = Query("d", (Aggregate(function, "x"),), group_by=("i",))
     sql, params, _groups = build_sql(query, dataset, "t")
     con = duckdb.connect()
     sql_type = "BIGINT" if column.type == "integer" else "DOUBLE"
     con.execute(f"CREATE TABLE t (i BIGINT, pid BIGINT, {quote('x')} {sql_type})")
     con.executemany("INSERT INTO t VALUES (?, ?, ?)",
                     [(i, i, int(v) if column.type == "integer" else v) for i, v in enumerate(values)])
-    got = dict(con.execute(sql, params).fetchall())
-    return [int(got[i]) for i in range(len(values))]
+    got = {row[0]: tuple(int(v) for v in row[1:]) for row in con.execute(sql, params).fetchall()}
+    return [got[i] for i in range(len(values))]
+
+
+def per_row_contributions(column: Column, values: list[float]) -> list[int]:
+    """What each row adds to ``sum(x)``."""
+    return [c[0] for c in per_row_components(column, values)]
 
 
 @st.composite
@@ -78,7 +85,7 @@ def columns(draw: st.DrawFn) -> Column:
 @given(columns())
 def test_no_row_contributes_more_than_the_sensitivity(column: Column) -> None:
     k = 3
-    plan = dp.plan_query(Query("d", (Aggregate("sum", "x"),)), _dataset(column, 1, k), Fraction(1))
+    plan = mechanisms.plan_query(Query("d", (Aggregate("sum", "x"),)), _dataset(column, 1, k), Fraction(1))
     sensitivity_per_row = plan.aggregates[0].components[0].sensitivity / k
     contributions = per_row_contributions(column, _adversarial(column))
     low, high = column.fixed_bounds
@@ -86,6 +93,17 @@ def test_no_row_contributes_more_than_the_sensitivity(column: Column) -> None:
     assert max(abs(c) for c in contributions) <= sensitivity_per_row
     # and the bound is tight: a row at the declared upper bound reaches the fixed-point upper bound
     assert high in contributions
+
+
+@settings(max_examples=100, deadline=None)
+@given(columns(), st.sampled_from([k for k in KINDS.values() if k.columns == 1]))
+def test_no_row_adds_more_to_any_component_than_its_sensitivity(column: Column, kind: Kind) -> None:
+    k = 2
+    plan = mechanisms.plan_query(Query("d", (Aggregate(kind.name, "x"),)), _dataset(column, 1, k), Fraction(1))
+    sensitivities = [c.sensitivity / k for c in plan.aggregates[0].components]
+    rows = per_row_components(column, _adversarial(column), kind.name)
+    for j, bound in enumerate(sensitivities):
+        assert max(abs(row[j]) for row in rows) <= bound, kind.components[j].name
 
 
 @pytest.mark.parametrize(("bounds", "precision", "expected"), [

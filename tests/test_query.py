@@ -132,7 +132,8 @@ def test_unknown_aggregate_function() -> None:
     ((COUNT, COUNT), "an aggregate is repeated; ask for each aggregate once"),
     ((Aggregate("mean", "bmi"), COUNT, Aggregate("mean", "bmi")),
      "an aggregate is repeated; ask for each aggregate once"),
-    ((), "a query needs at least one aggregate: count, sum(column) or mean(column)"),
+    ((), "a query needs at least one aggregate: count, sum(column), mean(column), variance(column) or "
+         "stddev(column)"),
 ])
 def test_aggregate_shape(aggregates: tuple[Aggregate, ...], message: str) -> None:
     assert invalid(patients(aggregates=aggregates)) == message

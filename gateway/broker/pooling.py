@@ -1,8 +1,9 @@
 """Pooling the sites' noisy answers: pure functions of released values (no I/O, no OpenDP).
 
-Counts and sums add, and so do their noise variances; a mean is the ratio of the pooled noisy
-sums and counts with a delta-method interval. Dataset descriptions from several sites are merged
-with a line for every declaration on which they differ.
+Each estimate's released parts add over the sites (and so do their noise variances); the kind's
+own post-processing, from the table of aggregate kinds, turns the pooled parts into the estimate
+(a mean: the ratio of pooled sums and counts with a delta-method interval). Dataset descriptions
+from several sites are merged with a line for every declaration on which they differ.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import math
 from collections.abc import Sequence
 
 from .._proto.gateway.v1 import gateway_pb2 as pb
-from ..accuracy import Z95, ratio_estimate
+from .._wire import bounds_from_wire, parts_from_wire
+from ..aggregates import kind_of
+from ..answers import Z95
 
 
 def dataset_differences(by_site: dict[str, pb.Dataset]) -> list[str]:
@@ -70,8 +73,10 @@ def _key(row: pb.ResultRow) -> tuple[bytes, ...]:
 
 def _pool_estimate(parts: list[pb.Estimate], dry_run: bool) -> pb.Estimate:
     head = parts[0]
-    out = pb.Estimate(aggregate=head.aggregate, mechanism=f"pooled({head.mechanism})", epsilon=head.epsilon,
-                      noise_scale=math.nan)
+    kind = kind_of(head.function)
+    out = pb.Estimate(aggregate=head.aggregate, function=head.function, mechanism=f"pooled({head.mechanism})",
+                      epsilon=head.epsilon, noise_scale=math.nan, has_bounds=head.has_bounds, lower=head.lower,
+                      upper=head.upper)
     if dry_run:
         out.value = out.ci_low = out.ci_high = math.nan
         out.std_error = math.sqrt(sum(p.std_error ** 2 for p in parts))
@@ -81,19 +86,12 @@ def _pool_estimate(parts: list[pb.Estimate], dry_run: bool) -> pb.Estimate:
         out.value = out.ci_low = out.ci_high = out.std_error = out.ci_half_width = math.nan
         out.suppressed = True
         return out
-    if math.isnan(head.numerator):  # counts and sums: values add, variances add
-        out.value = sum(p.value for p in parts)
-        out.std_error = math.sqrt(sum(p.std_error ** 2 for p in parts))
-    else:  # means: ratio of pooled noisy sums and counts, bounds from the sites' clamping range
-        total, count = sum(p.numerator for p in parts), sum(p.denominator for p in parts)
-        total_se = math.sqrt(sum(p.numerator_std_error ** 2 for p in parts))
-        count_se = math.sqrt(sum(p.denominator_std_error ** 2 for p in parts))
-        # the broker does not clamp (it does not know the bounds); with no count left, the sites' range
-        low, high = (min(p.ci_low for p in parts), max(p.ci_high for p in parts)) if count < 1 else (-math.inf,
-                                                                                                      math.inf)
-        out.value, out.std_error, out.clamped = ratio_estimate(total, count, total_se, count_se, low, high)
-        out.numerator, out.denominator = total, count
-        out.numerator_std_error, out.denominator_std_error = total_se, count_se
-    out.ci_half_width = Z95 * out.std_error
-    out.ci_low, out.ci_high = out.value - out.ci_half_width, out.value + out.ci_half_width
+    pooled = kind.pool([parts_from_wire(p) for p in parts])
+    # the broker keeps the pooled value as the sites' parts give it (no clamping into the bounds)
+    value = kind.estimate(pooled, bounds_from_wire(head), clamp=False)
+    out.value, out.std_error, out.clamped = value.value, value.std_error, value.clamped
+    out.ci_half_width, out.ci_low, out.ci_high = value.half_width, value.ci_low, value.ci_high
+    out.components.extend(pb.Component(name=p.name, values=[p.value], std_error=p.std_error,
+                                       ci_half_width=p.half_width, noise_scale=p.noise_scale)
+                          for p in pooled.values())
     return out

@@ -21,13 +21,14 @@ from typing import TypeVar
 
 import grpc
 
-from .. import dp
+from .. import _mechanisms as mechanisms
 from .._engine import product_of_keys
 from .._proto.gateway.v1 import gateway_pb2 as pb
 from .._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from .._sqlfront import parse_sql
 from .._transport import Tls
-from .._wire import dataset_to_wire, from_structured, rows_to_wire, to_scalar
+from .._wire import from_structured, rows_to_wire, to_scalar
+from ..answers import Scalar
 from ..audit import AuditLog
 from ..auth import Identity, Verifier
 from ..errors import (
@@ -44,8 +45,9 @@ from ..ledger import QueryIdInUse, Scope, SqliteLedger
 from ..metrics import SiteMetrics
 from ..policy import BudgetRule, Dataset, period_window, to_fraction
 from ..query import Query as ParsedQuery
-from ..query import Scalar, check_query, dataset_of
+from ..query import check_query, dataset_of
 from ..templates import resolve_template
+from ._datasets import dataset_to_wire
 from ._reload import Live, PolicyWatcher, load_live
 
 log = logging.getLogger("gateway.site")
@@ -63,7 +65,7 @@ class SiteState:
     metrics: SiteMetrics
     verifier: Verifier
     state_dir: Path
-    noise: dp.Noise = field(default_factory=dp.Noise)
+    noise: mechanisms.Noise = field(default_factory=mechanisms.Noise)
     allowed_peers: tuple[str, ...] = ()
 
 
@@ -146,14 +148,14 @@ class SiteService(pb_grpc.GatewayServicer):
         epsilon = self._epsilon(request, query.dataset)
         canonical_hash = query.canonical_hash(epsilon)
         record.update(canonical_hash=canonical_hash, epsilon_requested=float(epsilon))
-        plan = dp.plan_query(query, dataset, epsilon)
+        plan = mechanisms.plan_query(query, dataset, epsilon)
         scopes = self._scopes(identity.project, query.dataset, rule)
         base = pb.QueryResponse(dataset=query.dataset, group_by=list(query.group_by),
                                 aggregates=[a.label for a in query.aggregates], canonical_hash=canonical_hash,
                                 canonical_query=query.canonical(epsilon), served_by=policy.site)
         if request.dry_run:
             groups = _groups(query, dataset)
-            base.rows.extend(rows_to_wire(dp.predicted(plan, groups), query.group_by))
+            base.rows.extend(rows_to_wire(mechanisms.predicted(plan, groups), query.group_by))
             base.dry_run, base.epsilon_charged = True, float(epsilon)
             base.budget_remaining = self._remaining(scopes)
             base.query_id = request.query_id
@@ -170,7 +172,7 @@ class SiteService(pb_grpc.GatewayServicer):
                 return self._replay(stored, query_id, scopes)
             self._precheck(epsilon, scopes)  # refuse before touching data when the budget cannot pay
         exact = live.engine.run(query)  # a failure here has charged nothing
-        rows = dp.release(plan, exact.groups, exact.components, self.state.noise, policy.suppression.min_count)
+        rows = mechanisms.release(plan, exact.groups, exact.components, self.state.noise, policy.suppression.min_count)
         base.rows.extend(rows_to_wire(rows, query.group_by))
         base.epsilon_charged = float(epsilon)
         answer = base.SerializeToString()
@@ -384,7 +386,7 @@ class RunningSite:
 
 
 def build_site_server(options: SiteOptions, metrics: SiteMetrics | None = None,
-                      noise: dp.Noise | None = None) -> RunningSite:
+                      noise: mechanisms.Noise | None = None) -> RunningSite:
     """Load the policy, open ledger and audit in the state dir, and start serving.
 
     ``noise`` exists for test fixtures only (e.g. exact answers); the command line never sets it.
@@ -397,7 +399,7 @@ def build_site_server(options: SiteOptions, metrics: SiteMetrics | None = None,
     live = load_live(options.policy, options.state_dir)
     state = SiteState(live=live, ledger=SqliteLedger(options.state_dir / "ledger.sqlite"),
                       audit=AuditLog(options.state_dir / "audit.jsonl"), metrics=metrics or SiteMetrics(),
-                      verifier=options.verifier, state_dir=options.state_dir, noise=noise or dp.Noise(),
+                      verifier=options.verifier, state_dir=options.state_dir, noise=noise or mechanisms.Noise(),
                       allowed_peers=options.allowed_peers)
     server, port, _health = make_server(SiteService(state), options.host, options.port, options.tls)
     watcher = PolicyWatcher(state, options.policy, options.reload_interval)

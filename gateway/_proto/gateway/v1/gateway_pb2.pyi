@@ -102,12 +102,23 @@ class ListDatasetsResponse(_message.Message):
     def __init__(self, datasets: _Optional[_Iterable[_Union[Dataset, _Mapping]]] = ..., served_by: _Optional[str] = ...) -> None: ...
 
 class Aggregate(_message.Message):
-    __slots__ = ("function", "column")
+    __slots__ = ("function", "column", "more_columns", "params")
+    class ParamsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Value
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
     FUNCTION_FIELD_NUMBER: _ClassVar[int]
     COLUMN_FIELD_NUMBER: _ClassVar[int]
+    MORE_COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
     function: str
     column: str
-    def __init__(self, function: _Optional[str] = ..., column: _Optional[str] = ...) -> None: ...
+    more_columns: _containers.RepeatedScalarFieldContainer[str]
+    params: _containers.MessageMap[str, Value]
+    def __init__(self, function: _Optional[str] = ..., column: _Optional[str] = ..., more_columns: _Optional[_Iterable[str]] = ..., params: _Optional[_Mapping[str, Value]] = ...) -> None: ...
 
 class Filter(_message.Message):
     __slots__ = ("column", "op", "values")
@@ -167,7 +178,7 @@ class QueryRequest(_message.Message):
     def __init__(self, query_id: _Optional[str] = ..., structured: _Optional[_Union[StructuredQuery, _Mapping]] = ..., sql: _Optional[str] = ..., template: _Optional[_Union[TemplateCall, _Mapping]] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., dry_run: _Optional[bool] = ..., sites: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Estimate(_message.Message):
-    __slots__ = ("aggregate", "value", "std_error", "noise_scale", "ci_low", "ci_high", "suppressed", "clamped", "mechanism", "epsilon", "ci_half_width", "numerator", "denominator", "numerator_std_error", "denominator_std_error")
+    __slots__ = ("aggregate", "value", "std_error", "noise_scale", "ci_low", "ci_high", "suppressed", "clamped", "mechanism", "epsilon", "ci_half_width", "function", "components", "has_bounds", "lower", "upper", "values", "shape", "std_errors", "ci_lows", "ci_highs")
     AGGREGATE_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     STD_ERROR_FIELD_NUMBER: _ClassVar[int]
@@ -179,10 +190,16 @@ class Estimate(_message.Message):
     MECHANISM_FIELD_NUMBER: _ClassVar[int]
     EPSILON_FIELD_NUMBER: _ClassVar[int]
     CI_HALF_WIDTH_FIELD_NUMBER: _ClassVar[int]
-    NUMERATOR_FIELD_NUMBER: _ClassVar[int]
-    DENOMINATOR_FIELD_NUMBER: _ClassVar[int]
-    NUMERATOR_STD_ERROR_FIELD_NUMBER: _ClassVar[int]
-    DENOMINATOR_STD_ERROR_FIELD_NUMBER: _ClassVar[int]
+    FUNCTION_FIELD_NUMBER: _ClassVar[int]
+    COMPONENTS_FIELD_NUMBER: _ClassVar[int]
+    HAS_BOUNDS_FIELD_NUMBER: _ClassVar[int]
+    LOWER_FIELD_NUMBER: _ClassVar[int]
+    UPPER_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    STD_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    CI_LOWS_FIELD_NUMBER: _ClassVar[int]
+    CI_HIGHS_FIELD_NUMBER: _ClassVar[int]
     aggregate: str
     value: float
     std_error: float
@@ -194,11 +211,33 @@ class Estimate(_message.Message):
     mechanism: str
     epsilon: float
     ci_half_width: float
-    numerator: float
-    denominator: float
-    numerator_std_error: float
-    denominator_std_error: float
-    def __init__(self, aggregate: _Optional[str] = ..., value: _Optional[float] = ..., std_error: _Optional[float] = ..., noise_scale: _Optional[float] = ..., ci_low: _Optional[float] = ..., ci_high: _Optional[float] = ..., suppressed: _Optional[bool] = ..., clamped: _Optional[bool] = ..., mechanism: _Optional[str] = ..., epsilon: _Optional[float] = ..., ci_half_width: _Optional[float] = ..., numerator: _Optional[float] = ..., denominator: _Optional[float] = ..., numerator_std_error: _Optional[float] = ..., denominator_std_error: _Optional[float] = ...) -> None: ...
+    function: str
+    components: _containers.RepeatedCompositeFieldContainer[Component]
+    has_bounds: bool
+    lower: float
+    upper: float
+    values: _containers.RepeatedScalarFieldContainer[float]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    std_errors: _containers.RepeatedScalarFieldContainer[float]
+    ci_lows: _containers.RepeatedScalarFieldContainer[float]
+    ci_highs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, aggregate: _Optional[str] = ..., value: _Optional[float] = ..., std_error: _Optional[float] = ..., noise_scale: _Optional[float] = ..., ci_low: _Optional[float] = ..., ci_high: _Optional[float] = ..., suppressed: _Optional[bool] = ..., clamped: _Optional[bool] = ..., mechanism: _Optional[str] = ..., epsilon: _Optional[float] = ..., ci_half_width: _Optional[float] = ..., function: _Optional[str] = ..., components: _Optional[_Iterable[_Union[Component, _Mapping]]] = ..., has_bounds: _Optional[bool] = ..., lower: _Optional[float] = ..., upper: _Optional[float] = ..., values: _Optional[_Iterable[float]] = ..., shape: _Optional[_Iterable[int]] = ..., std_errors: _Optional[_Iterable[float]] = ..., ci_lows: _Optional[_Iterable[float]] = ..., ci_highs: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class Component(_message.Message):
+    __slots__ = ("name", "values", "shape", "std_error", "ci_half_width", "noise_scale")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    STD_ERROR_FIELD_NUMBER: _ClassVar[int]
+    CI_HALF_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    NOISE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    values: _containers.RepeatedScalarFieldContainer[float]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    std_error: float
+    ci_half_width: float
+    noise_scale: float
+    def __init__(self, name: _Optional[str] = ..., values: _Optional[_Iterable[float]] = ..., shape: _Optional[_Iterable[int]] = ..., std_error: _Optional[float] = ..., ci_half_width: _Optional[float] = ..., noise_scale: _Optional[float] = ...) -> None: ...
 
 class GroupKey(_message.Message):
     __slots__ = ("column", "value")

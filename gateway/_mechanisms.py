@@ -1,0 +1,194 @@
+"""Mechanisms: pricing a query, and OpenDP noise on the engine's exact aggregates.
+
+The hot path (DESIGN §6): DuckDB computes bounded, clamped exact aggregates; here OpenDP's
+vetted discrete Laplace measurement (``make_laplace`` on an integer vector with L1 distance)
+adds the noise, with input distance = the L1 sensitivity derived from the policy's bounds and
+``max_rows_per_unit`` (never from data). Each measurement's privacy map is checked against the
+epsilon it is charged, and measurements are built once per (scale) and reused.
+
+Sensitivities, for the add/remove-one-patient neighbouring relation, k = max rows per patient: each
+component of an aggregate kind (:mod:`gateway.aggregates`) declares the most one row adds to it;
+the sensitivity is k times that. For a sum, a row adds its scaled, rounded value clamped as an
+integer to ``Column.fixed_bounds`` [l, u]: at most max(|l|, |u|); for a count, 1. How released
+components become estimates (a mean's ratio, a variance) is the kind's post-processing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from fractions import Fraction
+from functools import lru_cache
+
+from .aggregates import Kind, kind_of
+from .answers import Estimate, Part, Row, Scalar, discrete_laplace_half_width, discrete_laplace_std
+from .errors import InternalBug
+from .policy import Column, Dataset
+from .query import Aggregate, Query
+
+os.environ.setdefault("RUST_BACKTRACE", "0")  # a set RUST_BACKTRACE=1 makes every OpenDP call slow
+os.environ["RUST_BACKTRACE"] = "0"
+
+import opendp.prelude as dp
+
+dp.enable_features("contrib")
+
+_I64_SAFE = 1 << 62
+
+
+@dataclass(frozen=True)
+class Component:
+    """One noisy integer vector (one value per group), in fixed-point units of 1/``unit``."""
+
+    name: str
+    sensitivity: int
+    epsilon: Fraction
+    scale: float
+    unit: int
+
+    @property
+    def std_error(self) -> float:
+        """Standard deviation of the noise, in the estimate's units."""
+        return discrete_laplace_std(self.scale) / self.unit
+
+    @property
+    def half_width(self) -> float:
+        """Half-width of the noise's central 95% interval, in the estimate's units."""
+        return discrete_laplace_half_width(self.scale) / self.unit
+
+    def part(self, noisy: float) -> Part:
+        """A released value of this component as a part of its estimate."""
+        return Part(self.name, noisy / self.unit, self.std_error, self.half_width, self.scale / self.unit)
+
+
+@dataclass(frozen=True)
+class AggregatePlan:
+    """How one aggregate is released: its kind, its components and its column's effective bounds."""
+
+    aggregate: Aggregate
+    kind: Kind
+    components: tuple[Component, ...]
+    bounds: tuple[float, float] | None
+    epsilon: Fraction
+
+    def mechanism(self, base: str) -> str:
+        """The mechanism's name as answers report it, e.g. ``ratio(discrete_laplace)``."""
+        return self.kind.mechanism.format(base)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The priced release plan of a query; ``epsilon`` is what the ledger charges."""
+
+    aggregates: tuple[AggregatePlan, ...]
+    epsilon: Fraction
+
+
+def plan_query(query: Query, dataset: Dataset, epsilon: Fraction) -> Plan:
+    """Split ``epsilon`` evenly over the aggregates, and each aggregate's share over its components.
+
+    A component's sensitivity is k (max rows per patient) times the most one row can add to it,
+    from the column's fixed-point bounds: never from the data.
+    """
+    if epsilon <= 0:
+        raise InternalBug("plan_query needs a positive epsilon")
+    share = epsilon / len(query.aggregates)
+    k = dataset.max_rows_per_unit
+    plans = []
+    for agg in query.aggregates:
+        kind = kind_of(agg.function)
+        column: Column | None = dataset.columns[agg.column] if agg.column is not None else None
+        components = tuple(_component(spec.name, k * spec.row_bound(column), share * spec.share, spec.unit(column))
+                           for spec in kind.components)
+        bounds = None
+        if column is not None and column.bounds is not None:
+            low, high = column.fixed_bounds
+            bounds = (low / column.unit, high / column.unit)
+        plans.append(AggregatePlan(agg, kind, components, bounds, share))
+    return Plan(tuple(plans), epsilon)
+
+
+def _component(name: str, sensitivity: int, epsilon: Fraction, unit: int) -> Component:
+    return Component(name, sensitivity, epsilon, scale_for(sensitivity, epsilon), unit)
+
+
+@lru_cache(maxsize=4096)
+def scale_for(sensitivity: int, epsilon: Fraction) -> float:
+    """The smallest float scale whose OpenDP privacy map at ``sensitivity`` is <= ``epsilon``."""
+    scale = sensitivity / float(epsilon)
+    for _ in range(64):
+        if Fraction(measurement(scale).map(sensitivity)) <= epsilon:
+            return scale
+        scale = math.nextafter(scale, math.inf)
+    raise InternalBug(f"no scale found for sensitivity {sensitivity} at epsilon {epsilon}")
+
+
+@lru_cache(maxsize=4096)
+def measurement(scale: float) -> dp.Measurement:
+    """OpenDP's discrete Laplace on an i64 vector under L1 distance, cached per scale."""
+    return dp.m.make_laplace(dp.vector_domain(dp.atom_domain(T="i64")), dp.l1_distance(T="i64"), scale=scale)
+
+
+@lru_cache(maxsize=4096)
+def _map_within(scale: float, sensitivity: int, epsilon: Fraction) -> bool:
+    """OpenDP's privacy map of the cached measurement at ``sensitivity`` is at most ``epsilon``."""
+    return Fraction(measurement(scale).map(sensitivity)) <= epsilon
+
+
+class Noise:
+    """The production noise source: OpenDP's sampler. Subclassed only by test fixtures."""
+
+    mechanism = "discrete_laplace"
+
+    def apply(self, component: Component, exact: tuple[int, ...]) -> list[int]:
+        """Noisy copy of ``exact`` for ``component``."""
+        if any(abs(v) >= _I64_SAFE for v in exact):
+            raise InternalBug("an exact aggregate is outside the 64-bit range")
+        if not _map_within(component.scale, component.sensitivity, component.epsilon):
+            raise InternalBug("measurement privacy map exceeds the charged epsilon")
+        return list(measurement(component.scale)(list(exact)))
+
+
+def release(plan: Plan, groups: tuple[tuple[Scalar, ...], ...], exact: tuple[tuple[int, ...], ...],
+            noise: Noise, min_count: int = 0) -> list[Row]:
+    """Noise every component of ``exact`` (one vector per component) and build the answer rows.
+
+    With ``min_count``, a group whose first noisy count is under it has its estimates withheld
+    (post-processing of released values: it costs nothing and promises nothing).
+    """
+    noisy: list[list[int]] = []
+    for component, vector in zip((c for agg in plan.aggregates for c in agg.components), exact, strict=True):
+        noisy.append(noise.apply(component, vector))
+    rows = []
+    for g, keys in enumerate(groups):
+        estimates, counts, i = [], [], 0
+        for agg in plan.aggregates:
+            parts = {c.name: c.part(noisy[i + j][g]) for j, c in enumerate(agg.components)}
+            estimates.append(_estimate(agg, parts, noise.mechanism))
+            counts += [p.value for p in parts.values() if p.name == "count"]
+            i += len(agg.components)
+        if min_count and counts and counts[0] < min_count:
+            estimates = [e.withheld() for e in estimates]
+        rows.append(Row(keys, tuple(estimates)))
+    return rows
+
+
+def predicted(plan: Plan, groups: tuple[tuple[Scalar, ...], ...]) -> list[Row]:
+    """Dry-run rows: the accuracy each estimate will have, with no value."""
+    estimates = []
+    for agg in plan.aggregates:
+        first = agg.components[0]
+        std_error, half_width = agg.kind.predict({c.name: c.part(math.nan) for c in agg.components})
+        estimates.append(Estimate(agg.aggregate.label, agg.kind.name, math.nan, std_error, first.scale / first.unit,
+                                  math.nan, math.nan, half_width, agg.mechanism("discrete_laplace"), agg.epsilon,
+                                  bounds=agg.bounds))
+    return [Row(keys, tuple(estimates)) for keys in groups]
+
+
+def _estimate(agg: AggregatePlan, parts: dict[str, Part], mechanism: str) -> Estimate:
+    first = agg.components[0]
+    value = agg.kind.estimate(parts, agg.bounds, clamp=True)
+    return Estimate(agg.aggregate.label, agg.kind.name, value.value, value.std_error, first.scale / first.unit,
+                    value.ci_low, value.ci_high, value.half_width, agg.mechanism(mechanism), agg.epsilon,
+                    clamped=value.clamped, parts=tuple(parts.values()), bounds=agg.bounds)

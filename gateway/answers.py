@@ -1,0 +1,116 @@
+"""Answer values and their accuracy: released estimates, the noisy parts behind them, and intervals.
+
+Everything here is post-processing of values already released, so it is free of OpenDP, DuckDB,
+sqlglot and pydantic: site, broker and client all import it. No noise is drawn here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+Scalar = int | float | str
+Z95 = 1.959963984540054
+
+
+@dataclass(frozen=True)
+class Part:
+    """One released noisy quantity behind an estimate (a count, a sum, ...), in the estimate's units.
+
+    ``half_width`` is the half-width of the central 95% interval of its noise: exact for one
+    site's discrete Laplace, a normal approximation once parts are pooled.
+    """
+
+    name: str
+    value: float
+    std_error: float
+    half_width: float
+    noise_scale: float
+
+    @staticmethod
+    def pooled(parts: list[Part]) -> Part:
+        """Parts of the same name from several sites: values add, noise variances add."""
+        se = math.sqrt(sum(p.std_error ** 2 for p in parts))
+        return Part(parts[0].name, sum(p.value for p in parts), se, Z95 * se, math.nan)
+
+
+@dataclass(frozen=True)
+class Value:
+    """What post-processing of an aggregate's parts gives: the estimate and its accuracy."""
+
+    value: float
+    std_error: float
+    half_width: float
+    ci_low: float
+    ci_high: float
+    clamped: bool = False
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """One released value with its accuracy, the parts it was computed from and its kind."""
+
+    aggregate: str
+    function: str
+    value: float
+    std_error: float
+    noise_scale: float
+    ci_low: float
+    ci_high: float
+    ci_half_width: float
+    mechanism: str
+    epsilon: Fraction
+    suppressed: bool = False
+    clamped: bool = False
+    parts: tuple[Part, ...] = ()
+    bounds: tuple[float, float] | None = None
+
+    def withheld(self) -> Estimate:
+        """The same estimate suppressed: accuracy kept, values and parts withheld."""
+        return Estimate(self.aggregate, self.function, math.nan, self.std_error, self.noise_scale, math.nan,
+                        math.nan, self.ci_half_width, self.mechanism, self.epsilon, suppressed=True,
+                        bounds=self.bounds)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One public group (empty keys without group-by) and its estimates."""
+
+    keys: tuple[Scalar, ...]
+    estimates: tuple[Estimate, ...]
+
+
+def symmetric(value: float, std_error: float, half_width: float, clamped: bool = False) -> Value:
+    """An estimate with the interval value ± half_width."""
+    return Value(value, std_error, half_width, value - half_width, value + half_width, clamped)
+
+
+def ratio_estimate(total: float, count: float, total_se: float, count_se: float, low: float,
+                   high: float) -> tuple[float, float, bool]:
+    """A mean from a noisy sum and count: (value clamped to bounds, delta-method std error, clamped?).
+
+    With a count under 1 nothing is known beyond the bounds: the midpoint, with half the range as error.
+    """
+    if count < 1:
+        return (low + high) / 2, (high - low) / 2, True
+    ratio = total / count
+    value = min(max(ratio, low), high)
+    se = math.sqrt(total_se ** 2 + value ** 2 * count_se ** 2) / count
+    return value, se, value != ratio
+
+
+def discrete_laplace_std(scale: float) -> float:
+    """Standard deviation of the discrete Laplace with ``scale`` b: sqrt(2a)/(1-a), a = exp(-1/b)."""
+    a = math.exp(-1.0 / scale)
+    return math.sqrt(2 * a) / (1 - a)
+
+
+def discrete_laplace_half_width(scale: float, level: float = 0.95) -> float:
+    """Smallest integer t with P(|X| <= t) >= level for the discrete Laplace with ``scale`` b.
+
+    P(|X| > t) = 2 a^(t+1) / (1 + a), a = exp(-1/b).
+    """
+    a = math.exp(-1.0 / scale)
+    tail = (1 - level) * (1 + a) / 2
+    return float(max(0, math.ceil(math.log(tail) / math.log(a) - 1 - 1e-12)))
