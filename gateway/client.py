@@ -10,8 +10,10 @@ Example::
         print(result.epsilon_charged, result.cached, result.budget_remaining)
         print(gw.budget())
 
-Every gRPC error becomes a typed :class:`~gateway.errors.GatewayError` subclass carrying the
-server's message. ``UNAVAILABLE`` is retried with the same ``query_id``, so a retry never pays twice.
+Every gRPC error becomes the typed :class:`~gateway.errors.GatewayError` subclass the server raised,
+with its fields (e.g. :class:`~gateway.errors.BudgetExhausted` with ``requested`` and ``remaining``);
+an internal error at a server is a :class:`~gateway.errors.GatewayBug`. ``UNAVAILABLE`` is retried
+with the same ``query_id``, so a retry never pays twice.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from ._proto.gateway.v1 import gateway_pb2 as pb
 from ._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from ._transport import Tls, open_channel
 from ._wire import to_value
-from .errors import GatewayError, error_from_status
+from .errors import InternalBug, Unavailable, error_from_rpc
 
 T = TypeVar("T")
 StructuredSpec = Mapping[str, Any]
@@ -161,12 +163,12 @@ class Client:
             try:
                 return method(request, metadata=metadata, timeout=self.timeout)
             except grpc.RpcError as err:
-                code = err.code()
-                if code == grpc.StatusCode.UNAVAILABLE and attempt < self.retries:
+                error = error_from_rpc(err)
+                if isinstance(error, Unavailable) and attempt < self.retries:
                     time.sleep(0.2 * 2 ** attempt)
                     continue
-                raise error_from_status(code, err.details() or code.name) from None
-        raise GatewayError("unreachable")
+                raise error from None
+        raise InternalBug("the retry loop ended without an answer or an error")
 
 
 def structured_message(spec: StructuredSpec) -> pb.StructuredQuery:

@@ -1,67 +1,140 @@
-"""One error hierarchy for the whole gateway, and its mapping to gRPC status codes.
+"""One error hierarchy for the whole gateway, its one status table, and its rich-status wire form.
 
-Every error a caller can cause is a :class:`GatewayError` subclass that carries its data and
-a message telling the caller what to do. :data:`STATUS_OF` is the one table from error class to
-gRPC status; the client maps a status back to the same class with :func:`error_from_status`.
-Match on the class (or ``code``), never on message text.
+Every error a caller can cause is a :class:`GatewayError` subclass that carries its data and a
+message telling the caller what to do. On the wire it travels as a google.rpc rich status: the
+gRPC code and message, an ``ErrorInfo`` (domain ``gateway``, reason = the class's ``reason_code``, the
+fields as metadata) and, where one fits, a ``BadRequest`` or ``QuotaFailure``. The client rebuilds
+the same class with its fields (:func:`error_from_rpc`), through a broker too. Match on the
+class, never on message text.
+
+A broken internal assumption is a :class:`GatewayBug`, outside the caller hierarchy: a caller
+that catches :class:`GatewayError` handles its own mistakes and the network's state, not bugs.
+
+Site, broker and client all read :data:`ERRORS` (class, status code, metrics outcome, reason).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from fractions import Fraction
+from typing import ClassVar
 
 import grpc
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+DOMAIN = "gateway"
 
 
 class GatewayError(Exception):
     """Root of every error the gateway reports to a caller."""
 
-    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNKNOWN
+    reason_code: ClassVar[str] = "GATEWAY_ERROR"  # stable, for ErrorInfo and for matching in other languages
+    outcome: ClassVar[str] = "error"  # the gateway_queries_total outcome label
+    caller_mistake: ClassVar[bool] = False  # the same at every site: a broker returns it as it is
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
 
+    def fields(self) -> dict[str, str]:
+        """The error's data as text (ErrorInfo metadata)."""
+        return {}
+
+    @property
+    def short(self) -> str:
+        """A short reason code, e.g. ``budget_exhausted`` or ``deadline`` (a broker's missing-site reason)."""
+        return self.reason_code.lower()
+
+    def extra_details(self) -> list[any_pb2.Any]:
+        """google.rpc details beyond ErrorInfo (BadRequest, QuotaFailure) where one fits."""
+        return []
+
+    @classmethod
+    def rebuild(cls, message: str, fields: Mapping[str, str]) -> GatewayError:
+        """The error as the server raised it, from its message and :meth:`fields`."""
+        return cls(message)
+
+    def to_status(self) -> grpc.Status:
+        """The rich status that carries this error to a caller."""
+        info = error_details_pb2.ErrorInfo(reason=self.reason_code, domain=DOMAIN, metadata=self.fields())
+        details = [_pack(info), *self.extra_details()]
+        return rpc_status.to_status(status_pb2.Status(code=self.code.value[0], message=self.message,
+                                                      details=details))
+
+
+def _pack(message: Message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
 
 class InvalidQuery(GatewayError):
     """The request is malformed or asks for something the query language does not support."""
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code, reason_code, outcome, caller_mistake = grpc.StatusCode.INVALID_ARGUMENT, "INVALID_QUERY", "invalid", True
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
+
+    def fields(self) -> dict[str, str]:
+        return {"field": self.field} if self.field else {}
+
+    def extra_details(self) -> list[any_pb2.Any]:
+        violation = error_details_pb2.BadRequest.FieldViolation(field=self.field, description=self.message)
+        return [_pack(error_details_pb2.BadRequest(field_violations=[violation]))]
+
+    @classmethod
+    def rebuild(cls, message: str, fields: Mapping[str, str]) -> GatewayError:
+        return cls(message, fields.get("field", ""))
 
 
-class PolicyViolation(GatewayError):
+class NotFound(GatewayError):
+    """A dataset or template that this site does not have."""
+
+    code, reason_code, outcome, caller_mistake = grpc.StatusCode.NOT_FOUND, "NOT_FOUND", "invalid", True
+
+
+class Unauthenticated(GatewayError):
+    """Missing, malformed, expired or untrusted credentials (details only in the site's log)."""
+
+    code, reason_code, outcome, caller_mistake = (grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED",
+                                             "unauthenticated", True)
+
+
+class PermissionDenied(GatewayError):
+    """Authenticated, but this identity may not do this."""
+
+    code, reason_code, outcome, caller_mistake = grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED", "denied", True
+
+
+class PolicyViolation(PermissionDenied):
     """The query is well formed but the site's policy does not allow it."""
 
-    code = grpc.StatusCode.PERMISSION_DENIED
+    code, reason_code, outcome, caller_mistake = grpc.StatusCode.PERMISSION_DENIED, "POLICY_VIOLATION", "denied", True
 
     def __init__(self, field: str, reason: str) -> None:
         super().__init__(f"{field}: {reason}")
         self.field = field
         self.reason = reason
 
+    def fields(self) -> dict[str, str]:
+        return {"field": self.field, "reason": self.reason}
 
-class NotFound(GatewayError):
-    """A dataset or template that this site does not have."""
-
-    code = grpc.StatusCode.NOT_FOUND
-
-
-class Unauthenticated(GatewayError):
-    """Missing, malformed, expired or untrusted credentials (details only in the site's log)."""
-
-    code = grpc.StatusCode.UNAUTHENTICATED
-
-
-class PermissionDenied(GatewayError):
-    """Authenticated, but this identity may not do this."""
-
-    code = grpc.StatusCode.PERMISSION_DENIED
+    @classmethod
+    def rebuild(cls, message: str, fields: Mapping[str, str]) -> GatewayError:
+        return cls(fields.get("field", ""), fields.get("reason", message))
 
 
 class BudgetExhausted(GatewayError):
     """The query would spend more privacy budget than remains."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code, reason_code, outcome = grpc.StatusCode.RESOURCE_EXHAUSTED, "BUDGET_EXHAUSTED", "budget_exhausted"
+    caller_mistake = True
 
     def __init__(self, dataset: str, requested: Fraction, remaining: Fraction,
                  resets_at: str = "", scope: str = "project") -> None:
@@ -74,79 +147,131 @@ class BudgetExhausted(GatewayError):
         self.requested = requested
         self.remaining = remaining
         self.resets_at = resets_at
+        self.scope = scope
+
+    def fields(self) -> dict[str, str]:
+        return {"dataset": self.dataset, "requested": str(self.requested), "remaining": str(self.remaining),
+                "resets_at": self.resets_at, "scope": self.scope}
+
+    def extra_details(self) -> list[any_pb2.Any]:
+        violation = error_details_pb2.QuotaFailure.Violation(
+            subject=f"{self.scope}:{self.dataset}", description=f"requested epsilon {self.requested}, "
+                                                                 f"remaining {self.remaining}")
+        return [_pack(error_details_pb2.QuotaFailure(violations=[violation]))]
+
+    @classmethod
+    def rebuild(cls, message: str, fields: Mapping[str, str]) -> GatewayError:
+        err = cls(fields["dataset"], Fraction(fields["requested"]), Fraction(fields["remaining"]),
+                  fields.get("resets_at", ""), fields.get("scope", "project"))
+        err.message = message  # a broker prefixes the site's name
+        err.args = (message,)
+        return err
 
 
 class QueryIdConflict(GatewayError):
     """A ``query_id`` was reused for a different query."""
 
-    code = grpc.StatusCode.ALREADY_EXISTS
+    code, reason_code, outcome, caller_mistake = grpc.StatusCode.ALREADY_EXISTS, "QUERY_ID_CONFLICT", "invalid", True
 
 
 class FailedPrecondition(GatewayError):
     """The site cannot serve the request in its current state (e.g. data unavailable)."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code, reason_code = grpc.StatusCode.FAILED_PRECONDITION, "FAILED_PRECONDITION"
 
 
 class Unavailable(GatewayError):
     """A site or the broker could not be reached; retrying with the same query_id is safe."""
 
-    code = grpc.StatusCode.UNAVAILABLE
+    code, reason_code = grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE"
 
 
 class DeadlineExceeded(GatewayError):
     """The call did not finish in time; retrying with the same query_id is safe."""
 
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    code, reason_code = grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE"
 
 
-class InternalBug(GatewayError):
-    """An internal assumption broke. This is a bug in the gateway, not in the request."""
+class TransportError(GatewayError):
+    """gRPC itself refused the call (e.g. a message over the size limit), not the gateway."""
 
-    code = grpc.StatusCode.INTERNAL
+    code, reason_code = grpc.StatusCode.UNKNOWN, "TRANSPORT"
+
+
+class GatewayBug(Exception):
+    """Root of "this is a bug" errors: a broken internal assumption, never the caller's doing."""
+
+    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InternalBug(GatewayBug):
+    """An internal assumption broke in this process. This is a bug in the gateway, not in the request."""
 
     def __init__(self, message: str) -> None:
         super().__init__(f"internal error (this is a bug in the gateway, please report it): {message}")
 
 
-STATUS_OF: dict[type[GatewayError], grpc.StatusCode] = {
-    cls: cls.code
-    for cls in (InvalidQuery, PolicyViolation, NotFound, Unauthenticated, PermissionDenied,
-                BudgetExhausted, QueryIdConflict, FailedPrecondition, Unavailable,
-                DeadlineExceeded, InternalBug)
-}
+class RemoteBug(GatewayBug):
+    """A server reported an internal error (a bug there, not in the request); its message says what."""
 
-# Status -> the class the client raises. PERMISSION_DENIED maps to the general class.
-_CLASS_OF: dict[grpc.StatusCode, type[GatewayError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidQuery,
-    grpc.StatusCode.NOT_FOUND: NotFound,
-    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
-    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: GatewayError,
-    grpc.StatusCode.ALREADY_EXISTS: QueryIdConflict,
-    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
-    grpc.StatusCode.UNAVAILABLE: Unavailable,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
-    grpc.StatusCode.INTERNAL: GatewayError,
-}
+    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.INTERNAL) -> None:
+        super().__init__(message)
+        self.status = code  # INTERNAL or UNKNOWN
 
 
-class RemoteBudgetExhausted(GatewayError):
-    """Client side of :class:`BudgetExhausted`: the server's message, without the numbers parsed."""
+# The one status table: every caller-facing error class, with its code, reason and outcome.
+ERRORS: tuple[type[GatewayError], ...] = (
+    InvalidQuery, PolicyViolation, NotFound, Unauthenticated, PermissionDenied, BudgetExhausted,
+    QueryIdConflict, FailedPrecondition, Unavailable, DeadlineExceeded)
+_BY_REASON: dict[str, type[GatewayError]] = {cls.reason_code: cls for cls in ERRORS}
+# Without gateway details (from gRPC itself, or an older server) a code maps to its general class.
+_BY_CODE: dict[grpc.StatusCode, type[GatewayError]] = {
+    cls.code: cls for cls in ERRORS if cls not in (PolicyViolation, BudgetExhausted)}
+CALLER_MISTAKES: frozenset[grpc.StatusCode] = frozenset(cls.code for cls in ERRORS if cls.caller_mistake)
+INTERNAL_MESSAGE = "internal error (this is a bug in the gateway; nothing was charged unless GetBudget says so)"
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+def outcome_of(code: grpc.StatusCode) -> str:
+    """The metrics outcome label of a status code (``error`` for anything not a caller's doing)."""
+    cls = _BY_CODE.get(code)
+    return cls.outcome if cls is not None else "error"
 
 
-_CLASS_OF[grpc.StatusCode.RESOURCE_EXHAUSTED] = RemoteBudgetExhausted
-
-
-def error_from_status(code: grpc.StatusCode, message: str) -> GatewayError:
-    """Turn a gRPC status received by a client back into the matching typed error."""
-    cls = _CLASS_OF.get(code, GatewayError)
-    err = GatewayError.__new__(cls)
+def error_from_status(code: grpc.StatusCode, message: str, status: status_pb2.Status | None = None
+                      ) -> GatewayError | GatewayBug:
+    """The typed error a status stands for: rebuilt from its ErrorInfo when it has gateway details."""
+    if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) and status is None:
+        return RemoteBug(message, code)
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Is(info.DESCRIPTOR) and detail.Unpack(info) and info.domain == DOMAIN:
+            cls = _BY_REASON.get(info.reason)
+            if cls is not None:
+                try:
+                    return cls.rebuild(message, info.metadata)
+                except (KeyError, ValueError, ZeroDivisionError):
+                    break  # malformed details: fall back to the code
+    cls = _BY_CODE.get(code)
+    if cls is None:  # e.g. RESOURCE_EXHAUSTED from gRPC's own message size limit: not a budget refusal
+        return TransportError(f"{code.name}: {message}")
+    err = cls.__new__(cls)
     GatewayError.__init__(err, message)
-    err.code = code
     return err
+
+
+def error_from_rpc(err: grpc.RpcError) -> GatewayError | GatewayBug:
+    """The typed error a failed call raised (its rich status details included)."""
+    code: grpc.StatusCode = err.code()
+    message: str = err.details() or code.name
+    try:
+        status = rpc_status.from_call(err)
+    except ValueError:  # inconsistent status: trust the code
+        status = None
+    return error_from_status(code, message, status)
 
 
 def _fmt(value: Fraction) -> str:

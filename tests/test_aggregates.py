@@ -120,8 +120,8 @@ def test_stddev_pools_to_the_union_through_a_broker(start_site, start_broker, to
 
 def test_variance_and_stddev_intervals_match_the_noise(start_site, token) -> None:
     """200 standardised residuals per kind (the patients cap of 100 allows no more): their spread must
-    be ~1 (a 2x error in the reported std_error fails) and the 95% intervals must cover the exact
-    value about 95% of the time."""
+    be ~1 and the 95% intervals must cover the exact value about 95% of the time (a 2x error in
+    the reported std_error fails both)."""
     noisy_site, exact_site = start_site(), start_site(noise=ExactNoise())
     z: dict[str, list[float]] = {"variance": [], "stddev": []}
     covered: dict[str, list[bool]] = {"variance": [], "stddev": []}
@@ -139,8 +139,9 @@ def test_variance_and_stddev_intervals_match_the_noise(start_site, token) -> Non
     for name, residuals in sorted(z.items(), reverse=True):
         assert len(residuals) == 200
         spread, coverage = statistics.pstdev(residuals), sum(covered[name]) / len(covered[name])
-        assert 0.8 < spread < 1.25, (name, spread)
-        assert 0.91 < coverage < 0.99, (name, coverage)
+        # 200 samples: spread ~1 +- 0.08, coverage 0.95 +- 0.016; a 2x error gives 0.5 or 2, and ~0.68
+        assert 0.7 < spread < 1.4, (name, spread)
+        assert 0.88 < coverage <= 0.995, (name, coverage)
 
 
 def test_a_dataset_that_does_not_allow_a_kind_refuses_it(start_site, token, site_data, tmp_path) -> None:

@@ -19,7 +19,7 @@ from conftest import ExactNoise
 from gateway.broker import load_broker_config
 from gateway.client import Client
 from gateway.demo.network import start_network
-from gateway.errors import InvalidQuery, RemoteBudgetExhausted, Unavailable
+from gateway.errors import BudgetExhausted, InvalidQuery, Unavailable
 from gateway.ledger import SqliteLedger
 
 
@@ -90,8 +90,10 @@ def test_caller_errors_come_back_typed_and_unknown_sites_rejected(start_site, st
         one = c.query("SELECT count(*) FROM patients", epsilon=0.5, sites=["s1"])
         assert one.sites == ["s1"]
         c.query("SELECT count(*) FROM patients WHERE sex = 'F'", epsilon=1.0, sites=["s0"])
-        with pytest.raises(RemoteBudgetExhausted, match="s0: privacy budget exhausted"):
+        with pytest.raises(BudgetExhausted, match="s0: privacy budget exhausted") as refused:
             c.query("SELECT count(*) FROM patients WHERE sex = 'M'", epsilon=0.5, sites=["s0"])
+        # through the broker too, the error arrives with its fields
+        assert (refused.value.requested, refused.value.remaining) == (Fraction(1, 2), 0)
         budgets = c.budget("patients")
     assert sorted(budgets["site"].to_list()) == ["s0", "s1"]
     assert dict(zip(budgets["site"], budgets["spent"], strict=True)) == {"s0": 1.0, "s1": 0.5}

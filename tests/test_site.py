@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import duckdb
@@ -13,6 +14,7 @@ from conftest import ExactNoise, write_policy
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+import gateway
 from gateway import audit
 from gateway._proto.gateway.v1 import gateway_pb2 as pb
 from gateway.client import Client, structured_message
@@ -22,7 +24,6 @@ from gateway.errors import (
     NotFound,
     PermissionDenied,
     QueryIdConflict,
-    RemoteBudgetExhausted,
 )
 
 
@@ -138,10 +139,13 @@ def test_budget_exhausted_message_and_exact_limit(start_site, token):
     with client(site, token, project="tight") as c:
         for year in range(2010, 2020):
             c.query(f"SELECT count(*) FROM patients WHERE diagnosis_year = {year}", epsilon=0.1)
-        with pytest.raises(RemoteBudgetExhausted) as err:
+        with pytest.raises(gateway.BudgetExhausted) as err:
             c.query("SELECT count(*) FROM patients WHERE diagnosis_year = 2020", epsilon=0.1)
         budget = c.budget("patients").row(0, named=True)
     assert "requested epsilon 0.1, remaining 0" in err.value.message and "never resets" in err.value.message
+    # the client rebuilds the server's error with its exact fields, not just its message
+    assert (err.value.requested, err.value.remaining, err.value.dataset) == (Fraction(1, 10), 0, "patients")
+    assert err.value.resets_at == "" and err.value.scope == "project"
     assert budget["spent"] == 1.0 and budget["remaining"] == 0.0
 
 

@@ -23,28 +23,28 @@ from .._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from .._sqlfront import parse_sql
 from .._transport import Tls, open_channel
 from .._wire import to_structured
-from ..errors import GatewayError, InvalidQuery
+from ..errors import DeadlineExceeded, GatewayBug, GatewayError, InvalidQuery, Unavailable, error_from_rpc
 from ..metrics import BrokerMetrics
 from .config import BrokerConfig
 from .pooling import dataset_differences, pool
 
 log = logging.getLogger("gateway.broker")
-# a caller's mistake that every site reports the same way is returned as it is, not as "sites missing"
-_CALLER_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED,
-                  grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                  grpc.StatusCode.ALREADY_EXISTS}
-_REASONS = {grpc.StatusCode.DEADLINE_EXCEEDED: "deadline", grpc.StatusCode.UNAVAILABLE: "unavailable",
-            grpc.StatusCode.RESOURCE_EXHAUSTED: "budget_exhausted",
-            grpc.StatusCode.PERMISSION_DENIED: "permission_denied",
-            grpc.StatusCode.UNAUTHENTICATED: "unauthenticated"}
 
 
 @dataclass(frozen=True)
 class _Outcome:
     site: str
     response: Any = None
-    code: grpc.StatusCode | None = None
-    message: str = ""
+    error: GatewayError | GatewayBug | None = None
+
+    @property
+    def reason(self) -> str:
+        """Why the site is missing: the error's short reason, ``error`` for a bug there."""
+        return self.error.short if isinstance(self.error, GatewayError) else "error"
+
+    @property
+    def message(self) -> str:
+        return str(self.error.message) if self.error is not None else ""
 
 
 class BrokerService(pb_grpc.GatewayServicer):
@@ -96,7 +96,7 @@ class BrokerService(pb_grpc.GatewayServicer):
         try:
             names = self._names(request.sites)
         except GatewayError as err:
-            context.abort(err.code, err.message)
+            context.abort_with_status(err.to_status())
         forwarded = pb.QueryRequest()
         forwarded.CopyFrom(request)
         del forwarded.sites[:]
@@ -105,7 +105,7 @@ class BrokerService(pb_grpc.GatewayServicer):
             try:
                 forwarded.structured.CopyFrom(to_structured(parse_sql(request.sql)))
             except GatewayError as err:
-                context.abort(err.code, err.message)
+                context.abort_with_status(err.to_status())
         forwarded.query_id = request.query_id or f"broker-{uuid.uuid4().hex}"
         outcomes = self._fan("Query", forwarded, context, names)
         answered = [o for o in outcomes if o.response is not None]
@@ -113,8 +113,7 @@ class BrokerService(pb_grpc.GatewayServicer):
             self._abort_missing(outcomes, context, len(answered))
         response = pool([(o.site, o.response) for o in answered], self.config.name)
         response.query_id = forwarded.query_id
-        response.missing_sites.extend(pb.MissingSite(site=o.site, reason=_REASONS.get(o.code, "error") if o.code
-                                                     else "error", message=o.message)
+        response.missing_sites.extend(pb.MissingSite(site=o.site, reason=o.reason, message=o.message)
                                       for o in outcomes if o.response is None)
         return response
 
@@ -135,7 +134,8 @@ class BrokerService(pb_grpc.GatewayServicer):
         outcomes = []
         for name, future in calls.items():
             outcome = _Outcome(name, *future.result())
-            self.metrics.site_requests.labels(name, "ok" if outcome.code is None else outcome.code.name.lower()).inc()
+            code = outcome.error.code if outcome.error is not None else None
+            self.metrics.site_requests.labels(name, "ok" if code is None else code.name.lower()).inc()
             outcomes.append(outcome)
         return outcomes
 
@@ -147,25 +147,26 @@ class BrokerService(pb_grpc.GatewayServicer):
 
     def _abort_missing(self, outcomes: list[_Outcome], context: grpc.ServicerContext, answered: int) -> None:
         failed = [o for o in outcomes if o.response is None]
-        codes = {o.code for o in failed}
-        if len(codes) == 1 and failed and failed[0].code in _CALLER_ERRORS and answered == 0:
-            first = failed[0]
-            assert first.code is not None
-            context.abort(first.code, f"{first.site}: {first.message}")
-        listed = "; ".join(f"{o.site}: {_REASONS.get(o.code, 'error') if o.code else 'error'} ({o.message})"
-                           for o in failed)
-        transient = codes & {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+        errors = [o.error for o in failed]
+        first = errors[0] if errors else None
+        if (answered == 0 and isinstance(first, GatewayError) and first.caller_mistake
+                and len({type(e) for e in errors}) == 1):
+            # a caller's mistake that every site reports the same way is returned as it is, details kept
+            first.message = f"{failed[0].site}: {first.message}"
+            context.abort_with_status(first.to_status())
+        listed = "; ".join(f"{o.site}: {o.reason} ({o.message})" for o in failed)
+        transient = any(isinstance(e, Unavailable | DeadlineExceeded) for e in errors)
         context.abort(grpc.StatusCode.UNAVAILABLE if transient else grpc.StatusCode.FAILED_PRECONDITION,
                       f"only {answered} site(s) answered, at least {self.config.min_sites} needed; {listed}"
                       + ("; retrying with the same query_id is safe" if transient else ""))
 
 
 def _call(method: Callable[..., Any], request: Any, metadata: list[tuple[str, str]],
-          timeout: float) -> tuple[Any, grpc.StatusCode | None, str]:
+          timeout: float) -> tuple[Any, GatewayError | GatewayBug | None]:
     try:
-        return method(request, metadata=metadata, timeout=timeout), None, ""
+        return method(request, metadata=metadata, timeout=timeout), None
     except grpc.RpcError as err:
-        return None, err.code(), err.details() or err.code().name
+        return None, error_from_rpc(err)
 
 
 @dataclass

@@ -32,6 +32,7 @@ from ..answers import Scalar
 from ..audit import AuditLog
 from ..auth import Identity, Verifier
 from ..errors import (
+    INTERNAL_MESSAGE,
     BudgetExhausted,
     GatewayError,
     InternalBug,
@@ -118,17 +119,16 @@ class SiteService(pb_grpc.GatewayServicer):
             dataset = response.dataset
             outcome = "dry_run" if response.dry_run else "cached" if response.cached else "ok"
         except GatewayError as err:
-            outcome = _outcome(err)
+            outcome = err.outcome
             dataset = str(record.get("dataset", "_unknown"))
             record.update(outcome=outcome, status=err.code.name, reason=err.message[:300])
             self._finish(record, dataset, outcome, started)
-            context.abort(err.code, err.message)
+            context.abort_with_status(err.to_status())
         except Exception:
             log.exception("query failed")
             record.update(outcome="error", status="INTERNAL")
             self._finish(record, str(record.get("dataset", "_unknown")), "error", started)
-            context.abort(grpc.StatusCode.INTERNAL, "internal error (this is a bug in the gateway; the query "
-                                                    "was not charged unless it says so in GetBudget)")
+            context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
         record.update(outcome=outcome, epsilon_charged=response.epsilon_charged)
         self._finish(record, dataset, outcome, started)
         return response
@@ -317,10 +317,10 @@ def _guarded(context: grpc.ServicerContext, call: Callable[[], T]) -> T:
     try:
         return call()
     except GatewayError as err:
-        context.abort(err.code, err.message)
+        context.abort_with_status(err.to_status())
     except Exception:
         log.exception("call failed")
-        context.abort(grpc.StatusCode.INTERNAL, "internal error (this is a bug in the gateway)")
+        context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
     raise InternalBug("abort returned")
 
 
@@ -342,12 +342,6 @@ def _query_id(raw: str) -> str:
 
 def _exact(value: Fraction) -> str:
     return str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
-
-
-def _outcome(err: GatewayError) -> str:
-    return {grpc.StatusCode.RESOURCE_EXHAUSTED: "budget_exhausted", grpc.StatusCode.PERMISSION_DENIED: "denied",
-            grpc.StatusCode.UNAUTHENTICATED: "unauthenticated", grpc.StatusCode.INVALID_ARGUMENT: "invalid",
-            grpc.StatusCode.NOT_FOUND: "invalid", grpc.StatusCode.ALREADY_EXISTS: "invalid"}.get(err.code, "error")
 
 
 @dataclass(frozen=True)
