@@ -5,7 +5,8 @@ Public surface: :class:`gateway.client.Client` for researchers, the error hierar
 :mod:`gateway.site`. See the README for the first five minutes.
 """
 
+from ._version import __version__
 from .errors import BudgetExhausted, GatewayError, InvalidQuery, NotFound, PermissionDenied, Unauthenticated
 
-__all__ = ["BudgetExhausted", "GatewayError", "InvalidQuery", "NotFound", "PermissionDenied", "Unauthenticated"]
-__version__ = "0.1.0"
+__all__ = ["BudgetExhausted", "GatewayError", "InvalidQuery", "NotFound", "PermissionDenied", "Unauthenticated",
+           "__version__"]

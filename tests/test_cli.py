@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import write_policy
 
+from gateway._version import __version__
 from gateway.client import Client
 from gateway.errors import GatewayError
 from gateway.ledger import SqliteLedger
@@ -35,6 +36,12 @@ def test_every_command_has_help():
         result = run(*args)
         assert result.returncode == 0, (args, result.stderr)
         assert "usage:" in result.stdout
+
+
+def test_version_flag_prints_the_package_version():
+    result = run("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"gateway {__version__}"
 
 
 def test_policy_check_reports_file_line_field(tmp_path):

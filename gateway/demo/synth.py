@@ -456,6 +456,20 @@ def _patients_frame(c: _Cohort) -> pl.DataFrame:
     )
 
 
+class _ArrowStream:
+    """A polars frame offered to DuckDB through the Arrow C stream interface only.
+
+    Registered as is, a polars frame makes DuckDB convert it with pyarrow; through this interface
+    DuckDB reads the frame's Arrow data directly, and pyarrow need not be installed.
+    """
+
+    def __init__(self, frame: pl.DataFrame) -> None:
+        self._frame = frame
+
+    def __arrow_c_stream__(self, requested_schema: object | None = None) -> object:
+        return self._frame.__arrow_c_stream__(requested_schema)
+
+
 def _write_duckdb(out: pathlib.Path, tables: dict[str, pl.DataFrame]) -> None:
     """Replace ``out`` with a DuckDB file holding one table per frame (bulk load)."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -465,7 +479,7 @@ def _write_duckdb(out: pathlib.Path, tables: dict[str, pl.DataFrame]) -> None:
     con = duckdb.connect(str(out))
     try:
         for name, frame in tables.items():
-            con.register("_synth_frame", frame)
+            con.register("_synth_frame", _ArrowStream(frame))
             con.execute(f'CREATE TABLE "{name}" AS SELECT * FROM _synth_frame')
             con.unregister("_synth_frame")
     finally:
