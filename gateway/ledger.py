@@ -1,18 +1,19 @@
 """The privacy budget ledger: durable, atomic check-and-charge that cannot overspend (DESIGN §7).
 
-:class:`Ledger` is the small interface a site needs; :class:`SqliteLedger` is the embedded
-default (SQLite, WAL, ``synchronous=FULL``). Amounts are exact fractions stored as text, so ten
-charges of 0.1 fill a budget of 1 exactly. A charge moves ``reserved`` -> ``released`` (with the
-answer stored) or ``reserved`` -> ``refunded`` (failure before noise was drawn). A reserved charge
-left by a crashed process stays charged; a retry with its query_id adopts it instead of paying again.
+:class:`Ledger` is the small interface a site needs (the seam a PostgreSQL ledger for several
+site replicas would implement); :class:`SqliteLedger` is the embedded default (SQLite, WAL,
+``synchronous=FULL``). Amounts are exact fractions stored as text, so ten charges of 0.1 fill a
+budget of 1 exactly. A charge is made once the noisy answer exists: one transaction checks every
+scope, charges them all and stores the answer with the charge, so a retry with the same query_id
+gets that answer for free. :func:`check_affordable` is the one affordability test.
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -22,6 +23,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from .errors import BudgetExhausted, InternalBug
 
 T = TypeVar("T")
+log = logging.getLogger("gateway.ledger")
 
 
 @dataclass(frozen=True)
@@ -51,35 +53,37 @@ class BudgetState:
 
 @dataclass(frozen=True)
 class ChargeRecord:
-    """A charge as stored: what it was for, its state and (once released) the answer."""
+    """A charge as stored: what it was for and the answer released with it."""
 
     charge_id: int
     project: str
     query_id: str
     canonical_hash: str
     epsilon: Fraction
-    status: str
-    answer: bytes | None
-    orphaned: bool
+    answer: bytes
+
+
+def check_affordable(scope: Scope, spent: Fraction, epsilon: Fraction) -> None:
+    """Refuse (:class:`BudgetExhausted`) a charge of ``epsilon`` on ``scope`` with ``spent`` already spent."""
+    if spent + epsilon > scope.limit:
+        raise BudgetExhausted(scope.dataset, epsilon, max(Fraction(0), scope.limit - spent), scope.resets_at,
+                              scope.label)
 
 
 class Ledger(Protocol):
     """What a site needs from a budget ledger; implementations must be atomic and durable."""
 
+    def precheck(self, epsilon: Fraction, scopes: Sequence[Scope]) -> None:
+        """Read only: refuse a charge of ``epsilon`` that some scope cannot pay now."""
+        ...
+
     def charge(self, project: str, query_id: str, canonical_hash: str, epsilon: Fraction,
-               scopes: Sequence[Scope], answer: bytes | None = None) -> int:
-        """Atomically check every scope has ``epsilon`` left and charge them all; durable on return.
+               scopes: Sequence[Scope], answer: bytes) -> int:
+        """Atomically check every scope has ``epsilon`` left, charge them all and store ``answer``.
 
-        With ``answer``, the charge is stored released with that answer in the same transaction.
+        Durable on return. Raises :class:`BudgetExhausted`, or :class:`QueryIdInUse` when the
+        project already has a charge under ``query_id``.
         """
-        ...
-
-    def release(self, charge_id: int, answer: bytes) -> None:
-        """Store the answer with its charge (noise has been drawn)."""
-        ...
-
-    def refund(self, charge_id: int) -> None:
-        """Give back a reserved charge whose query failed before any noise was drawn."""
         ...
 
     def find(self, project: str, query_id: str) -> ChargeRecord | None:
@@ -87,11 +91,15 @@ class Ledger(Protocol):
         ...
 
     def find_answer(self, project: str, canonical_hash: str) -> bytes | None:
-        """A released answer to the same canonical query by the same project, if any."""
+        """The first answer released to the same canonical query by the same project, if any."""
         ...
 
     def state(self, scope: Scope) -> BudgetState:
         """Limit and spent of one scope in its current period."""
+        ...
+
+    def close(self) -> None:
+        """Finish pending writes and release the store."""
         ...
 
 
@@ -128,11 +136,11 @@ class SqliteLedger:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.owner = uuid.uuid4().hex  # this process's identity, to tell orphaned charges from live ones
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._guard = threading.Lock()
         self._conn().executescript(_SCHEMA)
+        _migrate_reserved_charges(self._conn())
         # group commit: one writer thread applies every pending write in one transaction (one fsync)
         self._pending: list[_Write[Any]] = []
         self._wake = threading.Condition()
@@ -207,83 +215,46 @@ class SqliteLedger:
         for op in batch:
             op.done.set()
 
-    def charge(self, project: str, query_id: str, canonical_hash: str, epsilon: Fraction,
-               scopes: Sequence[Scope], answer: bytes | None = None) -> int:
-        """See :meth:`Ledger.charge`; raises :class:`BudgetExhausted` or :class:`QueryIdInUse`.
+    def precheck(self, epsilon: Fraction, scopes: Sequence[Scope]) -> None:
+        """See :meth:`Ledger.precheck`."""
+        con = self._conn()
+        for scope in scopes:
+            check_affordable(scope, _spent(con, scope.key, scope.period_index), epsilon)
 
-        With ``answer`` the charge is stored already released with it (one transaction: check, charge
-        and store); without, it is ``reserved`` until :meth:`release` or :meth:`refund`.
-        """
+    def charge(self, project: str, query_id: str, canonical_hash: str, epsilon: Fraction,
+               scopes: Sequence[Scope], answer: bytes) -> int:
+        """See :meth:`Ledger.charge`."""
         if epsilon <= 0:
             raise InternalBug("a charge must be positive")
         if len({(s.key, s.period_index) for s in scopes}) != len(scopes):
             raise InternalBug("a charge names the same budget twice")
+
         def apply(con: sqlite3.Connection) -> int:
             if con.execute("SELECT 1 FROM charges WHERE project = ? AND query_id = ?",
                            (project, query_id)).fetchone():
                 raise QueryIdInUse(query_id)
             for scope in scopes:
-                spent = _spent(con, scope.key, scope.period_index)
-                if spent + epsilon > scope.limit:
-                    raise BudgetExhausted(scope.dataset, epsilon, max(Fraction(0), scope.limit - spent),
-                                          scope.resets_at, scope.label)
+                check_affordable(scope, _spent(con, scope.key, scope.period_index), epsilon)
             for scope in scopes:
                 _add(con, scope.key, scope.period_index, epsilon)
             cur = con.execute(
                 "INSERT INTO charges (project, query_id, canonical_hash, epsilon, scopes, status, owner, answer,"
-                " created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " created) VALUES (?, ?, ?, ?, ?, 'released', '', ?, ?)",
                 (project, query_id, canonical_hash, _text(epsilon),
-                 ";".join(f"{s.key}@{s.period_index}" for s in scopes),
-                 "reserved" if answer is None else "released", self.owner, answer, time.time()))
+                 ";".join(f"{s.key}@{s.period_index}" for s in scopes), answer, time.time()))
             assert cur.lastrowid is not None
             return cur.lastrowid
 
         return self._write(apply)
 
-    def adopt(self, charge_id: int) -> bool:
-        """Take over an orphaned reserved charge (its process died); False if someone else has it."""
-        def apply(con: sqlite3.Connection) -> bool:
-            cur = con.execute("UPDATE charges SET owner = ? WHERE id = ? AND status = 'reserved' AND owner != ?",
-                              (self.owner, charge_id, self.owner))
-            return cur.rowcount == 1
-
-        return self._write(apply)
-
-    def release(self, charge_id: int, answer: bytes) -> None:
-        """See :meth:`Ledger.release`."""
-        def apply(con: sqlite3.Connection) -> None:
-            cur = con.execute("UPDATE charges SET status = 'released', answer = ? WHERE id = ? AND status = 'reserved'",
-                              (answer, charge_id))
-            if cur.rowcount != 1:
-                raise InternalBug(f"charge {charge_id} is not reserved")
-
-        self._write(apply)
-
-    def refund(self, charge_id: int) -> None:
-        """See :meth:`Ledger.refund`."""
-        def apply(con: sqlite3.Connection) -> None:
-            row = con.execute("SELECT epsilon, scopes FROM charges WHERE id = ? AND status = 'reserved'",
-                              (charge_id,)).fetchone()
-            if row is None:
-                raise InternalBug(f"charge {charge_id} is not reserved")
-            amount = Fraction(row[0])
-            for item in row[1].split(";") if row[1] else []:
-                key, _, period = item.rpartition("@")
-                _add(con, key, int(period), -amount)
-            # free the query_id for a retry; char(1) cannot occur in a caller's (printable) query_id
-            con.execute("UPDATE charges SET status = 'refunded', query_id = query_id || char(1) || id"
-                        " WHERE id = ?", (charge_id,))
-
-        self._write(apply)
-
     def find(self, project: str, query_id: str) -> ChargeRecord | None:
         """See :meth:`Ledger.find`."""
         row = self._conn().execute(
-            "SELECT id, canonical_hash, epsilon, status, answer, owner FROM charges WHERE project = ? AND query_id = ?",
-            (project, query_id)).fetchone()
+            "SELECT id, canonical_hash, epsilon, answer FROM charges WHERE project = ? AND query_id = ?"
+            " AND status = 'released'", (project, query_id)).fetchone()
         if row is None:
             return None
-        return ChargeRecord(row[0], project, query_id, row[1], Fraction(row[2]), row[3], row[4], row[5] != self.owner)
+        return ChargeRecord(row[0], project, query_id, row[1], Fraction(row[2]), bytes(row[3] or b""))
 
     def find_answer(self, project: str, canonical_hash: str) -> bytes | None:
         """See :meth:`Ledger.find_answer`."""
@@ -297,9 +268,23 @@ class SqliteLedger:
         return BudgetState(scope.limit, _spent(self._conn(), scope.key, scope.period_index))
 
     def total_spent(self) -> Fraction:
-        """Sum of every non-refunded charge (for audits and tests)."""
+        """Sum of every charge that still counts (for audits and tests)."""
         rows = self._conn().execute("SELECT epsilon FROM charges WHERE status != 'refunded'").fetchall()
         return sum((Fraction(r[0]) for r in rows), Fraction(0))
+
+
+def _migrate_reserved_charges(con: sqlite3.Connection) -> None:
+    """Migration for ledgers written by versions that charged before drawing noise (0.1.x).
+
+    Those kept a charge ``reserved`` until its answer was stored; one left by a crash released
+    nothing. It stays spent (the conservative choice), and its query_id is freed, so a retry is
+    answered as a new query. Idempotent; char(1) cannot occur in a caller's printable query_id.
+    """
+    cur = con.execute("UPDATE charges SET query_id = query_id || char(1) || 'abandoned' || id"
+                      " WHERE status = 'reserved' AND instr(query_id, char(1)) = 0")
+    if cur.rowcount:
+        log.warning("ledger: %d charge(s) reserved by an older version stay spent; their query ids are freed",
+                    cur.rowcount)
 
 
 class _Write(Generic[T]):

@@ -1,0 +1,236 @@
+"""The site's query pipeline: one way through, no gRPC, one policy snapshot.
+
+A query travels parse -> check (access, epsilon limits, scopes) -> price -> ledger (replay by
+query_id, stored answer, read-only precheck) -> engine -> mechanism -> charge -> response. Each
+step takes what the one before produced and none reaches back; the policy is read once, by the
+caller, and passed down, so a reload in the middle of a request cannot mix two policies.
+
+The charge comes last: one durable transaction re-checks the budget, charges every scope and
+stores the noisy answer, and only then does the answer leave the process. A query that loses a
+race for the last budget is refused, its noisy value discarded unseen.
+
+The gRPC edge (:mod:`.service`) keeps identity, guarding, audit and metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from fractions import Fraction
+
+from .._engine import Engine, product_of_keys
+from .._mechanisms import Noise, plan_query, predicted, release
+from .._proto.gateway.v1 import gateway_pb2 as pb
+from .._sqlfront import parse_sql
+from .._wire import from_structured, rows_to_wire, to_scalar
+from ..auth import Identity
+from ..errors import InvalidQuery, PermissionDenied, PolicyViolation, QueryIdConflict, Unavailable
+from ..ledger import BudgetState, Ledger, QueryIdInUse, Scope
+from ..policy import BudgetRule, Dataset, Policy, period_window, to_fraction
+from ..query import Query, check_query, dataset_of
+from ..templates import resolve_template
+
+QUERY_ID_MAX = 128
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A query held against the policy: allowed, priced in epsilon, with the budgets it draws on."""
+
+    query: Query
+    dataset: Dataset
+    epsilon: Fraction
+    scopes: tuple[Scope, ...]
+    canonical: str
+    canonical_hash: str
+
+
+@dataclass(frozen=True)
+class Answered:
+    """What the pipeline hands the edge: the response and the budgets as they stand after it."""
+
+    response: pb.QueryResponse
+    budgets: tuple[tuple[Scope, BudgetState], ...] = ()
+
+
+# -- parse and check --------------------------------------------------------------------------------
+
+def parse(request: pb.QueryRequest, policy: Policy, project: str) -> Query:
+    """The request's body (structured, SQL or template call) as a query, not yet checked."""
+    body = request.WhichOneof("body")
+    if body == "structured":
+        return from_structured(request.structured)
+    if body == "sql":
+        return parse_sql(request.sql)
+    if body == "template":
+        template = policy.templates.get(request.template.name)
+        params: dict[str, object] = {k: to_scalar(v) for k, v in request.template.params.items()}
+        for name, value in params.items():  # list parameters travel as comma-separated text
+            spec = template.params.get(name) if template is not None else None
+            if spec is not None and spec.type.startswith("list[") and isinstance(value, str):
+                params[name] = tuple(x.strip() for x in value.split(","))
+        return resolve_template(policy, request.template.name, params, project)
+    raise InvalidQuery("the request has no query: set structured, sql or template")
+
+
+def access_rule(policy: Policy, identity: Identity, dataset: str) -> BudgetRule:
+    """The budget rule through which ``identity`` may query ``dataset``, or :class:`PermissionDenied`."""
+    rule = policy.budget_rule(identity.project, dataset)
+    if rule is None:
+        raise PermissionDenied(f"project {identity.project!r} has no access to dataset {dataset!r} at this "
+                               "site; ask its privacy officer")
+    if not rule.allows_role(identity.role):
+        raise PermissionDenied(f"role {identity.role!r} may not query dataset {dataset!r} for project "
+                               f"{identity.project!r}")
+    return rule
+
+
+def budget_scopes(policy: Policy, project: str, dataset: str, rule: BudgetRule, now: datetime) -> tuple[Scope, ...]:
+    """The budgets a query on ``dataset`` draws on: the project's, and a dataset-wide cap if any."""
+    index, resets = period_window(rule.period, policy.period_start, now)
+    scopes = [Scope(f"project:{project}:{dataset}", dataset, rule.epsilon, index, resets)]
+    cap = policy.dataset_caps.get(dataset)
+    if cap is not None:
+        cap_index, cap_resets = period_window(cap.period, policy.period_start, now)
+        scopes.append(Scope(f"dataset:{dataset}", dataset, cap.epsilon, cap_index, cap_resets,
+                            "all projects (dataset-wide cap)"))
+    return tuple(scopes)
+
+
+def requested_epsilon(request: pb.QueryRequest, policy: Policy, dataset: str) -> Fraction:
+    """The epsilon the request asks for (0: the policy default), within the policy's per-query limits."""
+    limits = policy.epsilon_limits(dataset)
+    if request.delta != 0:
+        raise InvalidQuery("delta must be 0: this site uses pure epsilon-DP")
+    if not math.isfinite(request.epsilon) or request.epsilon < 0:
+        raise InvalidQuery("epsilon must be a positive finite number (or 0 for the policy default)")
+    if request.epsilon == 0:
+        return limits.default
+    epsilon = to_fraction(request.epsilon)
+    if epsilon > limits.max:
+        raise PolicyViolation("epsilon", f"requested {request.epsilon:g} exceeds the per-query maximum "
+                                         f"{float(limits.max):g} for dataset {dataset!r}; ask for at most that")
+    return epsilon
+
+
+def check(request: pb.QueryRequest, query: Query, identity: Identity, policy: Policy, now: datetime) -> Checked:
+    """Hold a query whose shape :func:`check_query` accepted against the rest of ``policy``.
+
+    That is: the templates-only rule, access, the epsilon limits, and the budgets it draws on.
+    """
+    dataset = policy.datasets[query.dataset]
+    if dataset.templates_only and request.WhichOneof("body") != "template":
+        raise PolicyViolation("body", f"dataset {query.dataset!r} may only be queried through approved "
+                                      f"templates; see ListDatasets for them")
+    rule = access_rule(policy, identity, query.dataset)
+    epsilon = requested_epsilon(request, policy, query.dataset)
+    scopes = budget_scopes(policy, identity.project, query.dataset, rule, now)
+    return Checked(query, dataset, epsilon, scopes, query.canonical(epsilon), query.canonical_hash(epsilon))
+
+
+# -- the pipeline -----------------------------------------------------------------------------------
+
+class Pipeline:
+    """Answers checked queries: ledger, engine, mechanism and charge, in that order."""
+
+    def __init__(self, ledger: Ledger, noise: Noise) -> None:
+        self.ledger = ledger
+        self.noise = noise
+
+    def run(self, request: pb.QueryRequest, identity: Identity, policy: Policy, engine: Engine, now: datetime,
+            trace: dict[str, object]) -> Answered:
+        """Answer one request under one policy snapshot; ``trace`` collects what the audit records."""
+        query = check_query(parse(request, policy, identity.project), policy)
+        trace["dataset"] = query.dataset
+        checked = check(request, query, identity, policy, now)
+        trace.update(canonical_hash=checked.canonical_hash, epsilon_requested=float(checked.epsilon))
+        plan = plan_query(checked.query, checked.dataset, checked.epsilon)
+        response = pb.QueryResponse(
+            dataset=checked.query.dataset, group_by=list(checked.query.group_by),
+            aggregates=[a.label for a in checked.query.aggregates], canonical_hash=checked.canonical_hash,
+            canonical_query=checked.canonical, served_by=policy.site, epsilon_charged=float(checked.epsilon))
+        if request.dry_run:
+            groups = product_of_keys([checked.dataset.columns[c].public_keys for c in checked.query.group_by])
+            response.rows.extend(rows_to_wire(predicted(plan, groups), checked.query.group_by))
+            response.dry_run, response.query_id = True, request.query_id
+            return self._with_budgets(response, checked.scopes)
+        query_id = valid_query_id(request.query_id)
+        response.query_id = trace["query_id"] = query_id
+        stored = self._stored(identity.project, query_id, checked)
+        if stored is not None:
+            return self._replay(stored, query_id, checked.scopes)
+        self.ledger.precheck(checked.epsilon, checked.scopes)  # refuse before touching data
+        exact = engine.run(checked.query)  # a failure here has charged nothing
+        rows = release(plan, exact.groups, exact.components, self.noise, policy.suppression.min_count)
+        response.rows.extend(rows_to_wire(rows, checked.query.group_by))
+        try:
+            trace["charge_id"] = self.ledger.charge(identity.project, query_id, checked.canonical_hash,
+                                                    checked.epsilon, checked.scopes, response.SerializeToString())
+        except QueryIdInUse:  # the same query_id was answered concurrently: give that answer
+            found = self.ledger.find(identity.project, query_id)
+            if found is None or found.canonical_hash != checked.canonical_hash:
+                raise Unavailable(f"query_id {query_id!r} is being answered right now; retry shortly") from None
+            return self._replay(found.answer, query_id, checked.scopes)
+        return self._with_budgets(response, checked.scopes)
+
+    def _stored(self, project: str, query_id: str, checked: Checked) -> bytes | None:
+        """A stored answer: to this query_id (a retry), or to the same canonical query (free)."""
+        found = self.ledger.find(project, query_id)
+        if found is not None:
+            if found.canonical_hash != checked.canonical_hash:
+                raise QueryIdConflict(f"query_id {query_id!r} was already used for a different query; "
+                                      "use a new query_id for a new query")
+            return found.answer
+        return self.ledger.find_answer(project, checked.canonical_hash)
+
+    def _replay(self, stored: bytes, query_id: str, scopes: tuple[Scope, ...]) -> Answered:
+        response = pb.QueryResponse.FromString(stored)
+        response.query_id, response.cached, response.epsilon_charged = query_id, True, 0.0
+        return self._with_budgets(response, scopes)
+
+    def _with_budgets(self, response: pb.QueryResponse, scopes: tuple[Scope, ...]) -> Answered:
+        budgets = tuple((scope, self.ledger.state(scope)) for scope in scopes)
+        response.budget_remaining = float(min(state.remaining for _, state in budgets))
+        return Answered(response, budgets)
+
+
+# -- the other calls --------------------------------------------------------------------------------
+
+def usable_datasets(policy: Policy, identity: Identity) -> list[str]:
+    """The datasets ``identity`` may query (ListDatasets lists only these)."""
+    names = []
+    for name in policy.datasets:
+        rule = policy.budget_rule(identity.project, name)
+        if rule is not None and rule.allows_role(identity.role):
+            names.append(name)
+    return names
+
+
+def project_budgets(ledger: Ledger, policy: Policy, identity: Identity, dataset: str,
+                    now: datetime) -> list[tuple[Scope, BudgetRule, BudgetState]]:
+    """The caller's project budget on ``dataset`` (or every dataset it may use, when empty)."""
+    names = [dataset] if dataset else list(policy.datasets)
+    found = []
+    for name in names:
+        if dataset:
+            dataset_of(policy, name)
+            rule = access_rule(policy, identity, name)
+        else:
+            maybe = policy.budget_rule(identity.project, name)
+            if maybe is None or not maybe.allows_role(identity.role):
+                continue
+            rule = maybe
+        scope = budget_scopes(policy, identity.project, name, rule, now)[0]
+        found.append((scope, rule, ledger.state(scope)))
+    return found
+
+
+def valid_query_id(raw: str) -> str:
+    """The caller's query_id (1-128 printable ASCII characters), or a fresh one when none is given."""
+    if not raw:
+        return "server-" + secrets.token_hex(12)
+    if len(raw) > QUERY_ID_MAX or not raw.isprintable() or not raw.isascii():
+        raise InvalidQuery(f"query_id must be 1-{QUERY_ID_MAX} printable ASCII characters")
+    return raw
