@@ -176,6 +176,13 @@ class RunningBroker:
     server: grpc.Server
     port: int
     service: BrokerService
+    host: str = "127.0.0.1"
+
+    @property
+    def target(self) -> str:
+        """Where clients reach it: ``HOST:PORT`` (IPv6 hosts in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
+        return f"{host}:{self.port}"
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop serving and the fan-out pool."""
@@ -192,4 +199,4 @@ def build_broker_server(config: BrokerConfig, host: str = "127.0.0.1", port: int
     server, bound, _health = make_server(service, host, port, tls)
     log.info("broker %s serving on %s:%s for sites %s", config.name, host, bound,
              ", ".join(s.name for s in config.sites))
-    return RunningBroker(server, bound, service)
+    return RunningBroker(server, bound, service, host)

@@ -175,6 +175,13 @@ class RunningSite:
     port: int
     state: SiteState
     watcher: PolicyWatcher
+    host: str = "127.0.0.1"
+
+    @property
+    def target(self) -> str:
+        """Where clients reach it: ``HOST:PORT`` (IPv6 hosts in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
+        return f"{host}:{self.port}"
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop serving (in-flight calls get ``grace`` seconds), then close ledger, audit and engine. Idempotent."""
@@ -208,4 +215,4 @@ def build_site_server(options: SiteOptions, metrics: SiteMetrics | None = None,
     watcher = PolicyWatcher(state, options.policy, options.reload_interval)
     watcher.start()
     log.info("site %s serving on %s:%s", live.loaded.policy.site, options.host, port)
-    return RunningSite(server, port, state, watcher)
+    return RunningSite(server, port, state, watcher, options.host)
