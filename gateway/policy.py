@@ -8,6 +8,7 @@ the field (:class:`PolicyFileError`). Relative data paths resolve against the po
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import math
 import re
 from collections.abc import Mapping
@@ -17,9 +18,9 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
+from ._yamlfile import ConfigFileError, load_model
 from .aggregates import KINDS
 
 _NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
@@ -336,96 +337,16 @@ class LoadedPolicy:
         return (self.path.parent / relative).resolve()
 
 
-class PolicyFileError(Exception):
+class PolicyFileError(ConfigFileError):
     """A policy file failed to load; ``problems`` holds one ``file:line: field: reason`` each."""
 
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
+    noun = "policy"
 
 
 def load_policy(path: Path) -> LoadedPolicy:
     """Parse and validate one policy file, or raise :class:`PolicyFileError`."""
-    import hashlib
-
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise PolicyFileError([f"{path}:0: (file): cannot read: {err.strerror}"]) from err
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else 0
-        raise PolicyFileError([f"{path}:{line}: (yaml): {getattr(err, 'problem', err)}"]) from err
-    if not isinstance(data, dict):
-        raise PolicyFileError([f"{path}:1: (file): a policy must be a mapping of keys"])
-    duplicates = _duplicate_keys(node)
-    if duplicates:
-        raise PolicyFileError([f"{path}:{line}: {field}: key appears more than once" for field, line in duplicates])
-    try:
-        policy = Policy.model_validate(data)
-    except ValidationError as err:
-        lines = line_index(node)
-        raise PolicyFileError([_describe(path, lines, e) for e in err.errors()]) from err
+    policy, text = load_model(path, Policy, PolicyFileError)
     return LoadedPolicy(policy, path.resolve(), hashlib.sha256(text.encode()).hexdigest())
-
-
-def _describe(path: Path, lines: dict[tuple[str, ...], int], error: Any) -> str:
-    loc = tuple(str(part) for part in error["loc"])
-    # pydantic adds union-branch and type names to loc; keep the part that names the file's keys
-    while loc and loc not in lines:
-        loc = loc[:-1]
-    kept: list[str] = []
-    for part in (str(p) for p in error["loc"]):
-        if (*kept, part) in lines or not _is_internal(part):
-            kept.append(part)
-    field = ".".join(kept) or "(top)"
-    reason = str(error["msg"]).removeprefix("Value error, ")
-    return f"{path}:{lines.get(loc, 1)}: {field}: {reason}"
-
-
-def _is_internal(part: str) -> bool:
-    """Pydantic's union-branch tags in an error location (not keys of the file)."""
-    return part in {"int", "float", "str", "bool", "KeyRange"} or "[" in part or part.startswith("function-")
-
-
-def line_index(node: yaml.Node | None) -> dict[tuple[str, ...], int]:
-    """Map each key path of the YAML document to the 1-based line it starts on."""
-    index: dict[tuple[str, ...], int] = {}
-
-    def walk(n: yaml.Node, path: tuple[str, ...]) -> None:
-        index.setdefault(path, n.start_mark.line + 1)
-        if isinstance(n, yaml.MappingNode):
-            for key, value in n.value:
-                child = (*path, str(key.value))
-                index[child] = key.start_mark.line + 1
-                walk(value, child)
-        elif isinstance(n, yaml.SequenceNode):
-            for i, item in enumerate(n.value):
-                walk(item, (*path, str(i)))
-
-    if node is not None:
-        walk(node, ())
-    return index
-
-
-def _duplicate_keys(node: yaml.Node | None, path: str = "") -> list[tuple[str, int]]:
-    """Keys given twice in one mapping (YAML would silently keep the last one)."""
-    found: list[tuple[str, int]] = []
-    if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
-        for key, value in node.value:
-            name = f"{path}.{key.value}" if path else str(key.value)
-            if str(key.value) in seen:
-                found.append((name, key.start_mark.line + 1))
-            seen.add(str(key.value))
-            found += _duplicate_keys(value, name)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            found += _duplicate_keys(item, f"{path}.{i}")
-    return found
 
 
 def period_window(period: str, start: datetime, now: datetime) -> tuple[int, str]:

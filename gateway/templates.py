@@ -8,9 +8,10 @@ from collections.abc import Mapping
 import yaml
 
 from ._sqlfront import ParamValue, parse_sql
+from ._yamlfile import line_index
 from .answers import Scalar
 from .errors import GatewayError, InvalidQuery, NotFound, PermissionDenied
-from .policy import LoadedPolicy, Parameter, Policy, Template, line_index
+from .policy import LoadedPolicy, Parameter, Policy, Template
 from .query import Filter, Query, check_query
 
 _SAMPLE: dict[str, ParamValue] = {"integer": 0, "float": 0.0, "string": "x", "list[integer]": (0,),

@@ -1,14 +1,18 @@
-"""The broker's configuration file: its sites, their addresses and TLS, the deadline and quorum."""
+"""The broker's configuration file: its sites, their addresses and TLS, the deadline and quorum.
+
+Loaded like a site policy (:mod:`gateway._yamlfile`): unknown keys are errors and every problem
+is reported as ``file:line: field: reason``. TLS paths are relative to the file.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .._server import is_loopback
 from .._transport import Tls
+from .._yamlfile import ConfigFileError, load_model
 
 
 class _Model(BaseModel):
@@ -22,6 +26,14 @@ class SiteEntry(_Model):
     address: str
     tls: Tls | None = None
 
+    @model_validator(mode="after")
+    def _secure(self) -> SiteEntry:
+        if self.tls is None and not is_loopback(self.address.rsplit(":", 1)[0]):
+            raise ValueError(f"site {self.name} needs tls: plaintext is for loopback only")
+        if self.tls is not None and self.tls.ca is None:
+            raise ValueError(f"site {self.name}: tls needs ca (the CA that signed the site's certificate)")
+        return self
+
 
 class BrokerConfig(_Model):
     """The broker's configuration file."""
@@ -31,28 +43,25 @@ class BrokerConfig(_Model):
     deadline_seconds: float = Field(default=10.0, gt=0, le=600)
     min_sites: int = Field(default=1, ge=1)
 
+    @model_validator(mode="after")
+    def _consistent(self) -> BrokerConfig:
+        names = [s.name for s in self.sites]
+        if len(set(names)) != len(names):
+            raise ValueError("site names must be distinct")
+        if self.min_sites > len(self.sites):
+            raise ValueError("min_sites is larger than the number of sites")
+        return self
+
+
+class BrokerConfigError(ConfigFileError):
+    """A broker configuration file failed to load; ``problems`` holds one ``file:line: field: reason`` each."""
+
+    noun = "broker config"
+
 
 def load_broker_config(path: Path) -> BrokerConfig:
-    """Parse and validate a broker config file; raises ValueError with every problem."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        config = BrokerConfig.model_validate(data)
-    except (OSError, yaml.YAMLError) as err:
-        raise ValueError(f"{path}: {err}") from None
-    except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        raise ValueError(f"{path}: {problems}") from None
-    names = [s.name for s in config.sites]
-    if len(set(names)) != len(names):
-        raise ValueError(f"{path}: site names must be distinct")
-    if config.min_sites > len(config.sites):
-        raise ValueError(f"{path}: min_sites is larger than the number of sites")
-    for site in config.sites:
-        if site.tls is None and not is_loopback(site.address.rsplit(":", 1)[0]):
-            raise ValueError(f"{path}: site {site.name} needs tls: plaintext is for loopback only")
-        if site.tls is not None and site.tls.ca is None:
-            raise ValueError(f"{path}: site {site.name}: tls needs ca (the CA that signed the site's certificate)")
-    # TLS paths in the file are relative to it
+    """Parse and validate a broker config file, or raise :class:`BrokerConfigError` with every problem."""
+    config, _text = load_model(path, BrokerConfig, BrokerConfigError)
     base = path.resolve().parent
     return config.model_copy(update={"sites": tuple(
         s if s.tls is None else s.model_copy(update={"tls": s.tls.relative_to(base)}) for s in config.sites)})
