@@ -23,7 +23,7 @@ from functools import lru_cache
 
 from .aggregates import Kind, kind_of
 from .answers import Estimate, Part, Row, Scalar, discrete_laplace_half_width, discrete_laplace_std
-from .errors import InternalBug
+from .errors import InternalBug, InvalidQuery
 from .policy import Column, Dataset
 from .query import Aggregate, Query
 
@@ -35,6 +35,9 @@ import opendp.prelude as dp
 dp.enable_features("contrib")
 
 _I64_SAFE = 1 << 62
+# Exact values stay below 2^62 (policy and engine checks); noise at a scale up to 2^56 leaves that
+# headroom with probability 1 - 2^-90: P(|X| > t) ~ exp(-t / scale).
+_MAX_SCALE = float(1 << 56)
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,8 @@ def plan_query(query: Query, dataset: Dataset, epsilon: Fraction) -> Plan:
     for agg in query.aggregates:
         kind = kind_of(agg.function)
         column: Column | None = dataset.columns[agg.column] if agg.column is not None else None
+        for spec in kind.components:
+            _check_noise_fits(agg, spec.name, k * spec.row_bound(column), share * spec.share, epsilon)
         components = tuple(_component(spec.name, k * spec.row_bound(column), share * spec.share, spec.unit(column))
                            for spec in kind.components)
         bounds = None
@@ -107,6 +112,17 @@ def plan_query(query: Query, dataset: Dataset, epsilon: Fraction) -> Plan:
             bounds = (low / column.unit, high / column.unit)
         plans.append(AggregatePlan(agg, kind, components, bounds, share))
     return Plan(tuple(plans), epsilon)
+
+
+def _check_noise_fits(agg: Aggregate, name: str, sensitivity: int, epsilon: Fraction, total: Fraction) -> None:
+    """Refuse, before anything is charged, an aggregate whose noise could not fit 64-bit integers."""
+    if sensitivity >= _I64_SAFE:
+        raise InvalidQuery(f"{agg.label} is not available: one patient can add more to its {name} than the site "
+                           "can noise in 64-bit integers; ask the privacy officer to narrow the column's bounds")
+    if sensitivity / float(epsilon) > _MAX_SCALE:
+        least = sensitivity / _MAX_SCALE * float(total / epsilon)
+        raise InvalidQuery(f"epsilon {float(total):g} is too small for {agg.label}: its noise would not fit "
+                           f"64-bit integers; ask for at least {least:.3g}")
 
 
 def _component(name: str, sensitivity: int, epsilon: Fraction, unit: int) -> Component:

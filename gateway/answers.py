@@ -101,16 +101,21 @@ def ratio_estimate(total: float, count: float, total_se: float, count_se: float,
 
 
 def discrete_laplace_std(scale: float) -> float:
-    """Standard deviation of the discrete Laplace with ``scale`` b: sqrt(2a)/(1-a), a = exp(-1/b)."""
+    """Standard deviation of the discrete Laplace with ``scale`` b: sqrt(2a)/(1-a), a = exp(-1/b).
+
+    Computed without cancellation at both ends: 1 - a = -expm1(-1/b) for a huge b, and a = 0 (no
+    noise worth the name) for a tiny one.
+    """
     a = math.exp(-1.0 / scale)
-    return math.sqrt(2 * a) / (1 - a)
+    return math.sqrt(2 * a) / -math.expm1(-1.0 / scale)
 
 
 def discrete_laplace_half_width(scale: float, level: float = 0.95) -> float:
     """Smallest integer t with P(|X| <= t) >= level for the discrete Laplace with ``scale`` b.
 
-    P(|X| > t) = 2 a^(t+1) / (1 + a), a = exp(-1/b).
+    P(|X| > t) = 2 a^(t+1) / (1 + a), a = exp(-1/b), so t = ceil(b * log(1 / tail) - 1), with
+    log(a) = -1/b taken exactly (it underflows to 0 for a tiny b and rounds to 1 for a huge one).
     """
     a = math.exp(-1.0 / scale)
     tail = (1 - level) * (1 + a) / 2
-    return float(max(0, math.ceil(math.log(tail) / math.log(a) - 1 - 1e-12)))
+    return float(max(0, math.ceil(-math.log(tail) * scale - 1 - 1e-12)))

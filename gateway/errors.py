@@ -136,13 +136,16 @@ class BudgetExhausted(GatewayError):
     code, reason_code, outcome = grpc.StatusCode.RESOURCE_EXHAUSTED, "BUDGET_EXHAUSTED", "budget_exhausted"
     caller_mistake = True
 
-    def __init__(self, dataset: str, requested: Fraction, remaining: Fraction,
+    def __init__(self, dataset: str, requested: Fraction, remaining: Fraction | None,
                  resets_at: str = "", scope: str = "project") -> None:
         resets = f"; the budget resets at {resets_at}" if resets_at else "; this budget never resets"
-        super().__init__(
-            f"privacy budget exhausted for {scope} on dataset {dataset!r}: requested epsilon "
-            f"{_fmt(requested)}, remaining {_fmt(remaining)} (short by {_fmt(requested - remaining)})"
-            f"{resets}. Ask for a smaller epsilon or ask your privacy officer for more budget.")
+        if remaining is None:  # a budget shared by all projects: what remains is not this caller's to know
+            detail = f"requested epsilon {_fmt(requested)} is more than it has left"
+        else:
+            detail = (f"requested epsilon {_fmt(requested)}, remaining {_fmt(remaining)} "
+                      f"(short by {_fmt(requested - remaining)})")
+        super().__init__(f"privacy budget exhausted for {scope} on dataset {dataset!r}: {detail}{resets}. "
+                         "Ask for a smaller epsilon or ask your privacy officer for more budget.")
         self.dataset = dataset
         self.requested = requested
         self.remaining = remaining
@@ -150,19 +153,24 @@ class BudgetExhausted(GatewayError):
         self.scope = scope
 
     def fields(self) -> dict[str, str]:
-        return {"dataset": self.dataset, "requested": str(self.requested), "remaining": str(self.remaining),
-                "resets_at": self.resets_at, "scope": self.scope}
+        fields = {"dataset": self.dataset, "requested": str(self.requested), "resets_at": self.resets_at,
+                  "scope": self.scope}
+        if self.remaining is not None:
+            fields["remaining"] = str(self.remaining)
+        return fields
 
     def extra_details(self) -> list[any_pb2.Any]:
+        remaining = "undisclosed" if self.remaining is None else str(self.remaining)
         violation = error_details_pb2.QuotaFailure.Violation(
             subject=f"{self.scope}:{self.dataset}", description=f"requested epsilon {self.requested}, "
-                                                                 f"remaining {self.remaining}")
+                                                                 f"remaining {remaining}")
         return [_pack(error_details_pb2.QuotaFailure(violations=[violation]))]
 
     @classmethod
     def rebuild(cls, message: str, fields: Mapping[str, str]) -> GatewayError:
-        err = cls(fields["dataset"], Fraction(fields["requested"]), Fraction(fields["remaining"]),
-                  fields.get("resets_at", ""), fields.get("scope", "project"))
+        remaining = Fraction(fields["remaining"]) if "remaining" in fields else None
+        err = cls(fields["dataset"], Fraction(fields["requested"]), remaining, fields.get("resets_at", ""),
+                  fields.get("scope", "project"))
         err.message = message  # a broker prefixes the site's name
         err.args = (message,)
         return err

@@ -36,6 +36,7 @@ class Scope:
     period_index: int
     resets_at: str
     label: str = "project"
+    shared: bool = False  # drawn on by every project: its spend is not told to any one of them
 
 
 @dataclass(frozen=True)
@@ -64,10 +65,14 @@ class ChargeRecord:
 
 
 def check_affordable(scope: Scope, spent: Fraction, epsilon: Fraction) -> None:
-    """Refuse (:class:`BudgetExhausted`) a charge of ``epsilon`` on ``scope`` with ``spent`` already spent."""
+    """Refuse (:class:`BudgetExhausted`) a charge of ``epsilon`` on ``scope`` with ``spent`` already spent.
+
+    A shared scope's refusal does not say what remains: that would tell one project what all the
+    others have spent.
+    """
     if spent + epsilon > scope.limit:
-        raise BudgetExhausted(scope.dataset, epsilon, max(Fraction(0), scope.limit - spent), scope.resets_at,
-                              scope.label)
+        remaining = None if scope.shared else max(Fraction(0), scope.limit - spent)
+        raise BudgetExhausted(scope.dataset, epsilon, remaining, scope.resets_at, scope.label)
 
 
 class Ledger(Protocol):

@@ -184,15 +184,22 @@ class Source(_Model):
 
 
 class EpsilonLimits(_Model):
-    """Per-query privacy loss: the default when a request gives none, and the maximum."""
+    """Per-query privacy loss: the default when a request gives none, the minimum and the maximum.
+
+    Below the minimum an answer is mostly noise while it still costs budget; the default minimum
+    is 0.001.
+    """
 
     default: Epsilon
     max: Epsilon
+    min: Epsilon = Fraction(1, 1000)
 
     @model_validator(mode="after")
     def _ordered(self) -> EpsilonLimits:
         if not 0 < self.default <= self.max:
             raise ValueError("need 0 < default <= max")
+        if not 0 < self.min <= self.default:
+            raise ValueError("need 0 < min <= default")
         return self
 
 

@@ -95,7 +95,7 @@ def budget_scopes(policy: Policy, project: str, dataset: str, rule: BudgetRule, 
     if cap is not None:
         cap_index, cap_resets = period_window(cap.period, policy.period_start, now)
         scopes.append(Scope(f"dataset:{dataset}", dataset, cap.epsilon, cap_index, cap_resets,
-                            "all projects (dataset-wide cap)"))
+                            "all projects (dataset-wide cap)", shared=True))
     return tuple(scopes)
 
 
@@ -112,6 +112,9 @@ def requested_epsilon(request: pb.QueryRequest, policy: Policy, dataset: str) ->
     if epsilon > limits.max:
         raise PolicyViolation("epsilon", f"requested {request.epsilon:g} exceeds the per-query maximum "
                                          f"{float(limits.max):g} for dataset {dataset!r}; ask for at most that")
+    if epsilon < limits.min:
+        raise PolicyViolation("epsilon", f"requested {request.epsilon:g} is below the per-query minimum "
+                                         f"{float(limits.min):g} for dataset {dataset!r}; ask for at least that")
     return epsilon
 
 
@@ -192,7 +195,8 @@ class Pipeline:
 
     def _with_budgets(self, response: pb.QueryResponse, scopes: tuple[Scope, ...]) -> Answered:
         budgets = tuple((scope, self.ledger.state(scope)) for scope in scopes)
-        response.budget_remaining = float(min(state.remaining for _, state in budgets))
+        # the project's own budget only: a shared cap's remaining would tell what other projects spent
+        response.budget_remaining = float(min(state.remaining for scope, state in budgets if not scope.shared))
         return Answered(response, budgets)
 
 
