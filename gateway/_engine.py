@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
+import yaml
 
+from ._yamlfile import line_index
 from .aggregates import ComponentSql, kind_of
 from .answers import Scalar
 from .errors import FailedPrecondition
@@ -32,6 +34,10 @@ from .query import Aggregate, Filter, Query
 
 log = logging.getLogger("gateway.engine")
 _I64_SAFE = 1 << 62  # exact values stay below this, leaving headroom for the noise (see _mechanisms)
+
+
+class SchemaMismatch(FailedPrecondition):
+    """A dataset's declared columns do not match its source (one line: file, dataset, column, types)."""
 
 
 @dataclass(frozen=True)
@@ -157,6 +163,13 @@ class Engine:
             source = self._source(dataset)
             unit = quote(dataset.privacy_unit)
             columns = ", ".join(quote(c) for c in dataset.columns)
+            types = dict(self._con.execute(f"SELECT column_name, column_type FROM (DESCRIBE SELECT * FROM {source})")
+                         .fetchall())
+            self._check_schema(name, dataset, types)
+            # NaN is missing data, like NULL, everywhere (DuckDB orders NaN above every number)
+            projected = ", ".join(
+                f"CASE WHEN isnan({quote(c)}) THEN NULL ELSE {quote(c)} END AS {quote(c)}"
+                if types[c].split("(")[0] in _NAN_TYPES else quote(c) for c in dataset.columns)
             rows, unique = self._con.execute(
                 f"SELECT count(*), count(*) = count(DISTINCT {unit}) AND count({unit}) = count(*) FROM {source}"
             ).fetchone() or (0, False)
@@ -165,10 +178,11 @@ class Engine:
                 raise FailedPrecondition(f"dataset {name!r} has more than 2^31 rows, more than the site can sum "
                                          "exactly; ask the site operator")
             if unique:
-                return _Prepared(source, fingerprint, bounded=False, rows=rows)
+                relation = source if projected == columns else f"(SELECT {unit}, {projected} FROM {source})"
+                return _Prepared(relation, fingerprint, bounded=False, rows=rows)
             snapshot = quote(f"bounded_{name}")
             self._con.execute(
-                f"CREATE OR REPLACE TABLE {snapshot} AS SELECT {columns} FROM ("
+                f"CREATE OR REPLACE TABLE {snapshot} AS SELECT {projected} FROM ("
                 f" SELECT {columns}, row_number() OVER (PARTITION BY {unit}"
                 f" ORDER BY hash(?::BIGINT, {unit}, {columns})) AS _rank"
                 f" FROM {source} WHERE {unit} IS NOT NULL) WHERE _rank <= ?",
@@ -179,6 +193,38 @@ class Engine:
             log.error("loading dataset %s failed: %s", name, _without_values(err))
             raise FailedPrecondition(f"the site could not load dataset {name!r} ({type(err).__name__}); "
                                      "ask the site operator") from err
+
+    def _check_schema(self, name: str, dataset: Dataset, types: dict[str, str]) -> None:
+        """Refuse a dataset whose declared columns are missing from its source or have another type."""
+        lines = line_index(yaml.compose(self._loaded.path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader))
+        for column_name in (dataset.privacy_unit, *dataset.columns):
+            column = dataset.columns.get(column_name)
+            actual = types.get(column_name)
+            field = ("datasets", name, "columns", column_name, "type") if column else ("datasets", name,
+                                                                                        "privacy_unit")
+            where = f"{self._loaded.path}:{lines.get(field, lines.get(field[:2], 1))}: {'.'.join(field)}"
+            if actual is None:
+                raise SchemaMismatch(f"{where}: the source of dataset {name!r} has no column {column_name!r} "
+                                     f"(it has: {', '.join(sorted(types))}); fix the policy or the data")
+            if column is not None and not _type_fits(column.type, actual):
+                raise SchemaMismatch(f"{where}: declared {column.type}, but column {column_name!r} of dataset "
+                                     f"{name!r} is {actual} in the source; fix the declared type or the data "
+                                     "(no query is answered from a mismatched column)")
+
+
+_INTEGER_TYPES = {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER",
+                  "UBIGINT", "UHUGEINT"}
+_NAN_TYPES = {"FLOAT", "DOUBLE", "REAL"}
+
+
+def _type_fits(declared: str, actual: str) -> bool:
+    """Whether a source column of DuckDB type ``actual`` holds what the policy declares."""
+    base = actual.split("(", maxsplit=1)[0]
+    if declared == "integer":
+        return base in _INTEGER_TYPES or (base == "DECIMAL" and actual.replace(" ", "").endswith(",0)"))
+    if declared == "float":
+        return base in _INTEGER_TYPES | _NAN_TYPES | {"DECIMAL"}
+    return base == "VARCHAR" or base.startswith("ENUM")
 
 
 def _check_fits(query: Query, dataset: Dataset, rows: int) -> None:
