@@ -67,10 +67,14 @@ class Estimate:
     bounds: tuple[float, float] | None = None
 
     def withheld(self) -> Estimate:
-        """The same estimate suppressed: accuracy kept, values and parts withheld."""
+        """The same estimate suppressed: its value and interval withheld from display.
+
+        The released parts are kept: suppression is presentation, not privacy (they are noisy
+        already), and a broker needs them to pool the cell with other sites'.
+        """
         return Estimate(self.aggregate, self.function, math.nan, self.std_error, self.noise_scale, math.nan,
                         math.nan, self.ci_half_width, self.mechanism, self.epsilon, suppressed=True,
-                        bounds=self.bounds)
+                        parts=self.parts, bounds=self.bounds)
 
 
 @dataclass(frozen=True)

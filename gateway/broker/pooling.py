@@ -54,17 +54,48 @@ def pool(answered: Sequence[tuple[str, pb.QueryResponse]], served_by: str) -> pb
     out.epsilon_charged = max(r.epsilon_charged for _, r in answered)
     out.budget_remaining = min(r.budget_remaining for _, r in answered)
     out.cached = all(r.cached for _, r in answered)
+    # the pooled cell is judged by its pooled noisy count against the strictest site's threshold
+    out.suppression_min_count = max(r.suppression_min_count for _, r in answered)
     for site, r in answered:
-        out.site_answers.add(site=site, rows=r.rows, epsilon_charged=r.epsilon_charged, cached=r.cached,
-                             budget_remaining=r.budget_remaining)
+        out.site_answers.add(site=site, rows=[_as_shown(row) for row in r.rows], epsilon_charged=r.epsilon_charged,
+                             cached=r.cached, budget_remaining=r.budget_remaining)
     by_site = [{_key(row): row for row in r.rows} for _, r in answered]
     for row in first.rows:
         # a group is pooled over the sites that have it as a public key (policies may differ)
         cells = [rows[_key(row)] for rows in by_site if _key(row) in rows]
-        pooled = out.rows.add(keys=row.keys)
-        for j in range(len(row.estimates)):
-            pooled.estimates.append(_pool_estimate([c.estimates[j] for c in cells], first.dry_run))
+        estimates = [_pool_estimate([c.estimates[j] for c in cells], first.dry_run) for j in range(len(row.estimates))]
+        if not first.dry_run and _small(estimates, out.suppression_min_count):
+            estimates = [_suppressed(e) for e in estimates]
+        out.rows.add(keys=row.keys, estimates=estimates)
     return out
+
+
+def _small(estimates: list[pb.Estimate], threshold: int) -> bool:
+    """The site's rule, on pooled values: the row's first noisy count is under the threshold."""
+    for e in estimates:
+        for component in e.components:
+            if component.name == "count":
+                return threshold > 0 and component.values[0] < threshold
+    return False
+
+
+def _suppressed(e: pb.Estimate) -> pb.Estimate:
+    out = pb.Estimate()
+    out.CopyFrom(e)
+    out.value = out.ci_low = out.ci_high = math.nan
+    out.suppressed, out.clamped = True, False
+    del out.components[:]
+    return out
+
+
+def _as_shown(row: pb.ResultRow) -> pb.ResultRow:
+    """A site's row as the researcher sees it: a cell the site suppressed carries no released parts."""
+    shown = pb.ResultRow()
+    shown.CopyFrom(row)
+    for e in shown.estimates:
+        if e.suppressed:
+            del e.components[:]
+    return shown
 
 
 def _key(row: pb.ResultRow) -> tuple[bytes, ...]:
@@ -82,7 +113,7 @@ def _pool_estimate(parts: list[pb.Estimate], dry_run: bool) -> pb.Estimate:
         out.std_error = math.sqrt(sum(p.std_error ** 2 for p in parts))
         out.ci_half_width = Z95 * out.std_error
         return out
-    if any(p.suppressed for p in parts):
+    if any(not p.components for p in parts):  # a site that sent no parts (an older version) cannot be pooled
         out.value = out.ci_low = out.ci_high = out.std_error = out.ci_half_width = math.nan
         out.suppressed = True
         return out

@@ -153,7 +153,8 @@ class Pipeline:
         response = pb.QueryResponse(
             dataset=checked.query.dataset, group_by=list(checked.query.group_by),
             aggregates=[a.label for a in checked.query.aggregates], canonical_hash=checked.canonical_hash,
-            canonical_query=checked.canonical, served_by=policy.site, epsilon_charged=float(checked.epsilon))
+            canonical_query=checked.canonical, served_by=policy.site, epsilon_charged=float(checked.epsilon),
+            suppression_min_count=policy.suppression.min_count)
         if request.dry_run:
             groups = product_of_keys([checked.dataset.columns[c].public_keys for c in checked.query.group_by])
             response.rows.extend(rows_to_wire(predicted(plan, groups), checked.query.group_by))
