@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
@@ -27,28 +28,44 @@ log = logging.getLogger("gateway.ledger")
 
 
 @dataclass(frozen=True)
+class Window:
+    """The budget window a policy puts a request in: [start, end) in epoch seconds, and the request's time.
+
+    ``end`` is None for a budget that never resets.
+    """
+
+    start: int
+    end: int | None
+    at: int
+
+
+@dataclass(frozen=True)
 class Scope:
-    """One budget: a key (``project:<p>:<dataset>`` or ``dataset:<d>``), its limit and period."""
+    """One budget: its key, limit, and the window the policy puts this request in.
+
+    Keys are ``project:<p>:<population>`` and ``population:<population>``; the ledger may keep an
+    earlier window in force (see :func:`_in_force`).
+    """
 
     key: str
-    dataset: str
+    dataset: str  # the dataset a refusal names
     limit: Fraction
-    period_index: int
-    resets_at: str
+    window: Window
     label: str = "project"
     shared: bool = False  # drawn on by every project: its spend is not told to any one of them
 
 
 @dataclass(frozen=True)
 class BudgetState:
-    """A budget's value: exact limit and spent; ``remaining`` never goes below zero."""
+    """A budget's value: exact limit and spent in the window in force; ``remaining`` never goes below zero."""
 
     limit: Fraction
     spent: Fraction
+    resets_at: str = ""
 
     @property
     def remaining(self) -> Fraction:
-        """What may still be spent in this period."""
+        """What may still be spent in this window."""
         return max(Fraction(0), self.limit - self.spent)
 
 
@@ -64,15 +81,15 @@ class ChargeRecord:
     answer: bytes
 
 
-def check_affordable(scope: Scope, spent: Fraction, epsilon: Fraction) -> None:
-    """Refuse (:class:`BudgetExhausted`) a charge of ``epsilon`` on ``scope`` with ``spent`` already spent.
+def check_affordable(scope: Scope, state: BudgetState, epsilon: Fraction) -> None:
+    """Refuse (:class:`BudgetExhausted`) a charge of ``epsilon`` on ``scope`` in the state it is in.
 
     A shared scope's refusal does not say what remains: that would tell one project what all the
     others have spent.
     """
-    if spent + epsilon > scope.limit:
-        remaining = None if scope.shared else max(Fraction(0), scope.limit - spent)
-        raise BudgetExhausted(scope.dataset, epsilon, remaining, scope.resets_at, scope.label)
+    if state.spent + epsilon > scope.limit:
+        remaining = None if scope.shared else state.remaining
+        raise BudgetExhausted(scope.dataset, epsilon, remaining, state.resets_at, scope.label)
 
 
 class Ledger(Protocol):
@@ -125,11 +142,18 @@ CREATE TABLE IF NOT EXISTS charges (
 CREATE INDEX IF NOT EXISTS charges_canonical ON charges (project, canonical_hash, status);
 CREATE TABLE IF NOT EXISTS spend (
     scope TEXT NOT NULL,
-    period INTEGER NOT NULL,
+    period INTEGER NOT NULL,  -- the start of the window, epoch seconds (before version 2: a period index)
     spent TEXT NOT NULL,
     PRIMARY KEY (scope, period)
 );
+CREATE TABLE IF NOT EXISTS windows (  -- the window in force per scope: it ends when it ends, whatever edits
+    scope TEXT PRIMARY KEY,
+    start INTEGER NOT NULL,
+    finish INTEGER  -- NULL: never
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+VERSION = 2  # 2: spend per absolute window and population scopes
 
 
 class QueryIdInUse(Exception):
@@ -144,8 +168,17 @@ class SqliteLedger:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._guard = threading.Lock()
-        self._conn().executescript(_SCHEMA)
-        _migrate_reserved_charges(self._conn())
+        con = self._conn()
+        con.executescript(_SCHEMA)
+        _migrate_reserved_charges(con)
+        row = con.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
+        if row is None:  # a new ledger is current; one with spend and no version was written by 0.1.x
+            old = con.execute("SELECT 1 FROM spend LIMIT 1").fetchone() is not None
+            self.version = 1 if old else VERSION
+            if not old:
+                con.execute("INSERT INTO meta (key, value) VALUES ('version', ?)", (str(VERSION),))
+        else:
+            self.version = int(row[0])
         # group commit: one writer thread applies every pending write in one transaction (one fsync)
         self._pending: list[_Write[Any]] = []
         self._wake = threading.Condition()
@@ -224,33 +257,68 @@ class SqliteLedger:
         """See :meth:`Ledger.precheck`."""
         con = self._conn()
         for scope in scopes:
-            check_affordable(scope, _spent(con, scope.key, scope.period_index), epsilon)
+            check_affordable(scope, _state(con, scope), epsilon)
 
     def charge(self, project: str, query_id: str, canonical_hash: str, epsilon: Fraction,
                scopes: Sequence[Scope], answer: bytes) -> int:
         """See :meth:`Ledger.charge`."""
         if epsilon <= 0:
             raise InternalBug("a charge must be positive")
-        if len({(s.key, s.period_index) for s in scopes}) != len(scopes):
+        if len({s.key for s in scopes}) != len(scopes):
             raise InternalBug("a charge names the same budget twice")
+        if self.version != VERSION:
+            raise InternalBug("the ledger was written by an older version and is not migrated yet")
 
         def apply(con: sqlite3.Connection) -> int:
             if con.execute("SELECT 1 FROM charges WHERE project = ? AND query_id = ?",
                            (project, query_id)).fetchone():
                 raise QueryIdInUse(query_id)
+            windows = [_in_force(con, scope) for scope in scopes]
             for scope in scopes:
-                check_affordable(scope, _spent(con, scope.key, scope.period_index), epsilon)
-            for scope in scopes:
-                _add(con, scope.key, scope.period_index, epsilon)
+                check_affordable(scope, _state(con, scope), epsilon)
+            for scope, (start, end) in zip(scopes, windows, strict=True):
+                _add(con, scope.key, start, epsilon)
+                con.execute("INSERT INTO windows (scope, start, finish) VALUES (?, ?, ?) ON CONFLICT (scope) DO"
+                            " UPDATE SET start = excluded.start, finish = excluded.finish", (scope.key, start, end))
             cur = con.execute(
                 "INSERT INTO charges (project, query_id, canonical_hash, epsilon, scopes, status, owner, answer,"
                 " created) VALUES (?, ?, ?, ?, ?, 'released', '', ?, ?)",
                 (project, query_id, canonical_hash, _text(epsilon),
-                 ";".join(f"{s.key}@{s.period_index}" for s in scopes), answer, time.time()))
+                 ";".join(f"{s.key}@{w[0]}" for s, w in zip(scopes, windows, strict=True)), answer, time.time()))
             assert cur.lastrowid is not None
             return cur.lastrowid
 
         return self._write(apply)
+
+    def migrate(self, convert: Callable[[str, int], tuple[str, int, int | None] | None], at: int) -> int:
+        """Migrate a ledger written by 0.1.x (spend per dataset and period index) to version 2.
+
+        ``convert(key, period_index)`` gives the new scope key and that period's window [start, end)
+        in epoch seconds, or None to leave a row alone (a dataset the policy no longer has). Spend
+        of several old keys under one new key (a population's datasets) adds up; a window holding
+        ``at`` becomes the one in force. Returns the number of rows moved.
+        """
+        def apply(con: sqlite3.Connection) -> int:
+            moved = 0
+            for key, period, spent in con.execute("SELECT scope, period, spent FROM spend").fetchall():
+                target = convert(key, int(period))
+                if target is None:
+                    continue
+                new_key, start, end = target
+                con.execute("DELETE FROM spend WHERE scope = ? AND period = ?", (key, period))
+                _add(con, new_key, start, Fraction(spent))
+                if start <= at and (end is None or at < end):
+                    con.execute("INSERT OR REPLACE INTO windows (scope, start, finish) VALUES (?, ?, ?)",
+                                (new_key, start, end))
+                moved += 1
+            con.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('version', ?)", (str(VERSION),))
+            return moved
+
+        moved = self._write(apply)
+        self.version = VERSION
+        log.warning("ledger migrated to version %d: %d budget row(s) moved to population scopes and windows",
+                    VERSION, moved)
+        return moved
 
     def find(self, project: str, query_id: str) -> ChargeRecord | None:
         """See :meth:`Ledger.find`."""
@@ -270,7 +338,7 @@ class SqliteLedger:
 
     def state(self, scope: Scope) -> BudgetState:
         """See :meth:`Ledger.state`."""
-        return BudgetState(scope.limit, _spent(self._conn(), scope.key, scope.period_index))
+        return _state(self._conn(), scope)
 
     def total_spent(self) -> Fraction:
         """Sum of every charge that still counts (for audits and tests)."""
@@ -300,6 +368,25 @@ class _Write(Generic[T]):
         self.done = threading.Event()
         self.result: T | None = None
         self.error: Exception | None = None
+
+
+def _in_force(con: sqlite3.Connection, scope: Scope) -> tuple[int, int | None]:
+    """The window in force for ``scope`` at its request time: the stored one until it ends, then the policy's.
+
+    An edit of the policy's period or start never frees spend made in the window in force; it takes
+    effect at that window's end (a window that never ends keeps its spend for good).
+    """
+    row = con.execute("SELECT start, finish FROM windows WHERE scope = ?", (scope.key,)).fetchone()
+    if row is not None and (row[1] is None or scope.window.at < row[1]):
+        return int(row[0]), row[1]
+    start = scope.window.start if row is None else max(scope.window.start, int(row[1]))
+    return start, scope.window.end
+
+
+def _state(con: sqlite3.Connection, scope: Scope) -> BudgetState:
+    start, end = _in_force(con, scope)
+    resets = "" if end is None else datetime.fromtimestamp(end, UTC).isoformat().replace("+00:00", "Z")
+    return BudgetState(scope.limit, _spent(con, scope.key, start), resets)
 
 
 def _spent(con: sqlite3.Connection, key: str, period: int) -> Fraction:

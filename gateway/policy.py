@@ -230,7 +230,16 @@ class Dataset(_Model):
     aggregates: tuple[str, ...] = ("count", "sum", "mean")
     epsilon: EpsilonLimits | None = None
     templates_only: bool = False
+    population: str | None = Field(default=None, pattern=_NAME)
     description: str = ""
+
+    @property
+    def population_name(self) -> str:
+        """The population this dataset describes: ``population``, else its privacy unit column's name.
+
+        Datasets of one population hold the same patients: they share one budget per project.
+        """
+        return self.population or self.privacy_unit
 
     @field_validator("aggregates", mode="after")
     @classmethod
@@ -278,7 +287,11 @@ class BudgetRule(_Model):
 
 
 class DatasetCap(_Model):
-    """A dataset-wide cap over all projects together."""
+    """A cap over all projects together on a population.
+
+    Given in ``population_caps``, or as older policies wrote it in ``dataset_caps`` (a dataset's
+    cap caps the dataset's whole population).
+    """
 
     epsilon: Epsilon
     period: str = Field(default="365d", pattern=r"^(never|[1-9][0-9]{0,4}d)$")
@@ -300,6 +313,7 @@ class Policy(_Model):
     suppression: Suppression = Suppression()
     datasets: Mapping[str, Dataset] = Field(min_length=1)
     budgets: tuple[BudgetRule, ...] = ()
+    population_caps: Mapping[str, DatasetCap] = Field(default_factory=dict)
     dataset_caps: Mapping[str, DatasetCap] = Field(default_factory=dict)
     templates: Mapping[str, Template] = Field(default_factory=dict)
 
@@ -317,6 +331,11 @@ class Policy(_Model):
         for name in self.dataset_caps:
             if name not in self.datasets:
                 raise ValueError(f"dataset_caps names unknown dataset {name!r}")
+        populations = self.populations()
+        for name in self.population_caps:
+            if name not in populations:
+                raise ValueError(f"population_caps names unknown population {name!r}; populations: "
+                                 f"{', '.join(sorted(populations))}")
         for name in self.templates:
             if not re.match(_NAME, name):
                 raise ValueError(f"template name {name!r} is not a plain identifier")
@@ -325,6 +344,19 @@ class Policy(_Model):
     def epsilon_limits(self, dataset: str) -> EpsilonLimits:
         """Per-query epsilon default and max for ``dataset``."""
         return self.datasets[dataset].epsilon or self.epsilon
+
+    def populations(self) -> dict[str, tuple[str, ...]]:
+        """Each population and its datasets (in policy order)."""
+        found: dict[str, list[str]] = {}
+        for name, dataset in self.datasets.items():
+            found.setdefault(dataset.population_name, []).append(name)
+        return {population: tuple(names) for population, names in found.items()}
+
+    def population_cap(self, population: str) -> DatasetCap | None:
+        """The cap over all projects on ``population``: the strictest of its population and dataset caps."""
+        caps = [self.population_caps[population]] if population in self.population_caps else []
+        caps += [self.dataset_caps[d] for d in self.populations().get(population, ()) if d in self.dataset_caps]
+        return min(caps, key=lambda cap: cap.epsilon) if caps else None
 
     def budget_rule(self, project: str, dataset: str) -> BudgetRule | None:
         """The first budget rule covering ``project`` on ``dataset`` (None: no access)."""
@@ -354,6 +386,19 @@ def load_policy(path: Path) -> LoadedPolicy:
     """Parse and validate one policy file, or raise :class:`PolicyFileError`."""
     policy, text = load_model(path, Policy, PolicyFileError)
     return LoadedPolicy(policy, path.resolve(), hashlib.sha256(text.encode()).hexdigest())
+
+
+def window_bounds(period: str, start: datetime, now: datetime) -> tuple[int, int | None]:
+    """The budget window the policy puts ``now`` in, as [start, end) in epoch seconds (end None: never)."""
+    return window_of_index(period, start, period_window(period, start, now)[0])
+
+
+def window_of_index(period: str, start: datetime, index: int) -> tuple[int, int | None]:
+    """Window number ``index`` of ``period`` from ``start``, as [start, end) in epoch seconds."""
+    if period == "never":
+        return 0, None
+    length = timedelta(days=int(period.removesuffix("d")))
+    return int((start + index * length).timestamp()), int((start + (index + 1) * length).timestamp())
 
 
 def period_window(period: str, start: datetime, now: datetime) -> tuple[int, str]:

@@ -18,8 +18,9 @@ WIDE = ("epsilon:                    # per query, unless a dataset overrides it\
         "epsilon:\n  default: 0.5\n  max: 1000\n  min: 1e-12\n")
 TREATMENTS_WIDE = ("    epsilon:\n      default: 0.5\n      max: 1.0\n",
                    "    epsilon:\n      default: 0.5\n      max: 1000\n      min: 1e-12\n")
-NO_CAP = ("dataset_caps:\n  patients:\n    epsilon: 100\n    period: 365d\n", "dataset_caps: {}\n")
-SMALL_CAP = ("dataset_caps:\n  patients:\n    epsilon: 100\n", "dataset_caps:\n  patients:\n    epsilon: 10\n")
+CAP_TEXT = "population_caps:            # over all projects together, per population\n  patients:\n    epsilon: 100\n"
+NO_CAP = (CAP_TEXT + "    period: 365d\n", "population_caps: {}\n")
+SMALL_CAP = ("  patients:\n    epsilon: 100\n", "  patients:\n    epsilon: 10\n")
 
 
 @pytest.mark.parametrize("scale", [1e-300, 1e-3, 0.0013, 1.0, 2.0, 1e9, 1e17, 1e300])

@@ -16,18 +16,24 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from gateway.errors import BudgetExhausted, InternalBug
-from gateway.ledger import BudgetState, QueryIdInUse, Scope, SqliteLedger
+from gateway.ledger import BudgetState, QueryIdInUse, Scope, SqliteLedger, Window
 
 CAP_LABEL = "all projects (dataset-wide cap)"
 
 
+def window(period: int, length: int = 1) -> Window:
+    """Window number ``period`` of ``length`` seconds, asked about at its start."""
+    return Window(period * length, (period + 1) * length, period * length)
+
+
 def project_scope(project: str = "p1", limit: Fraction | str | int = 1, period: int = 0,
                   dataset: str = "ds") -> Scope:
-    return Scope(f"project:{project}:{dataset}", dataset, Fraction(limit), period, "2030-01-01T00:00:00Z")
+    return Scope(f"project:{project}:{dataset}", dataset, Fraction(limit), window(period))
 
 
-def cap_scope(limit: Fraction | str | int = 1, period: int = 0, dataset: str = "ds") -> Scope:
-    return Scope(f"dataset:{dataset}", dataset, Fraction(limit), period, "", CAP_LABEL)
+def cap_scope(limit: Fraction | str | int = 1, dataset: str = "ds") -> Scope:
+    """A cap that never resets."""
+    return Scope(f"population:{dataset}", dataset, Fraction(limit), Window(0, None, 0), CAP_LABEL)
 
 
 @pytest.fixture
@@ -44,7 +50,7 @@ def test_ten_tenths_fill_one_exactly_and_eleventh_is_refused(ledger: SqliteLedge
     scope = project_scope(limit=1)
     for i in range(10):
         ledger.charge("p1", f"q{i}", f"h{i}", Fraction("0.1"), [scope], b"a")
-    assert ledger.state(scope) == BudgetState(Fraction(1), Fraction(1))
+    assert ledger.state(scope) == BudgetState(Fraction(1), Fraction(1), "1970-01-01T00:00:01Z")
     assert ledger.state(scope).remaining == 0
     tiny = Fraction("1e-9")
     with pytest.raises(BudgetExhausted) as info:
@@ -54,11 +60,11 @@ def test_ten_tenths_fill_one_exactly_and_eleventh_is_refused(ledger: SqliteLedge
     assert err.requested == Fraction(1, 10**9)
     assert err.remaining == 0
     assert err.dataset == "ds"
-    assert err.resets_at == "2030-01-01T00:00:00Z"
+    assert err.resets_at == "1970-01-01T00:00:01Z"
     assert "requested epsilon 1e-09" in err.message
     assert "remaining 0" in err.message
     assert "short by 1e-09" in err.message
-    assert "2030-01-01T00:00:00Z" in err.message
+    assert "1970-01-01T00:00:01Z" in err.message
     # the refused charge left nothing behind
     assert ledger.find("p1", "q10") is None
     assert ledger.state(scope).spent == 1
@@ -198,17 +204,19 @@ def test_new_period_starts_from_zero(ledger: SqliteLedger) -> None:
     ledger.charge("p1", "a", "h", Fraction(1), [p0], b"a")
     with pytest.raises(BudgetExhausted):
         ledger.charge("p1", "b", "h", Fraction(1, 100), [p0], b"a")
-    assert ledger.state(p1) == BudgetState(Fraction(1), Fraction(0))
+    assert ledger.state(p1) == BudgetState(Fraction(1), Fraction(0), "1970-01-01T00:00:02Z")
     ledger.charge("p1", "b", "h", Fraction(3, 4), [p1], b"a")
     assert ledger.state(p1).spent == Fraction(3, 4)
-    assert ledger.state(p0).spent == 1
+    # the earlier window's spend is kept as it was
+    assert ledger._conn().execute("SELECT spent FROM spend WHERE scope = ? AND period = 0",
+                                  (p0.key,)).fetchone() == ("1/1",)
     assert ledger.state(project_scope(limit=1, period=2)).spent == 0
 
 
 def test_remaining_never_negative_when_limit_lowered(ledger: SqliteLedger) -> None:
     ledger.charge("p1", "a", "h", Fraction(1), [project_scope(limit=1)], b"a")
     lowered = project_scope(limit=Fraction(1, 2))
-    assert ledger.state(lowered) == BudgetState(Fraction(1, 2), Fraction(1))
+    assert ledger.state(lowered) == BudgetState(Fraction(1, 2), Fraction(1), "1970-01-01T00:00:01Z")
     assert ledger.state(lowered).remaining == 0
     with pytest.raises(BudgetExhausted) as info:
         ledger.charge("p1", "b", "h", Fraction(1, 10), [lowered], b"a")
@@ -305,66 +313,67 @@ def test_wal_and_full_sync_on_every_connection(tmp_path: Path) -> None:
 
 # -- property test against a pure-Python model --------------------------------------------------
 
-LIMITS = {"project:a:ds": Fraction(1), "project:b:ds": Fraction(3, 4), "dataset:ds": Fraction(3, 2)}
-PERIODS = range(3)
+LIMITS = {"project:a:ds": Fraction(1), "project:b:ds": Fraction(3, 4), "population:ds": Fraction(3, 2)}
+LENGTH = {"project:a:ds": 1, "project:b:ds": 1, "population:ds": 2}  # the cap's windows are twice as long
 
 
 class LedgerMachine(RuleBasedStateMachine):
-    """Random charges over projects, caps and periods; the ledger must match an exact Fraction model."""
+    """Random charges over projects and a cap while time moves on; the ledger must match an exact
+    Fraction model of the spend in each budget's current window after every step."""
 
     def __init__(self) -> None:
         super().__init__()
         self.dir = tempfile.mkdtemp(prefix="ledger-prop-")
         self.ledger = SqliteLedger(Path(self.dir) / "ledger.sqlite")
-        # charge_id -> (epsilon, [(key, period)], status)
-        self.charges: dict[int, tuple[Fraction, list[tuple[str, int]], str]] = {}
+        self.clock = 0
+        self.charges: list[tuple[Fraction, list[tuple[str, int]]]] = []  # epsilon, [(key, window start)]
         self.count = 0
 
     def teardown(self) -> None:
         self.ledger.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def model_spent(self, key: str, period: int) -> Fraction:
-        return sum((eps for eps, scopes, status in self.charges.values()
-                    if status != "refunded" and (key, period) in scopes), Fraction(0))
+    def scope(self, key: str) -> Scope:
+        length = LENGTH[key]
+        start = self.clock // length * length
+        return Scope(key, "ds", LIMITS[key], Window(start, start + length, self.clock))
+
+    def model_spent(self, key: str) -> Fraction:
+        start = self.scope(key).window.start
+        return sum((eps for eps, scopes in self.charges if (key, start) in scopes), Fraction(0))
+
+    @rule(ticks=st.integers(0, 2))
+    def time_passes(self, ticks: int) -> None:
+        self.clock += ticks
 
     @rule(project=st.sampled_from(["a", "b"]), with_cap=st.booleans(),
-          project_period=st.sampled_from(PERIODS), cap_period=st.sampled_from(PERIODS),
           epsilon=st.fractions(min_value=Fraction(1, 20), max_value=Fraction(1, 2), max_denominator=20))
-    def charge(self, project: str, with_cap: bool, project_period: int, cap_period: int,
-               epsilon: Fraction) -> None:
-        pkey = f"project:{project}:ds"
-        scopes = [Scope(pkey, "ds", LIMITS[pkey], project_period, "")]
-        if with_cap:
-            scopes.append(Scope("dataset:ds", "ds", LIMITS["dataset:ds"], cap_period, "", CAP_LABEL))
-        over = [s for s in scopes if self.model_spent(s.key, s.period_index) + epsilon > s.limit]
+    def charge(self, project: str, with_cap: bool, epsilon: Fraction) -> None:
+        scopes = [self.scope(f"project:{project}:ds")] + ([self.scope("population:ds")] if with_cap else [])
+        over = [s for s in scopes if self.model_spent(s.key) + epsilon > s.limit]
         self.count += 1
         query_id = f"q{self.count}"
         try:
-            cid = self.ledger.charge(project, query_id, f"h{self.count}", epsilon, scopes, b"answer")
+            self.ledger.charge(project, query_id, f"h{self.count}", epsilon, scopes, b"answer")
         except BudgetExhausted as err:
             assert over, f"refused although every scope had room for {epsilon}"
-            first = over[0]
             assert err.requested == epsilon
-            assert err.remaining == max(Fraction(0), first.limit - self.model_spent(first.key, first.period_index))
+            assert err.remaining == max(Fraction(0), over[0].limit - self.model_spent(over[0].key))
             assert self.ledger.find(project, query_id) is None
             return
-        assert not over, f"accepted {epsilon} although {over[0].key}@{over[0].period_index} had no room"
-        assert cid not in self.charges
-        self.charges[cid] = (epsilon, [(s.key, s.period_index) for s in scopes], "released")
+        assert not over, f"accepted {epsilon} although {over[0].key} had no room"
+        self.charges.append((epsilon, [(s.key, s.window.start) for s in scopes]))
         assert self.ledger.find(project, query_id) is not None
 
     @invariant()
     def spent_matches_model(self) -> None:
         for key, limit in LIMITS.items():
-            for period in PERIODS:
-                state = self.ledger.state(Scope(key, "ds", limit, period, ""))
-                expected = self.model_spent(key, period)
-                assert state.spent == expected, (key, period, state.spent, expected)
-                assert 0 <= state.spent <= limit
-                assert state.remaining == limit - expected
-        total = sum((eps for eps, _, status in self.charges.values() if status != "refunded"), Fraction(0))
-        assert self.ledger.total_spent() == total
+            state = self.ledger.state(self.scope(key))
+            expected = self.model_spent(key)
+            assert state.spent == expected, (key, self.clock, state.spent, expected)
+            assert 0 <= state.spent <= limit
+            assert state.remaining == limit - expected
+        assert self.ledger.total_spent() == sum((eps for eps, _ in self.charges), Fraction(0))
 
 
 LedgerMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=10, deadline=None,
@@ -403,7 +412,7 @@ def test_64_threads_on_one_ledger_never_overspend(tmp_path: Path) -> None:
         assert sorted(set(outcomes)) == ["exhausted", "ok"], outcomes
         assert outcomes.count("ok") == 10
         assert outcomes.count("exhausted") == 54
-        assert led.state(scope) == BudgetState(Fraction(1), Fraction(1))
+        assert led.state(scope) == BudgetState(Fraction(1), Fraction(1), "1970-01-01T00:00:01Z")
         assert led.total_spent() == 1
     finally:
         led.close()
@@ -416,10 +425,10 @@ from fractions import Fraction
 from pathlib import Path
 
 from gateway.errors import BudgetExhausted
-from gateway.ledger import Scope, SqliteLedger
+from gateway.ledger import Scope, SqliteLedger, Window
 
 led = SqliteLedger(Path(PATH))
-scope = Scope("project:p1:ds", "ds", Fraction("1.0"), 0, "")
+scope = Scope("project:p1:ds", "ds", Fraction("1.0"), Window(0, 1, 0))
 ok = exhausted = 0
 errors = []
 BARRIER.wait()
@@ -458,7 +467,7 @@ def test_8_processes_on_one_file_never_overspend(tmp_path: Path) -> None:
     led = SqliteLedger(path)
     try:
         scope = project_scope(limit=Fraction("1.0"))
-        assert led.state(scope) == BudgetState(Fraction(1), Fraction(1))
+        assert led.state(scope) == BudgetState(Fraction(1), Fraction(1), "1970-01-01T00:00:01Z")
         assert led.total_spent() == 1
         rows = led._conn().execute("SELECT COUNT(*) FROM charges WHERE status = 'released'").fetchone()
         assert rows == (10,)

@@ -95,7 +95,7 @@ def test_north_values_are_read_exactly() -> None:
     bmi = policy.datasets["patients"].columns["bmi"]
     assert (bmi.bounds, bmi.scale_digits) == ((15.0, 50.0), 1)
     assert policy.datasets["patients"].columns["age_at_diagnosis"].scale_digits == 0
-    assert policy.dataset_caps["patients"].epsilon == 100
+    assert policy.population_caps["patients"].epsilon == 100  # the examples cap each population
 
 
 def test_data_paths_resolve_against_the_policy_folder() -> None:

@@ -147,7 +147,7 @@ def test_budget_exhausted_message_and_exact_limit(start_site, token):
     assert "requested epsilon 0.1, remaining 0" in err.value.message and "never resets" in err.value.message
     # the client rebuilds the server's error with its exact fields, not just its message
     assert (err.value.requested, err.value.remaining, err.value.dataset) == (Fraction(1, 10), 0, "patients")
-    assert err.value.resets_at == "" and err.value.scope == "project"
+    assert err.value.resets_at == "" and err.value.scope == "project 'tight' on population 'patients'"
     assert budget["spent"] == 1.0 and budget["remaining"] == 0.0
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from fractions import Fraction
@@ -27,8 +28,8 @@ from .._sqlfront import parse_sql
 from .._wire import from_structured, rows_to_wire, to_scalar
 from ..auth import Identity
 from ..errors import InvalidQuery, PermissionDenied, PolicyViolation, QueryIdConflict, Unavailable
-from ..ledger import BudgetState, Ledger, QueryIdInUse, Scope
-from ..policy import BudgetRule, Dataset, Policy, period_window, to_fraction
+from ..ledger import BudgetState, Ledger, QueryIdInUse, Scope, Window
+from ..policy import BudgetRule, Dataset, Policy, to_fraction, window_bounds, window_of_index
 from ..query import Query, check_query, dataset_of
 from ..templates import resolve_template
 
@@ -88,14 +89,21 @@ def access_rule(policy: Policy, identity: Identity, dataset: str) -> BudgetRule:
 
 
 def budget_scopes(policy: Policy, project: str, dataset: str, rule: BudgetRule, now: datetime) -> tuple[Scope, ...]:
-    """The budgets a query on ``dataset`` draws on: the project's, and a dataset-wide cap if any."""
-    index, resets = period_window(rule.period, policy.period_start, now)
-    scopes = [Scope(f"project:{project}:{dataset}", dataset, rule.epsilon, index, resets)]
-    cap = policy.dataset_caps.get(dataset)
+    """The budgets a query on ``dataset`` draws on.
+
+    The project's budget on the dataset's population (every dataset describing the same patients
+    draws on it), and the population's cap over all projects, if the policy sets one.
+    """
+    population = policy.datasets[dataset].population_name
+    at = int(now.timestamp())
+    start, end = window_bounds(rule.period, policy.period_start, now)
+    scopes = [Scope(f"project:{project}:{population}", dataset, rule.epsilon, Window(start, end, at),
+                    f"project {project!r} on population {population!r}")]
+    cap = policy.population_cap(population)
     if cap is not None:
-        cap_index, cap_resets = period_window(cap.period, policy.period_start, now)
-        scopes.append(Scope(f"dataset:{dataset}", dataset, cap.epsilon, cap_index, cap_resets,
-                            "all projects (dataset-wide cap)", shared=True))
+        cap_start, cap_end = window_bounds(cap.period, policy.period_start, now)
+        scopes.append(Scope(f"population:{population}", dataset, cap.epsilon, Window(cap_start, cap_end, at),
+                            f"all projects on population {population!r} (site-wide cap)", shared=True))
     return tuple(scopes)
 
 
@@ -215,9 +223,13 @@ def usable_datasets(policy: Policy, identity: Identity) -> list[str]:
 
 def project_budgets(ledger: Ledger, policy: Policy, identity: Identity, dataset: str,
                     now: datetime) -> list[tuple[Scope, BudgetRule, BudgetState]]:
-    """The caller's project budget on ``dataset`` (or every dataset it may use, when empty)."""
+    """The caller's project budget on ``dataset``'s population, or on every population it may use.
+
+    One entry per population; its scope names the dataset asked about (or the population's first
+    usable dataset).
+    """
     names = [dataset] if dataset else list(policy.datasets)
-    found = []
+    found: dict[str, tuple[Scope, BudgetRule, BudgetState]] = {}
     for name in names:
         if dataset:
             dataset_of(policy, name)
@@ -227,9 +239,36 @@ def project_budgets(ledger: Ledger, policy: Policy, identity: Identity, dataset:
             if maybe is None or not maybe.allows_role(identity.role):
                 continue
             rule = maybe
-        scope = budget_scopes(policy, identity.project, name, rule, now)[0]
-        found.append((scope, rule, ledger.state(scope)))
-    return found
+        population = policy.datasets[name].population_name
+        if population not in found:
+            scope = budget_scopes(policy, identity.project, name, rule, now)[0]
+            found[population] = (scope, rule, ledger.state(scope))
+    return list(found.values())
+
+
+def legacy_scopes(policy: Policy) -> Callable[[str, int], tuple[str, int, int | None] | None]:
+    """How a 0.1.x ledger's spend rows map to population scopes and absolute windows under ``policy``.
+
+    Those rows were per dataset and period index; see :meth:`gateway.ledger.SqliteLedger.migrate`.
+    """
+    def convert(key: str, index: int) -> tuple[str, int, int | None] | None:
+        kind, _, rest = key.partition(":")
+        if kind == "project":
+            project, _, dataset = rest.rpartition(":")
+            rule = policy.budget_rule(project, dataset) if dataset in policy.datasets else None
+            if rule is None:
+                return None
+            new, period = f"project:{project}:{policy.datasets[dataset].population_name}", rule.period
+        elif kind == "dataset" and rest in policy.datasets:
+            population = policy.datasets[rest].population_name
+            cap = policy.population_cap(population)
+            if cap is None:
+                return None
+            new, period = f"population:{population}", cap.period
+        else:
+            return None
+        return (new, *window_of_index(period, policy.period_start, index))
+    return convert
 
 
 def valid_query_id(raw: str) -> str:

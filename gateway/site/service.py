@@ -26,11 +26,12 @@ from .._transport import Tls
 from ..audit import AuditLog
 from ..auth import Identity, Verifier
 from ..errors import INTERNAL_MESSAGE, GatewayError, InternalBug, PermissionDenied
+from ..ledger import VERSION as LEDGER_VERSION
 from ..ledger import Ledger, SqliteLedger
 from ..metrics import SiteMetrics
 from ._datasets import dataset_to_wire
 from ._reload import Live, PolicyWatcher, load_live
-from .pipeline import Pipeline, project_budgets, usable_datasets
+from .pipeline import Pipeline, legacy_scopes, project_budgets, usable_datasets
 
 log = logging.getLogger("gateway.site")
 T = TypeVar("T")
@@ -77,11 +78,13 @@ class SiteService(pb_grpc.GatewayServicer):
         budgets = []
         for scope, rule, state in project_budgets(self.state.ledger, policy, identity, request.dataset,
                                                   datetime.now(UTC)):
-            self.state.metrics.set_budget(scope.dataset, identity.project, float(state.limit), float(state.spent))
+            population = policy.datasets[scope.dataset].population_name
+            self.state.metrics.set_budget(population, identity.project, float(state.limit), float(state.spent))
             budgets.append(pb.Budget(dataset=scope.dataset, project=identity.project, limit=float(state.limit),
                                      spent=float(state.spent), remaining=float(state.remaining), period=rule.period,
-                                     resets_at=scope.resets_at, site=policy.site, limit_exact=_exact(state.limit),
-                                     spent_exact=_exact(state.spent), remaining_exact=_exact(state.remaining)))
+                                     resets_at=state.resets_at, site=policy.site, limit_exact=_exact(state.limit),
+                                     spent_exact=_exact(state.spent), remaining_exact=_exact(state.remaining),
+                                     population=population, datasets=policy.populations()[population]))
         return pb.GetBudgetResponse(budgets=budgets, served_by=policy.site)
 
     def Query(self, request: pb.QueryRequest, context: grpc.ServicerContext) -> pb.QueryResponse:
@@ -113,7 +116,8 @@ class SiteService(pb_grpc.GatewayServicer):
         live = self.state.live  # the one policy snapshot this request sees
         answered = self.pipeline.run(request, identity, live.loaded.policy, live.engine, datetime.now(UTC), record)
         for scope, state in answered.budgets[:1]:  # the project's own budget
-            self.state.metrics.set_budget(scope.dataset, identity.project, float(state.limit), float(state.spent))
+            population = live.loaded.policy.datasets[scope.dataset].population_name
+            self.state.metrics.set_budget(population, identity.project, float(state.limit), float(state.spent))
         return answered.response
 
     # -- policy and budget helpers --------------------------------------------------------------
@@ -207,7 +211,10 @@ def build_site_server(options: SiteOptions, metrics: SiteMetrics | None = None,
     for stale in options.state_dir.glob("engine-*.duckdb*"):
         stale.unlink(missing_ok=True)
     live = load_live(options.policy, options.state_dir)
-    state = SiteState(live=live, ledger=SqliteLedger(options.state_dir / "ledger.sqlite"),
+    ledger = SqliteLedger(options.state_dir / "ledger.sqlite")
+    if ledger.version < LEDGER_VERSION:  # written by 0.1.x: spend per dataset and period index
+        ledger.migrate(legacy_scopes(live.loaded.policy), int(time.time()))
+    state = SiteState(live=live, ledger=ledger,
                       audit=AuditLog(options.state_dir / "audit.jsonl"), metrics=metrics or SiteMetrics(),
                       verifier=options.verifier, state_dir=options.state_dir, noise=noise or mechanisms.Noise(),
                       allowed_peers=options.allowed_peers)

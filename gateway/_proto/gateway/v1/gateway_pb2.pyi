@@ -322,7 +322,7 @@ class GetBudgetRequest(_message.Message):
     def __init__(self, dataset: _Optional[str] = ...) -> None: ...
 
 class Budget(_message.Message):
-    __slots__ = ("dataset", "project", "limit", "spent", "remaining", "period", "resets_at", "site", "limit_exact", "spent_exact", "remaining_exact")
+    __slots__ = ("dataset", "project", "limit", "spent", "remaining", "period", "resets_at", "site", "limit_exact", "spent_exact", "remaining_exact", "population", "datasets")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     PROJECT_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
@@ -334,6 +334,8 @@ class Budget(_message.Message):
     LIMIT_EXACT_FIELD_NUMBER: _ClassVar[int]
     SPENT_EXACT_FIELD_NUMBER: _ClassVar[int]
     REMAINING_EXACT_FIELD_NUMBER: _ClassVar[int]
+    POPULATION_FIELD_NUMBER: _ClassVar[int]
+    DATASETS_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     project: str
     limit: float
@@ -345,7 +347,9 @@ class Budget(_message.Message):
     limit_exact: str
     spent_exact: str
     remaining_exact: str
-    def __init__(self, dataset: _Optional[str] = ..., project: _Optional[str] = ..., limit: _Optional[float] = ..., spent: _Optional[float] = ..., remaining: _Optional[float] = ..., period: _Optional[str] = ..., resets_at: _Optional[str] = ..., site: _Optional[str] = ..., limit_exact: _Optional[str] = ..., spent_exact: _Optional[str] = ..., remaining_exact: _Optional[str] = ...) -> None: ...
+    population: str
+    datasets: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, dataset: _Optional[str] = ..., project: _Optional[str] = ..., limit: _Optional[float] = ..., spent: _Optional[float] = ..., remaining: _Optional[float] = ..., period: _Optional[str] = ..., resets_at: _Optional[str] = ..., site: _Optional[str] = ..., limit_exact: _Optional[str] = ..., spent_exact: _Optional[str] = ..., remaining_exact: _Optional[str] = ..., population: _Optional[str] = ..., datasets: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetBudgetResponse(_message.Message):
     __slots__ = ("budgets", "served_by")

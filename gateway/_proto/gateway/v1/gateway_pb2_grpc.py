@@ -70,7 +70,7 @@ class GatewayServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetBudget(self, request, context):
-        """The caller's project budget per dataset.
+        """The caller's project budget per population (the datasets describing the same patients).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
