@@ -111,6 +111,7 @@ def test_stddev_pools_to_the_union_through_a_broker(start_site, start_broker, to
     assert [c.name for c in estimate.components] == ["sum", "sum_squares", "count"]
 
 
+@pytest.mark.slow
 def test_variance_and_stddev_intervals_match_the_noise(start_site, token) -> None:
     """200 standardised residuals per kind (the patients cap of 100 allows no more): their spread must
     be ~1 and the 95% intervals must cover the exact value about 95% of the time (a 2x error in

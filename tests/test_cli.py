@@ -20,6 +20,7 @@ from tests.helpers.cli import GATEWAY, run_cli, wait_for_port_file
 from tests.helpers.policies import write_policy
 
 
+@pytest.mark.slow
 def test_every_command_has_help():
     for args in (["--help"], ["demo", "--help"], ["data", "synth", "--help"], ["site", "serve", "--help"],
                  ["token", "keygen", "--help"], ["token", "mint", "--help"], ["query", "--help"],
@@ -36,6 +37,7 @@ def test_version_flag_prints_the_package_version():
     assert result.stdout.strip() == f"gateway {__version__}"
 
 
+@pytest.mark.slow
 def test_policy_check_reports_file_line_field(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("site: x\nepsilon: {default: 0.5, max: 1}\ndatasets:\n  p:\n    source: {parquet: a.parquet}\n"
@@ -47,6 +49,7 @@ def test_policy_check_reports_file_line_field(tmp_path):
     assert run_cli("policy", "check", "policies/north.yaml").returncode == 0
 
 
+@pytest.mark.slow
 def test_synth_keygen_mint_and_user_errors(tmp_path):
     out = tmp_path / "x.duckdb"
     assert run_cli("data", "synth", "--site", "zeta", "--patients", "500", "--out", str(out)).returncode == 0
@@ -76,6 +79,7 @@ def _serve(tmp_path: Path, policy: Path, public_key: Path, state: Path) -> tuple
     return proc, wait_for_port_file(proc, port_file)
 
 
+@pytest.mark.slow
 def test_site_serve_query_json_budget_and_sigterm(tmp_path, keys, token, site_data):
     policy = write_policy(tmp_path, site_data)
     proc, target = _serve(tmp_path, policy, keys[1], tmp_path / "state")
@@ -106,6 +110,7 @@ def test_site_serve_query_json_budget_and_sigterm(tmp_path, keys, token, site_da
     assert verify.returncode == 0 and "3 records" in verify.stdout
 
 
+@pytest.mark.slow
 def test_sigkill_loses_no_charge_and_no_answer_goes_uncharged(tmp_path, keys, token, site_data):
     """Kill -9 the site during a stream of queries, restart it, and audit the ledger."""
     policy = write_policy(tmp_path, site_data)

@@ -82,6 +82,7 @@ def columns(draw: st.DrawFn) -> Column:
         raise
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None)
 @given(columns())
 def test_no_row_contributes_more_than_the_sensitivity(column: Column) -> None:
@@ -96,6 +97,7 @@ def test_no_row_contributes_more_than_the_sensitivity(column: Column) -> None:
     assert high in contributions
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None)
 @given(columns(), st.sampled_from([k for k in KINDS.values() if k.columns == 1]))
 def test_no_row_adds_more_to_any_component_than_its_sensitivity(column: Column, kind: Kind) -> None:

@@ -49,6 +49,7 @@ def test_alert_rules_and_config_are_valid():
         assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.slow
 @needs_prometheus
 def test_prometheus_scrapes_budget_and_query_metrics(start_site, token, tmp_path):
     registry = CollectorRegistry()

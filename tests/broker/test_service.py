@@ -42,6 +42,7 @@ def test_pooled_counts_and_means_are_exact_combinations(start_site, start_broker
     assert est.mechanism.startswith("pooled(") and est.std_error == pytest.approx(math.sqrt(3) * site_se)
 
 
+@pytest.mark.slow
 def test_pooled_intervals_cover_the_true_pooled_value(start_site, start_broker, token):
     """Over many independent queries, pooled 95% intervals hold the exact pooled value ~95% of the time
     (intervals 2x too narrow would cover ~68%)."""
@@ -106,6 +107,7 @@ def _site_spent(net, site: str, project: str = "demo") -> Fraction:
         ledger.close()
 
 
+@pytest.mark.slow
 def test_slow_site_past_deadline_then_retry_charges_once(tmp_path, token):
     net = start_network(tmp_path / "net", n_sites=3, patients=2000, deadline_seconds=2)
     try:
@@ -131,6 +133,7 @@ def test_slow_site_past_deadline_then_retry_charges_once(tmp_path, token):
         net.stop()
 
 
+@pytest.mark.slow
 def test_site_killed_during_queries_and_broker_restart_retry_charges_once(tmp_path):
     net = start_network(tmp_path / "net", n_sites=3, patients=2000, deadline_seconds=5)
     try:
@@ -161,6 +164,7 @@ def test_site_killed_during_queries_and_broker_restart_retry_charges_once(tmp_pa
         net.stop()
 
 
+@pytest.mark.slow
 def test_cli_json_through_broker(tmp_path):
     net = start_network(tmp_path / "net", n_sites=2, patients=2000)
     try:
@@ -179,6 +183,7 @@ def test_cli_json_through_broker(tmp_path):
         net.stop()
 
 
+@pytest.mark.slow
 def test_site_killed_during_a_query_then_restarted_charges_once(tmp_path):
     """A query is in flight to a hung site, which is then killed and restarted on its state dir: the
     client's retry with the same query_id is answered and the site's ledger holds exactly one charge.

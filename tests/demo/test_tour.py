@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.helpers.cli import run_cli
 
 
+@pytest.mark.slow
 def test_demo_runs_and_exits_zero():
     result = run_cli("demo", "--patients", "2000", timeout=300)
     assert result.returncode == 0, result.stderr
