@@ -1,10 +1,13 @@
-"""Shared fixtures: real DuckDB files, real keys and JWTs, real gRPC site servers on port 0."""
+"""Shared fixtures: real DuckDB files, real keys and JWTs, real gRPC sites and brokers on port 0.
+
+Shared code that is not a fixture lives in :mod:`tests.helpers`.
+"""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -13,47 +16,13 @@ from prometheus_client import CollectorRegistry
 from gateway import _mechanisms as mechanisms
 from gateway._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.auth import AuthConfig, Verifier, generate_dev_key, mint_dev_token
-from gateway.broker import BrokerConfig, SiteEntry, build_broker_server
+from gateway.broker import BrokerConfig, RunningBroker, SiteEntry, build_broker_server
 from gateway.demo.synth import synthesize
 from gateway.metrics import BrokerMetrics, SiteMetrics
 from gateway.site import RunningSite, SiteOptions, build_site_server
+from tests.helpers.policies import write_policy
 
-ROOT = Path(__file__).resolve().parent.parent
 PATIENTS = 4000
-
-# Extra budget rules for tests, placed before the example rules so they win.
-TEST_BUDGETS = """budgets:
-  - project: "stats"
-    epsilon: 1000000
-    period: never
-  - project: "tight"
-    epsilon: 1
-    period: never
-  - project: "nurses"
-    epsilon: 5
-    roles: [analyst]
-  - project: "patients-only"
-    datasets: [patients]
-    epsilon: 5
-"""
-
-
-class ExactNoise(mechanisms.Noise):
-    """TEST ONLY: releases exact aggregates, to check SQL results. Never reachable from policy or CLI."""
-
-    mechanism = "exact(test-only)"
-
-    def apply(self, component: mechanisms.Component, exact: tuple[int, ...]) -> list[int]:
-        return list(exact)
-
-
-def write_policy(folder: Path, data: Path, site: str = "north", text: str | None = None) -> Path:
-    """Copy the example policy for ``site`` into ``folder`` with the test budgets and a data path."""
-    source = text if text is not None else (ROOT / "policies" / f"{site}.yaml").read_text()
-    source = source.replace(f"data/{site}.duckdb", str(data)).replace("budgets:", TEST_BUDGETS, 1)
-    path = folder / f"{site}.yaml"
-    path.write_text(source)
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -100,7 +69,7 @@ def stub_for() -> Iterator[Callable[[RunningSite], pb_grpc.GatewayStub]]:
     channels: list[grpc.Channel] = []
 
     def make(site: RunningSite) -> pb_grpc.GatewayStub:
-        channel = grpc.insecure_channel(f"127.0.0.1:{site.port}")
+        channel = grpc.insecure_channel(site.target)
         channels.append(channel)
         return pb_grpc.GatewayStub(channel)
 
@@ -109,18 +78,12 @@ def stub_for() -> Iterator[Callable[[RunningSite], pb_grpc.GatewayStub]]:
         channel.close()
 
 
-def copy_data(src: Path, dst: Path) -> Path:
-    """A private copy of a DuckDB file (tests that change data must not touch the shared one)."""
-    shutil.copy(src, dst)
-    return dst
-
-
 @pytest.fixture
-def start_broker(tmp_path):
-    started = []
+def start_broker() -> Iterator[Callable[..., RunningBroker]]:
+    started: list[RunningBroker] = []
 
-    def start(sites, **config):
-        entries = [SiteEntry(name=name, address=f"127.0.0.1:{site.port}") for name, site in sites.items()]
+    def start(sites: dict[str, RunningSite], **config: Any) -> RunningBroker:
+        entries = [SiteEntry(name=name, address=site.target) for name, site in sites.items()]
         broker = build_broker_server(BrokerConfig(sites=tuple(entries), **config),
                                      metrics=BrokerMetrics(CollectorRegistry()))
         started.append(broker)

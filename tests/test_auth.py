@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import hmac
 import json
 import logging
 import time
@@ -30,59 +28,19 @@ from gateway.auth import (
     parse_ttl,
 )
 from gateway.errors import Unauthenticated
-
-# -- helpers ------------------------------------------------------------------------------------
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def b64url_decode(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def public_pem(private: Any) -> bytes:
-    return private.public_key().public_bytes(serialization.Encoding.PEM,
-                                             serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
-def private_pem(private: Any) -> bytes:
-    return private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                 serialization.NoEncryption())
-
-
-def write_public(tmp_path: Path, name: str, private: Any) -> Path:
-    path = tmp_path / f"{name}.pub.pem"
-    path.write_bytes(public_pem(private))
-    return path
-
-
-def claims(**overrides: Any) -> dict[str, Any]:
-    now = int(time.time())
-    base: dict[str, Any] = {"sub": "alice", "project": "proj-1", "role": "researcher", "iss": DEV_ISSUER,
-                            "aud": DEV_AUDIENCE, "iat": now, "nbf": now, "exp": now + 300}
-    base.update(overrides)
-    return {k: v for k, v in base.items() if v is not _DROP}
-
-
-_DROP = object()
-
-
-def sign(private: Any, alg: str, payload: dict[str, Any] | None = None, kid: str | object | None = "auto") -> str:
-    headers = {}
-    if kid == "auto":
-        headers["kid"] = key_id(private.public_key())
-    elif kid is not None:
-        headers["kid"] = kid
-    return jwt.encode(payload if payload is not None else claims(), private, algorithm=alg, headers=headers)
-
-
-def craft(header: dict[str, Any], payload: dict[str, Any], signature: bytes = b"") -> str:
-    h = b64url(json.dumps(header, separators=(",", ":")).encode())
-    p = b64url(json.dumps(payload, separators=(",", ":")).encode())
-    return f"{h}.{p}.{b64url(signature)}"
-
+from tests.helpers.tokens import (
+    DROP,
+    b64url,
+    b64url_decode,
+    claims,
+    craft,
+    hs256,
+    private_pem,
+    public_pem,
+    sign,
+    tamper_signature,
+    write_public,
+)
 
 EXPECTED = Identity("alice", "proj-1", "researcher")
 
@@ -233,35 +191,29 @@ def _bad_tokens(ec_key: ec.EllipticCurvePrivateKey, rsa_key: rsa.RSAPrivateKey) 
     header, payload, signature = good.split(".")
     tampered_payload = json.loads(b64url_decode(payload))
     tampered_payload["project"] = "someone-elses-project"
-    raw_sig = bytearray(b64url_decode(signature))
-    raw_sig[5] ^= 0x01
     other = ec.generate_private_key(ec.SECP256R1())
-    pem = public_pem(ec_key)
-    hs_header = b64url(json.dumps({"alg": "HS256", "typ": "JWT", "kid": kid}).encode())
-    hs_payload = b64url(json.dumps(claims()).encode())
-    hs_signature = hmac.new(pem, f"{hs_header}.{hs_payload}".encode(), hashlib.sha256).digest()
     return {
         "expired": sign(ec_key, "ES256", claims(iat=now - 600, nbf=now - 600, exp=now - 60)),
         "nbf in future": sign(ec_key, "ES256", claims(nbf=now + 120)),
         "wrong issuer": sign(ec_key, "ES256", claims(iss="evil-issuer")),
         "wrong audience": sign(ec_key, "ES256", claims(aud="other-service")),
-        "missing aud": sign(ec_key, "ES256", claims(aud=_DROP)),
-        "missing iss": sign(ec_key, "ES256", claims(iss=_DROP)),
-        "missing exp": sign(ec_key, "ES256", claims(exp=_DROP)),
-        "missing sub": sign(ec_key, "ES256", claims(sub=_DROP)),
-        "missing project": sign(ec_key, "ES256", claims(project=_DROP)),
-        "missing role": sign(ec_key, "ES256", claims(role=_DROP)),
+        "missing aud": sign(ec_key, "ES256", claims(aud=DROP)),
+        "missing iss": sign(ec_key, "ES256", claims(iss=DROP)),
+        "missing exp": sign(ec_key, "ES256", claims(exp=DROP)),
+        "missing sub": sign(ec_key, "ES256", claims(sub=DROP)),
+        "missing project": sign(ec_key, "ES256", claims(project=DROP)),
+        "missing role": sign(ec_key, "ES256", claims(role=DROP)),
         "empty project": sign(ec_key, "ES256", claims(project="")),
         "blank project": sign(ec_key, "ES256", claims(project="   ")),
         "empty role": sign(ec_key, "ES256", claims(role="")),
         "non-string project": sign(ec_key, "ES256", claims(project=42)),
         "tampered payload": f"{header}.{b64url(json.dumps(tampered_payload).encode())}.{signature}",
-        "tampered signature": f"{header}.{payload}.{b64url(bytes(raw_sig))}",
+        "tampered signature": tamper_signature(good),
         "missing signature": f"{header}.{payload}.",
         "alg none": craft({"alg": "none", "typ": "JWT", "kid": kid}, claims()),
         "alg none without kid": craft({"alg": "none", "typ": "JWT"}, claims()),
         "alg None capitalised": craft({"alg": "None", "typ": "JWT", "kid": kid}, claims()),
-        "hs256 with public pem": f"{hs_header}.{hs_payload}.{b64url(hs_signature)}",
+        "hs256 with public pem": hs256(public_pem(ec_key), claims(), kid),
         "rs256 header on ec key": craft({"alg": "RS256", "typ": "JWT", "kid": kid}, claims(), b"\x00" * 64),
         "unknown kid": sign(ec_key, "ES256", kid="0123456789abcdef"),
         "other key, trusted kid": sign(other, "ES256", kid=kid),
@@ -322,14 +274,9 @@ def test_generic_message_reveals_no_check(verifier: Verifier) -> None:
 def test_hs256_with_rsa_public_pem_rejected(tmp_path: Path, rsa_key: rsa.RSAPrivateKey) -> None:
     verifier = Verifier(AuthConfig.from_files([write_public(tmp_path, "rsa", rsa_key)]))
     generic = _generic_message(verifier)
-    pem = public_pem(rsa_key)
     for kid in (key_id(rsa_key.public_key()), None):
-        header = {"alg": "HS256", "typ": "JWT"} | ({"kid": kid} if kid else {})
-        h = b64url(json.dumps(header).encode())
-        p = b64url(json.dumps(claims()).encode())
-        sig = hmac.new(pem, f"{h}.{p}".encode(), hashlib.sha256).digest()
         with pytest.raises(Unauthenticated) as info:
-            verifier.verify(f"Bearer {h}.{p}.{b64url(sig)}")
+            verifier.verify(f"Bearer {hs256(public_pem(rsa_key), claims(), kid)}")
         assert info.value.message == generic
 
 
@@ -532,15 +479,10 @@ def test_from_files_jwks_rejects_non_public_keys(tmp_path: Path, ec_key: ec.Elli
 
 
 def test_cached_token_is_still_rejected_once_it_expires(tmp_path):
-    import datetime as dt
-    import time
-
-    from gateway.auth import AuthConfig, Verifier, generate_dev_key, mint_dev_token
-
     private, public = generate_dev_key(tmp_path / "k")
     keys = AuthConfig.from_files([public]).keys
     verifier = Verifier(AuthConfig(keys, leeway_seconds=0))
-    token = mint_dev_token(private.read_bytes(), "alice", "onc-1", ttl=dt.timedelta(seconds=1))
+    token = mint_dev_token(private.read_bytes(), "alice", "onc-1", ttl=timedelta(seconds=1))
     assert verifier.verify(f"Bearer {token}").project == "onc-1"
     assert verifier.verify(f"Bearer {token}").project == "onc-1"  # served from the cache
     time.sleep(1.6)

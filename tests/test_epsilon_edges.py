@@ -8,19 +8,20 @@ import math
 from fractions import Fraction
 
 import pytest
-from conftest import write_policy
 
 from gateway.answers import discrete_laplace_half_width, discrete_laplace_std
 from gateway.client import Client
 from gateway.errors import BudgetExhausted, InvalidQuery, PolicyViolation
+from gateway.policy import DatasetCap, EpsilonLimits, Policy, Suppression
+from tests.helpers.policies import example_policy, with_dataset, with_epsilon, with_policy, write_policy
 
-WIDE = ("epsilon:                    # per query, unless a dataset overrides it\n  default: 0.5\n  max: 1.0\n",
-        "epsilon:\n  default: 0.5\n  max: 1000\n  min: 1e-12\n")
-TREATMENTS_WIDE = ("    epsilon:\n      default: 0.5\n      max: 1.0\n",
-                   "    epsilon:\n      default: 0.5\n      max: 1000\n      min: 1e-12\n")
-CAP_TEXT = "population_caps:            # over all projects together, per population\n  patients:\n    epsilon: 100\n"
-NO_CAP = (CAP_TEXT + "    period: 365d\n", "population_caps: {}\n")
-SMALL_CAP = ("  patients:\n    epsilon: 100\n", "  patients:\n    epsilon: 10\n")
+
+def _wide() -> Policy:
+    """Per-query epsilon from 1e-12 to 1000 everywhere, no population cap, no small-cell suppression."""
+    limits = {"min": Fraction(1, 10**12), "max": Fraction(1000)}
+    policy = with_epsilon(example_policy(), **limits)
+    policy = with_dataset(policy, "treatments", epsilon=EpsilonLimits(default=Fraction(1, 2), **limits))
+    return with_policy(policy, population_caps={}, suppression=Suppression(min_count=0))
 
 
 @pytest.mark.parametrize("scale", [1e-300, 1e-3, 0.0013, 1.0, 2.0, 1e9, 1e17, 1e300])
@@ -34,26 +35,15 @@ def test_accuracy_is_finite_and_exact_at_both_ends(scale: float) -> None:
         assert half == pytest.approx(scale * math.log(20), rel=1e-6)
 
 
-def _site(start_site, site_data, tmp_path, *edits: tuple[str, str]):
+def _site(start_site, site_data, tmp_path, policy: Policy):
     folder = tmp_path / "edited"
     folder.mkdir()
-    policy = write_policy(folder, site_data)
-    text = policy.read_text()
-    for old, new in edits:
-        assert old in text
-        text = text.replace(old, new)
-    policy.write_text(text)
-    return start_site(policy=policy)
-
-
-def _wide_site(start_site, site_data, tmp_path):
-    # per-query epsilon from 1e-12 to 1000, no dataset-wide cap, no small-cell suppression
-    return _site(start_site, site_data, tmp_path, WIDE, TREATMENTS_WIDE, NO_CAP, ("min_count: 5", "min_count: 0"))
+    return start_site(policy=write_policy(folder, site_data, policy=policy))
 
 
 @pytest.mark.parametrize("epsilon", [746, 1000, 1e-12, 1e-9])
 def test_every_epsilon_the_policy_allows_is_served(start_site, token, site_data, tmp_path, epsilon) -> None:
-    site = _wide_site(start_site, site_data, tmp_path)
+    site = _site(start_site, site_data, tmp_path, _wide())
     with Client(f"127.0.0.1:{site.port}", token=token(project="stats"), retries=0) as c:
         result = c.query("SELECT count(*) FROM patients", epsilon=epsilon)
     estimate = result.response.rows[0].estimates[0]
@@ -64,7 +54,7 @@ def test_every_epsilon_the_policy_allows_is_served(start_site, token, site_data,
 
 def test_noise_that_would_not_fit_64_bits_is_refused_before_charging(start_site, token, site_data,
                                                                      tmp_path) -> None:
-    site = _wide_site(start_site, site_data, tmp_path)
+    site = _site(start_site, site_data, tmp_path, _wide())
     with Client(f"127.0.0.1:{site.port}", token=token(project="stats"), retries=0) as c:
         # sum(cost_usd): k = 5 rows of up to 100000 each; at epsilon 1e-12 the noise scale is ~5e17
         with pytest.raises(InvalidQuery, match=r"epsilon 1e-12 is too small for sum\(cost_usd\): .* at least"):
@@ -83,7 +73,8 @@ def test_epsilon_below_the_policy_minimum_is_refused(start_site, token) -> None:
 
 
 def test_no_answer_or_refusal_tells_a_project_what_others_spent(start_site, token, site_data, tmp_path) -> None:
-    site = _site(start_site, site_data, tmp_path, SMALL_CAP)  # a cap of 10 on patients, over all projects
+    cap = {"patients": DatasetCap(epsilon=Fraction(10))}  # a cap of 10 on patients, over all projects
+    site = _site(start_site, site_data, tmp_path, with_policy(example_policy(), population_caps=cap))
     with Client(f"127.0.0.1:{site.port}", token=token(project="stats"), retries=0) as big:
         for year in range(2010, 2019):
             big.query(f"SELECT count(*) FROM patients WHERE diagnosis_year = {year}", epsilon=1)

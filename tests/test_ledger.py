@@ -378,7 +378,7 @@ class LedgerMachine(RuleBasedStateMachine):
 
 LedgerMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=10, deadline=None,
                                            suppress_health_check=[HealthCheck.too_slow])
-TestLedgerProperty = LedgerMachine.TestCase
+TestLedgerProperty = pytest.mark.slow(LedgerMachine.TestCase)
 
 
 # -- concurrency --------------------------------------------------------------------------------
@@ -445,6 +445,7 @@ RESULTS.put((WORKER, ok, exhausted, errors))
 """
 
 
+@pytest.mark.slow
 def test_8_processes_on_one_file_never_overspend(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite"
     SqliteLedger(path).close()  # create the schema up front

@@ -49,13 +49,14 @@ def test_alert_rules_and_config_are_valid():
         assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.slow
 @needs_prometheus
 def test_prometheus_scrapes_budget_and_query_metrics(start_site, token, tmp_path):
     registry = CollectorRegistry()
     metrics = SiteMetrics(registry)
     site = start_site(metrics=metrics)
     metrics_port = serve_metrics(0, registry)
-    with Client(f"127.0.0.1:{site.port}", token=token(project="tight", subject="alice-secret"), retries=0) as c:
+    with Client(site.target, token=token(project="tight", subject="alice-secret"), retries=0) as c:
         for year in (2011, 2012, 2013):
             c.query(f"SELECT count(*) FROM patients WHERE diagnosis_year = {year}", epsilon=0.3,
                     query_id=f"qid-{year}")

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import duckdb
 import pytest
-from conftest import ExactNoise
 
 from gateway.client import Client
+from tests.helpers.servers import ExactNoise
 
 POLICY = """\
 site: lung

@@ -15,6 +15,7 @@ from gateway.errors import InvalidQuery, NotFound, PermissionDenied
 from gateway.policy import BudgetRule, LoadedPolicy, PolicyFileError, load_policy, period_window, to_fraction
 from gateway.query import Aggregate, Filter, Query
 from gateway.templates import resolve_template, validate_templates
+from tests.helpers.policies import dump_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICY_FILES = sorted((ROOT / "policies").glob("*.yaml"))
@@ -78,6 +79,13 @@ def test_example_policies_load_and_their_templates_check(path: Path) -> None:
     assert validate_templates(loaded) == []
     assert loaded.path == path.resolve()
     assert loaded.text_hash == hashlib.sha256(path.read_text(encoding="utf-8").encode()).hexdigest()
+
+
+@pytest.mark.parametrize("path", POLICY_FILES, ids=[p.stem for p in POLICY_FILES])
+def test_example_policies_survive_being_written_back(tmp_path: Path, path: Path) -> None:
+    # tests edit loaded policies and write them back as YAML (tests/helpers/policies.py): nothing may change
+    policy = load_policy(path).policy
+    assert load_policy(dump_policy(policy, tmp_path / path.name)).policy == policy
 
 
 def test_there_are_example_policies() -> None:

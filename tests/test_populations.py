@@ -13,12 +13,12 @@ from datetime import UTC, datetime
 from fractions import Fraction
 
 import pytest
-from conftest import write_policy
 
 from gateway.client import Client
 from gateway.errors import BudgetExhausted
 from gateway.ledger import VERSION, SqliteLedger
-from gateway.policy import load_policy, window_bounds
+from gateway.policy import DatasetCap, load_policy, window_bounds
+from tests.helpers.policies import dump_policy, example_policy, for_tests, with_policy, write_policy
 
 
 def test_datasets_of_one_population_share_one_budget(start_site, token) -> None:
@@ -36,9 +36,8 @@ def test_datasets_of_one_population_share_one_budget(start_site, token) -> None:
 def test_the_population_cap_bounds_all_projects_on_every_dataset(start_site, token, site_data, tmp_path) -> None:
     folder = tmp_path / "cap"
     folder.mkdir()
-    policy = write_policy(folder, site_data)
-    policy.write_text(policy.read_text().replace("  patients:\n    epsilon: 100\n", "  patients:\n    epsilon: 2\n"))
-    site = start_site(policy=policy)
+    capped = with_policy(example_policy(), population_caps={"patients": DatasetCap(epsilon=Fraction(2))})
+    site = start_site(policy=write_policy(folder, site_data, policy=capped))
     with Client(site.target, token=token(project="stats"), retries=0) as a, \
             Client(site.target, token=token(project="onc-x"), retries=0) as b:
         a.query("SELECT count(*) FROM patients", epsilon=1)
@@ -47,17 +46,19 @@ def test_the_population_cap_bounds_all_projects_on_every_dataset(start_site, tok
             a.query("SELECT count(*) FROM treatments WHERE cycles > 2", epsilon=0.5)
 
 
-def test_editing_the_period_never_frees_spend_in_the_window_in_force(start_site, token) -> None:
+def test_editing_the_period_never_frees_spend_in_the_window_in_force(start_site, token, site_data) -> None:
     site = start_site(reload_interval=3600)
-    policy = site.watcher.path
+    example = example_policy()
+    shorter = with_policy(example, budgets=tuple(r.model_copy(update={"period": "30d"}) if r.project == "onc-*"
+                                                 else r for r in example.budgets))
+    moved = with_policy(shorter, period_start=datetime(2026, 11, 20, tzinfo=UTC))
     with Client(site.target, token=token(project="onc-lung"), retries=0) as c:  # 10 per 365 days
         for year in range(2010, 2020):
             c.query(f"SELECT count(*) FROM patients WHERE diagnosis_year = {year}", epsilon=1)
         with pytest.raises(BudgetExhausted):
             c.query("SELECT count(*) FROM patients WHERE diagnosis_year = 2020", epsilon=1)
-        for old, new in [("    epsilon: 10\n    period: 365d\n", "    epsilon: 10\n    period: 30d\n"),
-                         ("period_start: 2026-01-01T00:00:00Z", "period_start: 2026-11-20T00:00:00Z")]:
-            policy.write_text(policy.read_text().replace(old, new))
+        for edited in (shorter, moved):
+            dump_policy(for_tests(edited, site_data), site.watcher.path)
             assert site.watcher.reload()
             with pytest.raises(BudgetExhausted) as refused:  # still spent: the 365-day window goes on
                 c.query("SELECT count(*) FROM patients WHERE diagnosis_year = 2021", epsilon=1)

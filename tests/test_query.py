@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 from fractions import Fraction
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -15,29 +14,16 @@ from hypothesis import strategies as st
 
 from gateway._sqlfront import parse_sql
 from gateway.errors import InvalidQuery, NotFound, PolicyViolation
-from gateway.policy import Policy, load_policy
+from gateway.policy import Policy
 from gateway.query import Aggregate, Filter, Query, check_query
+from tests.helpers.policies import example_policy, with_column, with_dataset
 
-ROOT = Path(__file__).resolve().parent.parent
-NORTH = load_policy(ROOT / "policies" / "north.yaml").policy
+NORTH = example_policy("north")
 HALF = Fraction(1, 2)
 COUNT = Aggregate("count")
 PATIENT_FILTER_COLUMNS = ("age_at_diagnosis, diagnosis_year, primary_site, sex, stage, survival_months, "
                           "vital_status")
-
-
-def variant(change: Any) -> Policy:
-    """A copy of the north policy edited by ``change(data)``."""
-    data = NORTH.model_dump()
-    change(data)
-    return Policy.model_validate(data)
-
-
-def _bmi_filterable(data: dict[str, Any]) -> None:
-    data["datasets"]["patients"]["columns"]["bmi"]["roles"] = ("filter", "aggregate")
-
-
-FLOAT_FILTER = variant(_bmi_filterable)
+FLOAT_FILTER = with_column(NORTH, "patients", "bmi", roles=("filter", "aggregate"))  # a float column to filter on
 
 
 def patients(*filters: Filter, aggregates: tuple[Aggregate, ...] = (COUNT,), group_by: tuple[str, ...] = ()) -> Query:
@@ -108,10 +94,7 @@ def test_column_without_the_role_is_a_policy_violation(query: Query, field: str,
 
 
 def test_aggregate_not_allowed_on_the_dataset() -> None:
-    def count_only(data: dict[str, Any]) -> None:
-        data["datasets"]["patients"]["aggregates"] = ("count",)
-
-    policy = variant(count_only)
+    policy = with_dataset(NORTH, "patients", aggregates=("count",))
     with pytest.raises(PolicyViolation) as info:
         check_query(patients(aggregates=(COUNT, Aggregate("sum", "bmi"))), policy)
     assert info.value.field == "aggregate"

@@ -9,9 +9,9 @@ import math
 from pathlib import Path
 
 import duckdb
-from conftest import ExactNoise
 
 from gateway.client import Client
+from tests.helpers.servers import ExactNoise
 
 SQL = ("SELECT diagnosis_year, primary_site, count(*), mean(age_at_diagnosis) FROM patients "
        "WHERE age_at_diagnosis >= 85 GROUP BY diagnosis_year, primary_site")

@@ -1,15 +1,16 @@
-"""Contract tests for gateway.synth (deterministic synthetic registry data)."""
+"""Contract tests for gateway.demo.synth (deterministic synthetic registry data)."""
 
 from __future__ import annotations
 
 import pathlib
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
-import duckdb
 import pytest
 
 from gateway.demo.synth import SITE_PROFILES, SiteProfile, SynthSummary, synthesize
+from tests.helpers.data import exact
 
 PATIENT_SCHEMA = [
     ("patient_id", "BIGINT"),
@@ -67,12 +68,7 @@ Query = Callable[[str], list[tuple[Any, ...]]]
 
 def _query(path: pathlib.Path) -> Query:
     """Run one SQL statement read-only against a synthesized file."""
-
-    def run(sql: str) -> list[tuple[Any, ...]]:
-        with duckdb.connect(str(path), read_only=True) as con:
-            return con.execute(sql).fetchall()
-
-    return run
+    return partial(exact, path)
 
 
 def _tables(path: pathlib.Path) -> dict[str, list[tuple[Any, ...]]]:

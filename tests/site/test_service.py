@@ -1,17 +1,18 @@
-"""End-to-end tests of the site gateway over real gRPC on loopback with real DuckDB data."""
+"""End-to-end tests of the site gateway (gateway.site.service and the pipeline behind it) over real gRPC
+on loopback with real DuckDB data."""
 
 from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from fractions import Fraction
-from pathlib import Path
 
 import duckdb
 import grpc
 import pytest
-from conftest import ExactNoise, copy_data, write_policy
+from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -19,6 +20,7 @@ import gateway
 from gateway import audit
 from gateway._engine import SchemaMismatch, _without_values
 from gateway._proto.gateway.v1 import gateway_pb2 as pb
+from gateway.auth import key_id
 from gateway.client import Client, structured_message
 from gateway.errors import (
     GatewayError,
@@ -27,15 +29,10 @@ from gateway.errors import (
     PermissionDenied,
     QueryIdConflict,
 )
-
-
-def exact(site_data: Path, sql: str) -> list[tuple]:
-    with duckdb.connect(str(site_data), read_only=True) as con:
-        return con.execute(sql).fetchall()
-
-
-def client(site, token, **kw) -> Client:
-    return Client(f"127.0.0.1:{site.port}", token=token(**kw), retries=0)
+from tests.helpers.data import copy_data, exact
+from tests.helpers.policies import dump_policy, example_policy, for_tests, with_column, with_dataset, write_policy
+from tests.helpers.servers import ExactNoise, client
+from tests.helpers.tokens import DROP, claims, craft, hs256, load_private, sign, tamper_signature
 
 
 def test_count_sum_mean_exact(start_site, token, site_data):
@@ -151,6 +148,33 @@ def test_budget_exhausted_message_and_exact_limit(start_site, token):
     assert budget["spent"] == 1.0 and budget["remaining"] == 0.0
 
 
+def test_64_concurrent_queries_against_a_budget_for_10(start_site, token):
+    site = start_site()
+    results: list[str] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(64)
+
+    def one(i: int) -> None:
+        with client(site, token, project="tight") as c:
+            barrier.wait()
+            try:
+                c.query(f"SELECT count(*) FROM patients WHERE age_at_diagnosis >= {18 + i}", epsilon=0.1)
+                outcome = "ok"
+            except GatewayError as err:
+                outcome = err.code.name
+        with lock:
+            results.append(outcome)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert results.count("ok") == 10 and results.count("RESOURCE_EXHAUSTED") == 54
+    with Client(site.target, token=token(project="tight")) as c:
+        assert c.budget("patients")["spent"][0] == 1.0
+
+
 def _status(call, request, token=None):
     metadata = [("authorization", f"Bearer {token}")] if token else []
     with pytest.raises(grpc.RpcError) as err:
@@ -244,9 +268,8 @@ def test_list_datasets_only_what_the_project_may_use(start_site, token):
 
 
 def test_templates_only_dataset(start_site, token, tmp_path, site_data):
-    text = (Path(__file__).parent.parent / "policies" / "north.yaml").read_text().replace(
-        "    max_rows_per_unit: 1\n", "    max_rows_per_unit: 1\n    templates_only: true\n", 1)
-    site = start_site(policy=write_policy(tmp_path, site_data, text=text))
+    templates_only = with_dataset(example_policy(), "patients", templates_only=True)
+    site = start_site(policy=write_policy(tmp_path, site_data, policy=templates_only))
     with client(site, token) as c:
         with pytest.raises(PermissionDenied, match="templates"):
             c.query("SELECT count(*) FROM patients")
@@ -256,7 +279,7 @@ def test_templates_only_dataset(start_site, token, tmp_path, site_data):
 
 def test_health_and_reflection(start_site):
     site = start_site()
-    with grpc.insecure_channel(f"127.0.0.1:{site.port}") as channel:
+    with grpc.insecure_channel(site.target) as channel:
         health = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service="gateway.v1.Gateway"), timeout=5)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
@@ -265,27 +288,6 @@ def test_health_and_reflection(start_site):
                                                   timeout=5))
         names = {s.name for s in reply.list_services_response.service}
     assert "gateway.v1.Gateway" in names and "grpc.health.v1.Health" in names
-
-
-def test_policy_reload_keeps_last_good(start_site, token, tmp_path, site_data):
-    policy = write_policy(tmp_path, site_data)
-    site = start_site(policy=policy)
-    good = policy.read_text()
-    policy.write_text(good.replace("site: north", "site: north\nunknown_key: 1"))
-    _wait_for(lambda: site.state.metrics.policy_reloads.labels("rejected")._value.get() == 1)
-    with client(site, token) as c:
-        assert c.query("SELECT count(*) FROM patients", epsilon=0.5).epsilon_charged == 0.5
-    policy.write_text(good.replace("  max: 1.0\nperiod_start", "  max: 2.0\nperiod_start", 1))
-    _wait_for(lambda: site.state.metrics.policy_reloads.labels("ok")._value.get() == 1)
-    with client(site, token) as c:
-        assert c.query("SELECT count(*) FROM patients WHERE sex = 'M'", epsilon=2).epsilon_charged == 2
-
-
-def _wait_for(condition, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
 
 
 def test_audit_log_records_every_query_without_values(start_site, token):
@@ -303,90 +305,32 @@ def test_audit_log_records_every_query_without_values(start_site, token):
     assert str(result.response.rows[0].estimates[0].value) not in text
 
 
-def _jwt(keys, **overrides):
-    import datetime as dt
-
-    import jwt as pyjwt
-    from cryptography.hazmat.primitives import serialization
-
-    from gateway.auth import key_id
-
-    now = dt.datetime.now(dt.UTC)
-    claims = {"sub": "alice", "project": "onc-test", "role": "researcher", "iss": "gateway-dev", "aud": "gateway",
-              "iat": now, "nbf": now, "exp": now + dt.timedelta(hours=1)}
-    claims.update({k: v for k, v in overrides.items() if v is not None})
-    for k in [k for k, v in overrides.items() if v is None]:
-        claims.pop(k)
-    private = serialization.load_pem_private_key(keys[0].read_bytes(), password=None)
-    return pyjwt.encode(claims, private, algorithm="ES256", headers={"kid": key_id(private.public_key())})
-
-
-def _none_alg(token: str) -> str:
-    import base64
-    import json as json_
-
-    header = base64.urlsafe_b64encode(json_.dumps({"alg": "none", "typ": "JWT"}).encode()).rstrip(b"=").decode()
-    return f"{header}.{token.split('.')[1]}."
-
-
-def _hmac_with_public_key(keys, token: str) -> str:
-    import base64
-    import hashlib
-    import hmac
-    import json as json_
-
-    header = base64.urlsafe_b64encode(json_.dumps({"alg": "HS256", "typ": "JWT"}).encode()).rstrip(b"=").decode()
-    signing_input = f"{header}.{token.split('.')[1]}".encode()
-    signature = hmac.new(keys[1].read_bytes(), signing_input, hashlib.sha256).digest()
-    return f"{signing_input.decode()}.{base64.urlsafe_b64encode(signature).rstrip(b'=').decode()}"
-
-
-def _tampered(token: str) -> str:
-    head, payload, signature = token.split(".")
-    return f"{head}.{payload}.{signature[:-4]}{'AAAA' if signature[-4:] != 'AAAA' else 'BBBB'}"
-
-
-def _other_key_same_kid(keys, tmp_path) -> str:
-    import jwt as pyjwt
-
-    from gateway.auth import generate_dev_key
-
-    other_private, _ = generate_dev_key(tmp_path / "other")
-    good = _jwt(keys)
-    kid = pyjwt.get_unverified_header(good)["kid"]
-    claims = pyjwt.decode(good, options={"verify_signature": False})
-    from cryptography.hazmat.primitives import serialization
-    key = serialization.load_pem_private_key(other_private.read_bytes(), password=None)
-    return pyjwt.encode(claims, key, algorithm="ES256", headers={"kid": kid})
+def _on_site(**overrides):
+    """Claims for a project the test policy gives a budget, with ``overrides``."""
+    return claims(**{"project": "onc-test", **overrides})
 
 
 @pytest.mark.parametrize("case", ["expired", "not_yet_valid", "wrong_issuer", "wrong_audience", "no_sub",
                                   "no_project", "no_role", "tampered_signature", "alg_none", "hmac_public_key",
                                   "unknown_kid", "other_key_same_kid"])
-def test_jwt_rejections_through_the_server(start_site, stub_for, keys, tmp_path, case):
-    import datetime as dt
-
-    import jwt as pyjwt
-
-    now = dt.datetime.now(dt.UTC)
-    good = _jwt(keys)
+def test_jwt_rejections_through_the_server(start_site, stub_for, keys, case):
+    private = load_private(keys[0])
+    now = int(time.time())
+    good = sign(private, "ES256", _on_site())
     tokens = {
-        "expired": lambda: _jwt(keys, exp=now - dt.timedelta(minutes=5)),
-        "not_yet_valid": lambda: _jwt(keys, nbf=now + dt.timedelta(minutes=5)),
-        "wrong_issuer": lambda: _jwt(keys, iss="someone-else"),
-        "wrong_audience": lambda: _jwt(keys, aud="other-service"),
-        "no_sub": lambda: _jwt(keys, sub=None),
-        "no_project": lambda: _jwt(keys, project=None),
-        "no_role": lambda: _jwt(keys, role=None),
-        "tampered_signature": lambda: _tampered(good),
-        "alg_none": lambda: _none_alg(good),
-        "hmac_public_key": lambda: _hmac_with_public_key(keys, good),
-        "unknown_kid": lambda: pyjwt.encode(pyjwt.decode(good, options={"verify_signature": False}),
-                                            __import__("cryptography.hazmat.primitives.serialization",
-                                                       fromlist=["x"]).load_pem_private_key(
-                                                keys[0].read_bytes(), password=None),
-                                            algorithm="ES256", headers={"kid": "not-a-known-key"}),
-        "other_key_same_kid": lambda: _other_key_same_kid(keys, tmp_path),
+        "expired": lambda: sign(private, "ES256", _on_site(exp=now - 300)),
+        "not_yet_valid": lambda: sign(private, "ES256", _on_site(nbf=now + 300)),
+        "wrong_issuer": lambda: sign(private, "ES256", _on_site(iss="someone-else")),
+        "wrong_audience": lambda: sign(private, "ES256", _on_site(aud="other-service")),
+        "no_sub": lambda: sign(private, "ES256", _on_site(sub=DROP)),
+        "no_project": lambda: sign(private, "ES256", _on_site(project=DROP)),
+        "no_role": lambda: sign(private, "ES256", _on_site(role=DROP)),
+        "tampered_signature": lambda: tamper_signature(good),
+        "alg_none": lambda: craft({"alg": "none", "typ": "JWT"}, _on_site()),
+        "hmac_public_key": lambda: hs256(keys[1].read_bytes(), _on_site()),
+        "unknown_kid": lambda: sign(private, "ES256", _on_site(), kid="not-a-known-key"),
+        "other_key_same_kid": lambda: sign(ec.generate_private_key(ec.SECP256R1()), "ES256", _on_site(),
+                                           kid=key_id(private.public_key())),
     }
     site = start_site()
     stub = stub_for(site)
@@ -402,8 +346,6 @@ def test_jwt_rejections_through_the_server(start_site, stub_for, keys, tmp_path,
 
 
 def test_engine_failure_refunds_the_charge(start_site, token, tmp_path, site_data):
-    from conftest import copy_data
-
     data = copy_data(site_data, tmp_path / "private.duckdb")
     site = start_site(policy=write_policy(tmp_path, data))
     with client(site, token) as c:
@@ -428,27 +370,24 @@ def test_engine_errors_never_echo_data_values():
 
 
 def test_a_column_whose_type_does_not_match_the_data_is_refused_at_start(start_site, tmp_path, site_data):
-    text = (Path(__file__).parent.parent / "policies" / "north.yaml").read_text().replace(
-        "      sex:\n        type: string\n        roles: [filter, group_by]\n        keys: [F, M]\n",
-        "      sex:\n        type: integer\n        roles: [filter, group_by]\n        keys: [1, 2]\n", 1)
-    policy = write_policy(tmp_path, site_data, text=text)
+    # text codes declared integer (the real data holds 'F' and 'M')
+    mistyped = with_column(example_policy(), "patients", "sex", type="integer", keys=(1, 2))
+    policy = write_policy(tmp_path, site_data, policy=mistyped)
     with pytest.raises(SchemaMismatch) as err:
         start_site(policy=policy)
-    line = text.splitlines().index("        type: integer") + 1
+    lines = policy.read_text().splitlines()
+    line = next(i for i in range(lines.index("      sex:"), len(lines)) if lines[i].strip() == "type: integer") + 1
     assert str(err.value) == (f"{policy.resolve()}:{line}: datasets.patients.columns.sex.type: declared integer, but "
                               "column 'sex' of dataset 'patients' is VARCHAR in the source; fix the declared type "
                               "or the data (no query is answered from a mismatched column)")
     assert "'F'" not in str(err.value) and "'M'" not in str(err.value)
 
 
-def test_a_reload_with_a_mismatched_type_is_rejected_and_the_last_good_policy_stays(start_site, token):
+def test_a_reload_with_a_mismatched_type_is_rejected_and_the_last_good_policy_stays(start_site, token, site_data):
     site = start_site()
-    policy = site.watcher.path
-    good = policy.read_text()
-    policy.write_text(good.replace("      bmi:\n        type: float", "      bmi:\n        type: string", 1)
-                      .replace("        bounds: [15, 50]\n        precision: 1\n", "", 1)
-                      .replace("      bmi:\n        type: string\n        roles: [aggregate]",
-                               "      bmi:\n        type: string\n        roles: [filter]", 1))
+    mistyped = with_column(example_policy(), "patients", "bmi", type="string", roles=("filter",), bounds=None,
+                           precision=-1)
+    dump_policy(for_tests(mistyped, site_data), site.watcher.path)
     assert site.watcher.reload() is False
     with client(site, token) as c:
         assert c.query("SELECT mean(bmi) FROM patients", epsilon=0.1).to_polars().height == 1

@@ -1,4 +1,5 @@
-"""Broker to site over mutual TLS, with the site accepting only the broker's certificate name."""
+"""Transport security (gateway._transport): broker to site over mutual TLS, with the site accepting only
+the broker's certificate name."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import ipaddress
 from pathlib import Path
 
 import pytest
-from conftest import write_policy
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -21,6 +21,7 @@ from gateway.client import Client
 from gateway.errors import PermissionDenied, Unavailable
 from gateway.metrics import BrokerMetrics, SiteMetrics
 from gateway.site import SiteOptions, build_site_server
+from tests.helpers.policies import write_policy
 
 
 def _cert(folder: Path, name: str, issuer_key=None, issuer_name=None, ca=False, server=False):
@@ -63,7 +64,7 @@ def test_broker_reaches_site_over_mtls_and_site_checks_peer_name(pki, tmp_path, 
                                       tls=Tls(pki / "ca.pem", pki / "broker.pem", pki / "broker.key")),)),
         metrics=BrokerMetrics(CollectorRegistry()))
     try:
-        with Client(f"127.0.0.1:{broker.port}", token=token()) as c:
+        with Client(broker.target, token=token()) as c:
             result = c.query("SELECT stage, count(*) FROM patients GROUP BY stage", epsilon=0.2)
         assert result.sites == ["north"] and len(result.to_polars()) == 4
         intruder = Tls(pki / "ca.pem", pki / "intruder.pem", pki / "intruder.key", server_name="localhost")

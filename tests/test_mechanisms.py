@@ -1,5 +1,6 @@
-"""Statistical checks: the released noise has the scale and intervals the response reports,
-and the gateway's noise scale is never below what OpenDP's own polars Context picks."""
+"""Statistical checks of the noise (gateway._mechanisms): the released noise has the scale and
+intervals the response reports, and the gateway's noise scale is never below what OpenDP's own
+polars Context picks."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import duckdb
 import opendp.prelude as dp_
 import polars as pl
 import pytest
-from conftest import ExactNoise
 
 from gateway.client import Client
+from tests.helpers.servers import ExactNoise
 
 GROUPED = "SELECT diagnosis_year, stage, sex, count(*), sum(survival_months) FROM patients " \
           "WHERE age_at_diagnosis >= {a} GROUP BY diagnosis_year, stage, sex"
@@ -24,8 +25,8 @@ def test_noise_matches_reported_scale_and_interval(start_site, token):
     the reported 95% intervals must cover the exact value about 95% of the time."""
     noisy_site, exact_site = start_site(), start_site(noise=ExactNoise())
     ratios, coverage = {}, {}
-    with Client(f"127.0.0.1:{noisy_site.port}", token=token(project="stats")) as noisy, \
-            Client(f"127.0.0.1:{exact_site.port}", token=token(project="stats")) as truth:
+    with Client(noisy_site.target, token=token(project="stats")) as noisy, \
+            Client(exact_site.target, token=token(project="stats")) as truth:
         residuals: dict[str, list[float]] = {"count": [], "sum(survival_months)": []}
         covered: dict[str, list[bool]] = {"count": [], "sum(survival_months)": []}
         reported: dict[str, float] = {}
@@ -51,8 +52,8 @@ def test_noise_matches_reported_scale_and_interval(start_site, token):
 def test_mean_interval_covers(start_site, token):
     noisy_site, exact_site = start_site(), start_site(noise=ExactNoise())
     hits, total = 0, 0
-    with Client(f"127.0.0.1:{noisy_site.port}", token=token(project="stats")) as noisy, \
-            Client(f"127.0.0.1:{exact_site.port}", token=token(project="stats")) as truth:
+    with Client(noisy_site.target, token=token(project="stats")) as noisy, \
+            Client(exact_site.target, token=token(project="stats")) as truth:
         for a in range(18, 58):
             sql = f"SELECT stage, mean(age_at_diagnosis) FROM patients WHERE age_at_diagnosis >= {a} GROUP BY stage"
             got, want = noisy.query(sql, epsilon=0.2).response, truth.query(sql, epsilon=0.2).response
@@ -118,7 +119,7 @@ SHAPES = [
 def test_gateway_scale_never_below_opendp_context(start_site, token, small_frames, dataset, k, sql, build, margins,
                                                   unit):
     site = start_site()
-    with Client(f"127.0.0.1:{site.port}", token=token()) as c:
+    with Client(site.target, token=token()) as c:
         estimate = c.query(sql, epsilon=1.0, dry_run=True).response.rows[0].estimates[0]
     opendp_scales = _context_scale(small_frames[dataset], k, build, margins)
     # a mean is released as (sum, count); the gateway reports the sum's scale, OpenDP lists the sum first

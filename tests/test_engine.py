@@ -1,4 +1,4 @@
-"""Sums on fixed-point integers: no row ever contributes more than the noise is sized for.
+"""The engine (gateway._engine) sums fixed-point integers: no row contributes more than the noise is sized for.
 
 A bound times 10^precision that ends in .5 once let a clamped row add one unit more than the
 sensitivity (Python rounds half to even, DuckDB half away from zero): the true epsilon was up to
@@ -22,8 +22,9 @@ from gateway._engine import build_sql, quote
 from gateway.aggregates import KINDS, Kind
 from gateway.policy import MAX_FIXED_BOUND, Column, Dataset, Source
 from gateway.query import Aggregate, Query
-from tests.conftest import ExactNoise, write_policy
-from tests.test_site import client, exact
+from tests.helpers.data import exact
+from tests.helpers.policies import example_policy, with_column, write_policy
+from tests.helpers.servers import ExactNoise, client
 
 
 def _dataset(column: Column, rows: int, k: int = 1) -> Dataset:
@@ -81,6 +82,7 @@ def columns(draw: st.DrawFn) -> Column:
         raise
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None)
 @given(columns())
 def test_no_row_contributes_more_than_the_sensitivity(column: Column) -> None:
@@ -95,6 +97,7 @@ def test_no_row_contributes_more_than_the_sensitivity(column: Column) -> None:
     assert high in contributions
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None)
 @given(columns(), st.sampled_from([k for k in KINDS.values() if k.columns == 1]))
 def test_no_row_adds_more_to_any_component_than_its_sensitivity(column: Column, kind: Kind) -> None:
@@ -136,13 +139,8 @@ def test_bounds_that_cannot_be_summed_exactly_are_refused(bounds, precision, rea
 
 def test_a_half_unit_bound_charges_what_a_row_can_add_through_the_site(start_site, token, site_data, tmp_path):
     # bmi bounded at 20.25 with precision 1: a row above it adds 20.2 (202 units), never 20.3
-    folder = tmp_path / "halves"
-    folder.mkdir()
-    policy = write_policy(folder, site_data)
-    policy.write_text(policy.read_text().replace(
-        "      bmi:\n        type: float\n        roles: [aggregate]\n        bounds: [15, 50]",
-        "      bmi:\n        type: float\n        roles: [filter, aggregate]\n        bounds: [15, 20.25]"))
-    site = start_site(noise=ExactNoise(), policy=policy)
+    halves = with_column(example_policy(), "patients", "bmi", roles=("filter", "aggregate"), bounds=(15, 20.25))
+    site = start_site(noise=ExactNoise(), policy=write_policy(tmp_path, site_data, policy=halves))
     (above,), = exact(site_data, "SELECT count(*) FROM patients WHERE bmi >= 20.3")
     assert above > 10
     with client(site, token) as c:

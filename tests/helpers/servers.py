@@ -1,0 +1,37 @@
+"""Talking to running sites and brokers, and the one test-only switch the site server accepts."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from gateway import _mechanisms as mechanisms
+from gateway.broker import RunningBroker
+from gateway.client import Client
+from gateway.site import RunningSite
+
+
+class ExactNoise(mechanisms.Noise):
+    """TEST ONLY: releases exact aggregates, to check SQL results. Never reachable from policy or CLI.
+
+    It reaches a server only through the ``noise`` keyword of ``build_site_server`` (the
+    ``start_site`` fixture's ``noise=ExactNoise()``).
+    """
+
+    mechanism = "exact(test-only)"
+
+    def apply(self, component: mechanisms.Component, exact: tuple[int, ...]) -> list[int]:
+        return list(exact)
+
+
+def client(server: RunningSite | RunningBroker, token: Callable[..., str], **claims: str) -> Client:
+    """A client of ``server`` without retries, holding ``token(**claims)`` (project, role, subject)."""
+    return Client(server.target, token=token(**claims), retries=0)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll ``condition`` until it holds; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
