@@ -55,8 +55,13 @@ class QueryResult:
 
     @property
     def budget_remaining(self) -> float:
-        """The project's remaining budget on the dataset after this query."""
+        """The project's remaining budget on the dataset's population after this query."""
         return self.response.budget_remaining
+
+    @property
+    def notes(self) -> list[str]:
+        """What a reader of the answer should know (e.g. which rows no group holds)."""
+        return list(self.response.notes)
 
     @property
     def query_id(self) -> str:
@@ -124,14 +129,19 @@ class Client:
         return list(self._call(self._stub.ListDatasets, pb.ListDatasetsRequest()).datasets)
 
     def budget(self, dataset: str = "") -> pl.DataFrame:
-        """The caller's budget per dataset (and per site, through a broker)."""
+        """The caller's budget per population (and per site, through a broker).
+
+        ``dataset`` narrows it to that dataset's population; ``datasets`` lists the datasets that
+        share each budget (they hold the same patients).
+        """
         response = self._call(self._stub.GetBudget, pb.GetBudgetRequest(dataset=dataset))
-        return pl.DataFrame([{"site": b.site, "dataset": b.dataset, "project": b.project, "limit": b.limit,
-                              "spent": b.spent, "remaining": b.remaining, "period": b.period,
+        return pl.DataFrame([{"site": b.site, "population": b.population or b.dataset, "dataset": b.dataset,
+                              "datasets": ", ".join(b.datasets) or b.dataset, "project": b.project,
+                              "limit": b.limit, "spent": b.spent, "remaining": b.remaining, "period": b.period,
                               "resets_at": b.resets_at or None} for b in response.budgets],
-                            schema={"site": pl.Utf8, "dataset": pl.Utf8, "project": pl.Utf8, "limit": pl.Float64,
-                                    "spent": pl.Float64, "remaining": pl.Float64, "period": pl.Utf8,
-                                    "resets_at": pl.Utf8})
+                            schema={"site": pl.Utf8, "population": pl.Utf8, "dataset": pl.Utf8, "datasets": pl.Utf8,
+                                    "project": pl.Utf8, "limit": pl.Float64, "spent": pl.Float64,
+                                    "remaining": pl.Float64, "period": pl.Utf8, "resets_at": pl.Utf8})
 
     def query(self, sql: str | None = None, *, structured: StructuredSpec | None = None,
               template: str | None = None, params: Mapping[str, Any] | None = None, epsilon: float = 0.0,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Any
 
 from ._proto.gateway.v1 import gateway_pb2 as pb
+from .guarantee import describe as describe_guarantee
 from .policy import Policy
 
 
@@ -32,7 +34,7 @@ def query_json(response: pb.QueryResponse) -> dict[str, Any]:
                            "group_by": list(response.group_by), "aggregates": list(response.aggregates),
                            "rows": rows, "epsilon_charged": response.epsilon_charged,
                            "budget_remaining": response.budget_remaining, "cached": response.cached,
-                           "dry_run": response.dry_run}
+                           "dry_run": response.dry_run, "notes": list(response.notes)}
     if response.sites or response.site_answers or response.missing_sites:
         out["sites"] = list(response.sites)
         out["missing_sites"] = [{"site": m.site, "reason": m.reason, "message": m.message}
@@ -61,6 +63,7 @@ def query_table(response: pb.QueryResponse) -> str:
         out.append(f"sites: {', '.join(response.sites)}")
     for m in response.missing_sites:
         out.append(f"missing site {m.site}: {m.reason} ({m.message})")
+    out += [f"note: {note}" for note in response.notes]
     return "\n".join(out)
 
 
@@ -77,7 +80,7 @@ def _cell(e: pb.Estimate, dry_run: bool) -> str:
 
 def budget_table(frame: Any) -> str:
     """The budget frame from :meth:`gateway.client.Client.budget` as a fixed-width table."""
-    header = ["site", "dataset", "project", "limit", "spent", "remaining", "period", "resets_at"]
+    header = ["site", "population", "datasets", "project", "limit", "spent", "remaining", "period", "resets_at"]
     rows = [[_fmt(r[h]) for h in header] for r in frame.iter_rows(named=True)]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)), "  ".join("-" * w for w in widths)]
@@ -93,17 +96,20 @@ def _fmt(value: Any) -> str:
 
 def explain(policy: Policy, project: str, role: str) -> str:
     """What ``project`` (with ``role``) may do at this site and what it costs."""
-    lines = [f"site {policy.site}: what project {project!r} (role {role!r}) may do", ""]
+    lines = [*describe_guarantee(policy), "",
+             f"site {policy.site}: what project {project!r} (role {role!r}) may do", ""]
     for name, dataset in policy.datasets.items():
         rule = policy.budget_rule(project, name)
         if rule is None or not rule.allows_role(role):
             lines.append(f"dataset {name}: no access")
             continue
         limits = policy.epsilon_limits(name)
-        cap = policy.dataset_caps.get(name)
-        lines.append(f"dataset {name}: budget epsilon {float(rule.epsilon):g} per "
-                     f"{'period that never resets' if rule.period == 'never' else rule.period}"
-                     + (f" (dataset-wide cap {float(cap.epsilon):g} per {cap.period})" if cap else ""))
+        population = dataset.population_name
+        cap = policy.population_cap(population)
+        lines.append(f"dataset {name} (population {population}): budget epsilon {float(rule.epsilon):g} per "
+                     f"{'period that never resets' if rule.period == 'never' else rule.period}, shared with "
+                     f"{', '.join(policy.populations()[population])}"
+                     + (f" (population cap {float(cap.epsilon):g} per {cap.period} over all projects)" if cap else ""))
         lines.append(f"  per query: default epsilon {float(limits.default):g}, max {float(limits.max):g}; "
                      f"at most {int(rule.epsilon / limits.default)} default-cost queries per period")
         lines.append(f"  aggregates: {', '.join(dataset.aggregates)}; each patient counts at most "
@@ -123,9 +129,53 @@ def explain(policy: Policy, project: str, role: str) -> str:
 
 
 def diff(old: Policy, new: Policy) -> list[str]:
-    """Human-readable changes between two policies (by key path)."""
-    return [f"{path}: {a!r} -> {b!r}" for path, a, b in _diff(old.model_dump(mode="json"),
-                                                              new.model_dump(mode="json"), "")]
+    """Human-readable changes between two policies (by key path).
+
+    Every edit that changes what can be spent is flagged ``BUDGET``, saying whether it loosens or
+    tightens and when it takes effect; a closing line counts them.
+    """
+    changes = _diff(old.model_dump(mode="json"), new.model_dump(mode="json"), "")
+    lines, flagged = [], 0
+    for path, a, b in changes:
+        if path.startswith("datasets.") and path.endswith(".population"):
+            continue  # said below, with what it means
+        why = _budget_effect(path, a, b)
+        flagged += why is not None
+        lines.append(f"{path}: {a!r} -> {b!r}" + (f"  [BUDGET: {why}]" if why else ""))
+    moved = [name for name in new.datasets if name in old.datasets
+             and new.datasets[name].population_name != old.datasets[name].population_name]
+    for name in moved:
+        flagged += 1
+        lines.append(f"datasets.{name}: population {old.datasets[name].population_name!r} -> "
+                     f"{new.datasets[name].population_name!r}  [BUDGET: the dataset draws on another budget from "
+                     "now on; what was spent under the old population stays there]")
+    if flagged:
+        lines.append(f"{flagged} edit(s) change what can be spent")
+    return lines
+
+
+def _budget_effect(path: str, old: Any, new: Any) -> str | None:
+    """Why an edit at ``path`` changes what can be spent (None: it does not)."""
+    parts = path.replace("[", ".").replace("]", "").split(".")
+    field = parts[-1]
+    if parts[0] in ("budgets", "population_caps", "dataset_caps") or (parts[0] == "datasets" and "epsilon" in parts):
+        if field == "period":
+            return "takes effect when the window in force ends; spend made in it is never freed"
+        if field == "epsilon" or parts[0] == "datasets":
+            return _direction(old, new)
+        return "changes who may spend, or on which datasets"
+    if parts[0] == "epsilon":
+        return _direction(old, new) + " (per query)"
+    if path == "period_start":
+        return "moves the windows; takes effect when the window in force ends"
+    return None
+
+
+def _direction(old: Any, new: Any) -> str:
+    try:
+        return "loosens" if Fraction(str(new)) > Fraction(str(old)) else "tightens"
+    except (ValueError, TypeError, ZeroDivisionError):
+        return "changes a budget"
 
 
 def _diff(a: Any, b: Any, path: str) -> list[tuple[str, Any, Any]]:

@@ -79,6 +79,15 @@ def test_nan_matches_no_comparison_filter(ask) -> None:
     assert ask("SELECT count(*) FROM lung WHERE ecog NOT IN (0, 1)")["count"][0] == len(kept)
 
 
+def test_a_grouped_answer_says_which_rows_it_excludes(lung_site, token) -> None:
+    with Client(lung_site.target, token=token(), retries=0) as c:
+        grouped = c.query("SELECT sex, inst, count(*) FROM lung GROUP BY sex, inst", epsilon=1)
+        whole = c.query("SELECT count(*) FROM lung", epsilon=1)
+    assert grouped.notes == ["rows whose sex or inst is missing or not one of its public keys are in no group "
+                             "(not counted here)"]
+    assert whole.notes == []
+
+
 def test_nan_and_null_group_keys_fall_in_no_public_group(ask) -> None:
     frame = ask("SELECT ecog, count(*) FROM lung GROUP BY ecog").sort("ecog")
     want = {k: sum(1 for r in ROWS if r[3] == k) for k in (0.0, 1.0, 2.0, 3.0, 4.0)}

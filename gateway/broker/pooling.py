@@ -49,7 +49,7 @@ def pool(answered: Sequence[tuple[str, pb.QueryResponse]], served_by: str) -> pb
     first = answered[0][1]
     out = pb.QueryResponse(dataset=first.dataset, group_by=first.group_by, aggregates=first.aggregates,
                            canonical_hash=first.canonical_hash, canonical_query=first.canonical_query,
-                           served_by=served_by, dry_run=first.dry_run)
+                           served_by=served_by, dry_run=first.dry_run, notes=first.notes)
     out.sites.extend(site for site, _ in answered)
     out.epsilon_charged = max(r.epsilon_charged for _, r in answered)
     out.budget_remaining = min(r.budget_remaining for _, r in answered)

@@ -162,7 +162,7 @@ class Pipeline:
             dataset=checked.query.dataset, group_by=list(checked.query.group_by),
             aggregates=[a.label for a in checked.query.aggregates], canonical_hash=checked.canonical_hash,
             canonical_query=checked.canonical, served_by=policy.site, epsilon_charged=float(checked.epsilon),
-            suppression_min_count=policy.suppression.min_count)
+            suppression_min_count=policy.suppression.min_count, notes=notes_for(checked.query))
         if request.dry_run:
             groups = product_of_keys([checked.dataset.columns[c].public_keys for c in checked.query.group_by])
             response.rows.extend(rows_to_wire(predicted(plan, groups), checked.query.group_by))
@@ -269,6 +269,14 @@ def legacy_scopes(policy: Policy) -> Callable[[str, int], tuple[str, int, int | 
             return None
         return (new, *window_of_index(period, policy.period_start, index))
     return convert
+
+
+def notes_for(query: Query) -> list[str]:
+    """What a reader of the answer should know about its groups."""
+    if not query.group_by:
+        return []
+    columns = " or ".join(query.group_by)
+    return [f"rows whose {columns} is missing or not one of its public keys are in no group (not counted here)"]
 
 
 def valid_query_id(raw: str) -> str:

@@ -280,7 +280,7 @@ class MissingSite(_message.Message):
     def __init__(self, site: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class QueryResponse(_message.Message):
-    __slots__ = ("query_id", "dataset", "group_by", "aggregates", "rows", "epsilon_charged", "budget_remaining", "cached", "dry_run", "canonical_hash", "canonical_query", "served_by", "suppression_min_count", "site_answers", "missing_sites", "sites")
+    __slots__ = ("query_id", "dataset", "group_by", "aggregates", "rows", "epsilon_charged", "budget_remaining", "cached", "dry_run", "canonical_hash", "canonical_query", "served_by", "notes", "suppression_min_count", "site_answers", "missing_sites", "sites")
     QUERY_ID_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
     GROUP_BY_FIELD_NUMBER: _ClassVar[int]
@@ -293,6 +293,7 @@ class QueryResponse(_message.Message):
     CANONICAL_HASH_FIELD_NUMBER: _ClassVar[int]
     CANONICAL_QUERY_FIELD_NUMBER: _ClassVar[int]
     SERVED_BY_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
     SUPPRESSION_MIN_COUNT_FIELD_NUMBER: _ClassVar[int]
     SITE_ANSWERS_FIELD_NUMBER: _ClassVar[int]
     MISSING_SITES_FIELD_NUMBER: _ClassVar[int]
@@ -309,11 +310,12 @@ class QueryResponse(_message.Message):
     canonical_hash: str
     canonical_query: str
     served_by: str
+    notes: _containers.RepeatedScalarFieldContainer[str]
     suppression_min_count: int
     site_answers: _containers.RepeatedCompositeFieldContainer[SiteAnswer]
     missing_sites: _containers.RepeatedCompositeFieldContainer[MissingSite]
     sites: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, query_id: _Optional[str] = ..., dataset: _Optional[str] = ..., group_by: _Optional[_Iterable[str]] = ..., aggregates: _Optional[_Iterable[str]] = ..., rows: _Optional[_Iterable[_Union[ResultRow, _Mapping]]] = ..., epsilon_charged: _Optional[float] = ..., budget_remaining: _Optional[float] = ..., cached: _Optional[bool] = ..., dry_run: _Optional[bool] = ..., canonical_hash: _Optional[str] = ..., canonical_query: _Optional[str] = ..., served_by: _Optional[str] = ..., suppression_min_count: _Optional[int] = ..., site_answers: _Optional[_Iterable[_Union[SiteAnswer, _Mapping]]] = ..., missing_sites: _Optional[_Iterable[_Union[MissingSite, _Mapping]]] = ..., sites: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, query_id: _Optional[str] = ..., dataset: _Optional[str] = ..., group_by: _Optional[_Iterable[str]] = ..., aggregates: _Optional[_Iterable[str]] = ..., rows: _Optional[_Iterable[_Union[ResultRow, _Mapping]]] = ..., epsilon_charged: _Optional[float] = ..., budget_remaining: _Optional[float] = ..., cached: _Optional[bool] = ..., dry_run: _Optional[bool] = ..., canonical_hash: _Optional[str] = ..., canonical_query: _Optional[str] = ..., served_by: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ..., suppression_min_count: _Optional[int] = ..., site_answers: _Optional[_Iterable[_Union[SiteAnswer, _Mapping]]] = ..., missing_sites: _Optional[_Iterable[_Union[MissingSite, _Mapping]]] = ..., sites: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetBudgetRequest(_message.Message):
     __slots__ = ("dataset",)
