@@ -29,7 +29,7 @@ from ._yamlfile import line_index
 from .aggregates import ComponentSql, kind_of
 from .answers import Scalar
 from .errors import FailedPrecondition
-from .policy import MAX_SOURCE_ROWS, Column, Dataset, LoadedPolicy
+from .policy import MAX_SOURCE_ROWS, MISSING_GROUP, OTHER_GROUP, Column, Dataset, LoadedPolicy
 from .query import Aggregate, Filter, Query
 
 log = logging.getLogger("gateway.engine")
@@ -106,8 +106,11 @@ class Engine:
         width = sum(len(kind_of(a.function).components) for a in query.aggregates)
         if not query.group_by:
             return ExactResult(groups, tuple((int(rows[0][i]),) for i in range(width)))
-        # every public key gets a value (zero when absent); groups with non-public keys are dropped here
-        found = {tuple(row[:len(query.group_by)]): row[len(query.group_by):] for row in rows}
+        # every group gets a value (zero when absent); rows with non-public keys are dropped here,
+        # unless the column releases them as (missing) / (other) groups
+        columns = [dataset.columns[c] for c in query.group_by]
+        width_keys = sum(2 if c.other_groups else 1 for c in columns)
+        found = {_group_key(row[:width_keys], columns): row[width_keys:] for row in rows}
         zero = (0,) * width
         ordered = [found.get(key, zero) for key in groups]
         return ExactResult(groups, tuple(tuple(int(v[i] or 0) for v in ordered) for i in range(width)))
@@ -277,15 +280,43 @@ def build_sql(query: Query, dataset: Dataset,
     Returns the SQL, its bound parameters and the public group keys in answer order. Groups whose
     key is not public are computed but never leave the engine (see :meth:`Engine.run`).
     """
-    params: list[object] = []
+    params: list[object] = []  # bound in the order the statement names them: groups, aggregates, filters
+    keys = [k for name in query.group_by for k in _group_sql(name, dataset.columns[name], params)]
     exprs = [e for a in query.aggregates for e in _aggregate_sql(a, dataset, params)]
     where = [_filter_sql(f, params) for f in query.filters]
     where_sql = f" WHERE {' AND '.join(where)}" if where else ""
     if not query.group_by:
         return f"SELECT {', '.join(exprs)} FROM {relation}{where_sql}", params, ((),)
-    groups = ", ".join(quote(c) for c in query.group_by)
-    sql = f"SELECT {groups}, {', '.join(exprs)} FROM {relation}{where_sql} GROUP BY {groups}"
-    return sql, params, product_of_keys([dataset.columns[c].public_keys for c in query.group_by])
+    sql = f"SELECT {', '.join(keys)}, {', '.join(exprs)} FROM {relation}{where_sql} GROUP BY ALL"
+    return sql, params, product_of_keys([dataset.columns[c].group_keys for c in query.group_by])
+
+
+def _group_sql(name: str, column: Column, params: list[object]) -> tuple[str, ...]:
+    """The select items a group-by column contributes.
+
+    Its value; with ``other_groups`` instead the value if it is a public key, and a flag (0: a
+    public key, 1: missing, 2: another value) that puts every other value in one group.
+    """
+    if not column.other_groups:
+        return (quote(name),)
+    marks = ", ".join("?" for _ in column.public_keys)
+    params += [*column.public_keys, *column.public_keys]
+    return (f"CASE WHEN {quote(name)} IN ({marks}) THEN {quote(name)} END",
+            f"CASE WHEN {quote(name)} IN ({marks}) THEN 0 WHEN {quote(name)} IS NULL THEN 1 ELSE 2 END")
+
+
+def _group_key(values: Sequence[object], columns: Sequence[Column]) -> tuple[object, ...]:
+    key: list[object] = []
+    i = 0
+    for column in columns:
+        if column.other_groups:
+            value, flag = values[i], values[i + 1]
+            key.append(value if flag == 0 else MISSING_GROUP if flag == 1 else OTHER_GROUP)
+            i += 2
+        else:
+            key.append(values[i])
+            i += 1
+    return tuple(key)
 
 
 def product_of_keys(keys: Sequence[Sequence[Scalar]]) -> tuple[tuple[Scalar, ...], ...]:

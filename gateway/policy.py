@@ -27,6 +27,7 @@ _NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
 # Sums are exact 64-bit integers. A table may hold up to 2^31 rows; with every row's fixed-point value
 # at most 2^31 in magnitude, a sum stays below 2^62 (headroom for the noise, which OpenDP adds in i64).
 MAX_SOURCE_ROWS = 1 << 31
+MISSING_GROUP, OTHER_GROUP = "(missing)", "(other)"
 MAX_FIXED_BOUND = 1 << 31
 
 
@@ -72,6 +73,7 @@ class Column(_Model):
     bounds: tuple[float, float] | None = None
     precision: int = Field(default=-1, ge=-1, le=6)
     keys: tuple[int | float | str, ...] | KeyRange | None = None
+    other_groups: bool = False
     description: str = ""
 
     @model_validator(mode="after")
@@ -90,6 +92,10 @@ class Column(_Model):
                 raise ValueError(f"key {key!r} is not a {self.type}")
         if len(set(self.public_keys)) != len(self.public_keys):
             raise ValueError("keys must be distinct")
+        if self.other_groups and "group_by" not in self.roles:
+            raise ValueError("other_groups applies to a group_by column")
+        if {MISSING_GROUP, OTHER_GROUP} & set(self.public_keys):
+            raise ValueError(f"{MISSING_GROUP} and {OTHER_GROUP} are reserved group names, not keys")
         return self
 
     @property
@@ -98,6 +104,15 @@ class Column(_Model):
         if isinstance(self.keys, KeyRange):
             return tuple(range(self.keys.range[0], self.keys.range[1] + 1))
         return self.keys or ()
+
+    @property
+    def group_keys(self) -> tuple[int | float | str, ...]:
+        """The groups a group-by over this column answers.
+
+        Its public keys, and with ``other_groups`` also ``(missing)`` (no value) and ``(other)`` (a
+        value that is not a public key), noised like any group.
+        """
+        return self.public_keys + ((MISSING_GROUP, OTHER_GROUP) if self.other_groups else ())
 
     def _check_bounds(self, bounds: tuple[float, float]) -> None:
         low, high = bounds

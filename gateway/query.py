@@ -128,7 +128,7 @@ def check_query(query: Query, policy: Policy) -> Query:
         raise InvalidQuery("a group-by column is repeated")
     cells = 1
     for name in query.group_by:
-        cells *= len(_column(dataset, name, "group_by", query.dataset).public_keys)
+        cells *= len(_column(dataset, name, "group_by", query.dataset).group_keys)
     if cells > MAX_CELLS:
         raise InvalidQuery(f"the group-by has {cells} groups; at most {MAX_CELLS} are allowed")
     filters = tuple(_check_filter(f, dataset, query.dataset) for f in query.filters)

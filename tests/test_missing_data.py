@@ -9,8 +9,10 @@ from pathlib import Path
 
 import duckdb
 import pytest
+from pydantic import ValidationError
 
 from gateway.client import Client
+from gateway.policy import Column
 from tests.helpers.servers import ExactNoise
 
 POLICY = """\
@@ -100,3 +102,36 @@ def test_variance_ignores_missing_values(ask) -> None:
     mean = sum(age) / len(age)
     want = sum((a - mean) ** 2 for a in age) / (len(age) - 1)
     assert ask("SELECT variance(age) FROM lung")["variance(age)"][0] == pytest.approx(want)
+
+
+def test_a_policy_may_release_missing_and_other_groups_noised_like_any_group(start_site, token, tmp_path) -> None:
+    folder = tmp_path / "groups"
+    folder.mkdir()
+    with duckdb.connect(str(folder / "lung.duckdb")) as con:
+        con.execute("CREATE TABLE lung (patient_id BIGINT, sex VARCHAR, inst INTEGER, ecog DOUBLE, age DOUBLE)")
+        con.executemany("INSERT INTO lung VALUES (?, ?, ?, ?, ?)", ROWS)
+    plain = "inst: {type: integer, roles: [filter, group_by], keys: [1, 2, 3]}"
+    assert plain in POLICY
+    (folder / "lung.yaml").write_text(POLICY.replace(
+        plain, "inst: {type: integer, roles: [filter, group_by], keys: [1, 2], other_groups: true}"))
+    exact_site, noisy_site = (start_site(noise=ExactNoise(), policy=folder / "lung.yaml"),
+                              start_site(policy=folder / "lung.yaml"))
+    sql = "SELECT inst, count(*) FROM lung GROUP BY inst"
+    with Client(exact_site.target, token=token(), retries=0) as c:
+        result = c.query(sql, epsilon=1)
+    got = dict(zip(result.to_polars()["inst"].to_list(), result.to_polars()["count"].to_list(), strict=True))
+    assert got == {"1": 3, "2": 2, "(missing)": 1, "(other)": 2}  # inst 3 is not a public key here
+    assert result.notes == []  # nothing is left out
+    with Client(noisy_site.target, token=token(), retries=0) as c:
+        noisy = c.query(sql, epsilon=1).response
+    assert [r.keys[0].value.WhichOneof("kind") for r in noisy.rows] == ["int_value"] * 2 + ["string_value"] * 2
+    assert len({r.estimates[0].noise_scale for r in noisy.rows}) == 1  # the extra groups are noised alike
+
+
+@pytest.mark.parametrize(("column", "reason"), [
+    ({"type": "string", "roles": ("filter",), "other_groups": True}, "other_groups applies to a group_by column"),
+    ({"type": "string", "roles": ("group_by",), "keys": ("a", "(other)")}, "reserved group names"),
+])
+def test_other_groups_are_declared_sensibly(column, reason) -> None:
+    with pytest.raises(ValidationError, match=reason):
+        Column(**column)

@@ -162,9 +162,9 @@ class Pipeline:
             dataset=checked.query.dataset, group_by=list(checked.query.group_by),
             aggregates=[a.label for a in checked.query.aggregates], canonical_hash=checked.canonical_hash,
             canonical_query=checked.canonical, served_by=policy.site, epsilon_charged=float(checked.epsilon),
-            suppression_min_count=policy.suppression.min_count, notes=notes_for(checked.query))
+            suppression_min_count=policy.suppression.min_count, notes=notes_for(checked.query, checked.dataset))
         if request.dry_run:
-            groups = product_of_keys([checked.dataset.columns[c].public_keys for c in checked.query.group_by])
+            groups = product_of_keys([checked.dataset.columns[c].group_keys for c in checked.query.group_by])
             response.rows.extend(rows_to_wire(predicted(plan, groups), checked.query.group_by))
             response.dry_run, response.query_id = True, request.query_id
             return self._with_budgets(response, checked.scopes)
@@ -271,12 +271,13 @@ def legacy_scopes(policy: Policy) -> Callable[[str, int], tuple[str, int, int | 
     return convert
 
 
-def notes_for(query: Query) -> list[str]:
+def notes_for(query: Query, dataset: Dataset) -> list[str]:
     """What a reader of the answer should know about its groups."""
-    if not query.group_by:
+    excluding = [c for c in query.group_by if not dataset.columns[c].other_groups]
+    if not excluding:
         return []
-    columns = " or ".join(query.group_by)
-    return [f"rows whose {columns} is missing or not one of its public keys are in no group (not counted here)"]
+    return [f"rows whose {' or '.join(excluding)} is missing or not one of its public keys are in no group "
+            "(not counted here)"]
 
 
 def valid_query_id(raw: str) -> str:
