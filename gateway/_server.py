@@ -28,6 +28,11 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def target_of(host: str, port: int) -> str:
+    """Where clients reach a server bound to ``host:port`` (an IPv6 host in brackets)."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
 def make_server(servicer: pb_grpc.GatewayServicer, host: str, port: int, tls: Tls | None,
                 max_workers: int = 16) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A started gRPC server serving ``servicer`` with health checking and reflection.

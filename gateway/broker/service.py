@@ -20,6 +20,7 @@ import grpc
 
 from .._proto.gateway.v1 import gateway_pb2 as pb
 from .._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
+from .._server import make_server, target_of
 from .._sqlfront import parse_sql
 from .._transport import Tls, open_channel
 from .._wire import to_structured
@@ -181,8 +182,7 @@ class RunningBroker:
     @property
     def target(self) -> str:
         """Where clients reach it: ``HOST:PORT`` (IPv6 hosts in brackets)."""
-        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
-        return f"{host}:{self.port}"
+        return target_of(self.host, self.port)
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop serving and the fan-out pool."""
@@ -193,8 +193,6 @@ class RunningBroker:
 def build_broker_server(config: BrokerConfig, host: str = "127.0.0.1", port: int = 0, tls: Tls | None = None,
                         metrics: BrokerMetrics | None = None) -> RunningBroker:
     """Start a broker serving gateway.v1 on ``host:port`` (0: any free port)."""
-    from .._server import make_server
-
     service = BrokerService(config, metrics or BrokerMetrics())
     server, bound, _health = make_server(service, host, port, tls)
     log.info("broker %s serving on %s:%s for sites %s", config.name, host, bound,

@@ -22,6 +22,7 @@ import grpc
 from .. import _mechanisms as mechanisms
 from .._proto.gateway.v1 import gateway_pb2 as pb
 from .._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
+from .._server import make_server, target_of
 from .._transport import Tls
 from ..audit import AuditLog
 from ..auth import Identity, Verifier
@@ -184,8 +185,7 @@ class RunningSite:
     @property
     def target(self) -> str:
         """Where clients reach it: ``HOST:PORT`` (IPv6 hosts in brackets)."""
-        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
-        return f"{host}:{self.port}"
+        return target_of(self.host, self.port)
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop serving (in-flight calls get ``grace`` seconds), then close ledger, audit and engine. Idempotent."""
@@ -205,8 +205,6 @@ def build_site_server(options: SiteOptions, metrics: SiteMetrics | None = None,
 
     ``noise`` exists for test fixtures only (e.g. exact answers); the command line never sets it.
     """
-    from .._server import make_server
-
     options.state_dir.mkdir(parents=True, exist_ok=True)
     for stale in options.state_dir.glob("engine-*.duckdb*"):
         stale.unlink(missing_ok=True)
