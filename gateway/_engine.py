@@ -73,6 +73,8 @@ class Engine:
         # each engine has its own working file: a reload builds a new engine while the old one serves
         self._path = workdir / f"engine-{uuid.uuid4().hex[:12]}.duckdb" if workdir is not None else None
         self._con = duckdb.connect(str(self._path) if self._path else ":memory:")
+        if self._path is not None:
+            self._path.chmod(0o600)  # bounded snapshots are row-level copies of the data
         self._lock = threading.Lock()
         self._prepared: dict[str, _Prepared] = {}
         self._attached: dict[Path, tuple[str, tuple[int, int]]] = {}

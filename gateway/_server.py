@@ -47,7 +47,7 @@ def make_server(servicer: pb_grpc.GatewayServicer, host: str, port: int, tls: Tl
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    address = f"{host}:{port}"
+    address = target_of(host, port)
     if tls is None:
         bound = server.add_insecure_port(address)
         log.warning("serving PLAINTEXT on %s:%s (loopback development only)", host, bound)

@@ -64,7 +64,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=50051)
     serve.add_argument("--metrics-port", type=int, default=None)
-    serve.add_argument("--state-dir", type=Path, default=Path("state"))
+    serve.add_argument("--state-dir", type=Path, default=None,
+                       help="ledger, audit log and snapshots (default: ./state, said at start)")
+    serve.add_argument("--init", action="store_true",
+                       help="begin a new ledger although the state dir's audit log has a history")
     serve.add_argument("--trusted-key", type=Path, action="append", default=[],
                        help="PEM public key trusted to sign tokens (repeatable)")
     serve.add_argument("--jwks", type=Path, default=None, help="JWKS file of trusted token keys")
@@ -201,8 +204,11 @@ def _site_serve(args: argparse.Namespace) -> int:
     config = AuthConfig.from_files(args.trusted_key, args.jwks, args.issuer or DEV_ISSUER,
                                    args.audience or DEV_AUDIENCE)
     tls = Tls(args.client_ca, args.tls_cert, args.tls_key) if args.tls_cert else None
+    if args.state_dir is None:
+        args.state_dir = Path("state")
+        print(f"no --state-dir given: using {args.state_dir.resolve()}", file=sys.stderr, flush=True)
     options = SiteOptions(args.policy, args.state_dir, Verifier(config), args.host, args.port, tls,
-                          tuple(args.allow_peer))
+                          tuple(args.allow_peer), init=args.init)
     metrics = SiteMetrics()
     try:
         site = build_site_server(options, metrics)

@@ -5,6 +5,7 @@ Shared code that is not a fixture lives in :mod:`tests.helpers`.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -48,13 +49,16 @@ def site_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def start_site(tmp_path: Path, keys: tuple[Path, Path], site_data: Path) -> Iterator[Callable[..., RunningSite]]:
     started: list[RunningSite] = []
 
+    numbers = itertools.count()
+
     def start(noise: mechanisms.Noise | None = None, policy: Path | None = None, state_dir: Path | None = None,
-              reload_interval: float = 0.2, metrics: SiteMetrics | None = None) -> RunningSite:
-        folder = tmp_path / f"site{len(started)}"
+              reload_interval: float = 0.2, metrics: SiteMetrics | None = None, host: str = "127.0.0.1",
+              init: bool = False) -> RunningSite:
+        folder = tmp_path / f"site{next(numbers)}"  # counted, so a refused start leaves no gap to collide with
         folder.mkdir()
         policy = policy or write_policy(folder, site_data)
         options = SiteOptions(policy, state_dir or folder / "state", Verifier(AuthConfig.from_files([keys[1]])),
-                              reload_interval=reload_interval)
+                              host=host, reload_interval=reload_interval, init=init)
         site = build_site_server(options, metrics or SiteMetrics(CollectorRegistry()), noise)
         started.append(site)
         return site

@@ -32,6 +32,7 @@ from ..ledger import Ledger, SqliteLedger
 from ..metrics import SiteMetrics
 from ._datasets import dataset_to_wire
 from ._reload import Live, PolicyWatcher, load_live
+from ._statedir import StateDir, hold_state_dir, readable_ledger
 from .pipeline import Pipeline, legacy_scopes, project_budgets, usable_datasets
 
 log = logging.getLogger("gateway.site")
@@ -170,6 +171,7 @@ class SiteOptions:
     tls: Tls | None = None
     allowed_peers: tuple[str, ...] = ()
     reload_interval: float = 2.0
+    init: bool = False  # begin a new ledger although the audit log has a history
 
 
 @dataclass
@@ -181,6 +183,7 @@ class RunningSite:
     state: SiteState
     watcher: PolicyWatcher
     host: str = "127.0.0.1"
+    held: StateDir | None = None
 
     @property
     def target(self) -> str:
@@ -197,6 +200,8 @@ class RunningSite:
         self.state.ledger.close()
         self.state.audit.close()
         self.state.live.engine.close()
+        if self.held is not None:
+            self.held.release()
 
 
 def build_site_server(options: SiteOptions, metrics: SiteMetrics | None = None,
@@ -205,19 +210,25 @@ def build_site_server(options: SiteOptions, metrics: SiteMetrics | None = None,
 
     ``noise`` exists for test fixtures only (e.g. exact answers); the command line never sets it.
     """
-    options.state_dir.mkdir(parents=True, exist_ok=True)
-    for stale in options.state_dir.glob("engine-*.duckdb*"):
-        stale.unlink(missing_ok=True)
-    live = load_live(options.policy, options.state_dir)
-    ledger = SqliteLedger(options.state_dir / "ledger.sqlite")
-    if ledger.version < LEDGER_VERSION:  # written by 0.1.x: spend per dataset and period index
-        ledger.migrate(legacy_scopes(live.loaded.policy), int(time.time()))
+    held = hold_state_dir(options.state_dir, options.init)
+    try:
+        for stale in options.state_dir.glob("engine-*.duckdb*"):
+            stale.unlink(missing_ok=True)
+        live = load_live(options.policy, options.state_dir)
+        with readable_ledger(held.ledger):
+            ledger = SqliteLedger(held.ledger)
+            if ledger.version < LEDGER_VERSION:  # written by 0.1.x: spend per dataset and period index
+                ledger.migrate(legacy_scopes(live.loaded.policy), int(time.time()))
+        held.secure()
+    except BaseException:
+        held.release()
+        raise
     state = SiteState(live=live, ledger=ledger,
-                      audit=AuditLog(options.state_dir / "audit.jsonl"), metrics=metrics or SiteMetrics(),
+                      audit=AuditLog(held.audit), metrics=metrics or SiteMetrics(),
                       verifier=options.verifier, state_dir=options.state_dir, noise=noise or mechanisms.Noise(),
                       allowed_peers=options.allowed_peers)
     server, port, _health = make_server(SiteService(state), options.host, options.port, options.tls)
     watcher = PolicyWatcher(state, options.policy, options.reload_interval)
     watcher.start()
     log.info("site %s serving on %s:%s", live.loaded.policy.site, options.host, port)
-    return RunningSite(server, port, state, watcher, options.host)
+    return RunningSite(server, port, state, watcher, options.host, held)
