@@ -64,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=50051)
     serve.add_argument("--metrics-port", type=int, default=None)
+    serve.add_argument("--metrics-host", default=None,
+                       help="where /metrics listens (default: loopback for a loopback site, else --host)")
     serve.add_argument("--state-dir", type=Path, default=None,
                        help="ledger, audit log and snapshots (default: ./state, said at start)")
     serve.add_argument("--init", action="store_true",
@@ -87,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     bserve.add_argument("--host", default="127.0.0.1")
     bserve.add_argument("--port", type=int, default=50050)
     bserve.add_argument("--metrics-port", type=int, default=None)
+    bserve.add_argument("--metrics-host", default=None,
+                        help="where /metrics listens (default: loopback for a loopback broker, else --host)")
     bserve.add_argument("--tls-cert", type=Path)
     bserve.add_argument("--tls-key", type=Path)
     bserve.add_argument("--port-file", type=Path, help="write the bound port here once serving")
@@ -191,6 +195,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _site_serve(args: argparse.Namespace) -> int:
+    from ._server import target_of
     from ._transport import Tls
     from .auth import DEV_AUDIENCE, DEV_ISSUER, AuthConfig, Verifier
     from .metrics import SiteMetrics, serve_metrics
@@ -215,9 +220,9 @@ def _site_serve(args: argparse.Namespace) -> int:
     except PolicyFileError as err:
         raise UserError("invalid policy:\n" + "\n".join(err.problems)) from None
     if args.metrics_port is not None:
-        bind = "127.0.0.1" if args.host == "127.0.0.1" else "0.0.0.0"  # the operator chose a non-loopback host
+        bind = metrics_host(args.host, args.metrics_host)
         port = serve_metrics(args.metrics_port, metrics.registry, bind)
-        print(f"metrics on http://{args.host}:{port}/metrics", flush=True)
+        print(f"metrics on http://{target_of(bind, port)}/metrics", flush=True)
     print(f"site {site.state.live.loaded.policy.site} serving on {args.host}:{site.port}"
           + ("" if tls else " (PLAINTEXT, loopback development only)"), flush=True)
     if args.port_file:
@@ -227,7 +232,22 @@ def _site_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def metrics_host(host: str, chosen: str | None) -> str:
+    """Where /metrics listens: as chosen, else loopback for a loopback server, else the server's host.
+
+    The metrics name every project and its spend: they never listen on all interfaces by default.
+    """
+    from ._server import is_loopback
+
+    if chosen:
+        return chosen
+    if is_loopback(host):
+        return "::1" if host.strip("[]") == "::1" else "127.0.0.1"
+    return host
+
+
 def _broker_serve(args: argparse.Namespace) -> int:
+    from ._server import target_of
     from ._transport import Tls
     from .broker import build_broker_server, load_broker_config
     from .metrics import BrokerMetrics, serve_metrics
@@ -239,8 +259,9 @@ def _broker_serve(args: argparse.Namespace) -> int:
     tls = Tls(cert=args.tls_cert, key=args.tls_key) if args.tls_cert else None
     broker = build_broker_server(config, args.host, args.port, tls, metrics)
     if args.metrics_port is not None:
-        port = serve_metrics(args.metrics_port, metrics.registry)
-        print(f"metrics on http://127.0.0.1:{port}/metrics", flush=True)
+        bind = metrics_host(args.host, args.metrics_host)
+        port = serve_metrics(args.metrics_port, metrics.registry, bind)
+        print(f"metrics on http://{target_of(bind, port)}/metrics", flush=True)
     print(f"broker {config.name} serving on {args.host}:{broker.port} for {len(config.sites)} site(s)", flush=True)
     if args.port_file:
         args.port_file.write_text(str(broker.port))

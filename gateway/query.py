@@ -186,6 +186,8 @@ def _coerce(value: object, column: Column, name: str) -> Scalar:
             raise InvalidQuery(f"value for {name!r} is outside the 64-bit integer range")
         return value
     if column.type == "integer" and isinstance(value, float) and value.is_integer():
+        if not -_INT64 <= value < _INT64:
+            raise InvalidQuery(f"value for {name!r} is outside the 64-bit integer range")
         return int(value)
     if column.type == "float" and isinstance(value, int | float) and not isinstance(value, bool):
         try:

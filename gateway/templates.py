@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import yaml
 
@@ -18,12 +18,19 @@ _SAMPLE: dict[str, ParamValue] = {"integer": 0, "float": 0.0, "string": "x", "li
                                   "list[float]": (0.0,), "list[string]": ("x",)}
 
 
-def resolve_template(policy: Policy, name: str, params: Mapping[str, object], project: str) -> Query:
-    """The query a template call stands for, with typed parameters (defaults filled in)."""
+def resolve_template(policy: Policy, name: str, params: Mapping[str, object], project: str,
+                     datasets: Collection[str] | None = None) -> Query:
+    """The query a template call stands for, with typed parameters (defaults filled in).
+
+    An unknown name's error lists only the templates ``project`` may run (on ``datasets``, the
+    datasets it may query, when given).
+    """
     template = policy.templates.get(name)
+    mine = sorted(t for t, spec in policy.templates.items()
+                  if any(fnmatch.fnmatchcase(project, p) for p in spec.projects)
+                  and (datasets is None or template_dataset(spec.sql) in datasets))
     if template is None:
-        known = ", ".join(sorted(policy.templates)) or "none"
-        raise NotFound(f"unknown template {name!r}; this site's templates: {known}")
+        raise NotFound(f"unknown template {name!r}; your templates here: {', '.join(mine) or 'none'}")
     if not any(fnmatch.fnmatchcase(project, p) for p in template.projects):
         raise PermissionDenied(f"project {project!r} may not run template {name!r}")
     unknown = set(params) - set(template.params)
@@ -39,6 +46,13 @@ def resolve_template(policy: Policy, name: str, params: Mapping[str, object], pr
         else:
             raise InvalidQuery(f"template {name!r} needs parameter {pname!r} ({spec.type})")
     return parse_sql(template.sql, values)
+
+
+def template_dataset(sql: str) -> str:
+    """The dataset a template's SQL reads (the word after FROM), without parsing it."""
+    words = sql.replace("\n", " ").split()
+    lowered = [w.lower() for w in words]
+    return words[lowered.index("from") + 1] if "from" in lowered[:-1] else ""
 
 
 def _typed(name: str, spec: Parameter, value: object) -> ParamValue:

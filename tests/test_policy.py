@@ -522,10 +522,10 @@ def test_resolve_template_project_not_allowed(templated: LoadedPolicy, project: 
 def test_resolve_unknown_template() -> None:
     with pytest.raises(NotFound) as info:
         resolve_template(NORTH.policy, "nope", {}, "onc-1")
-    assert info.value.message == "unknown template 'nope'; this site's templates: mean_age_by_stage, stage_distribution"
+    assert info.value.message == "unknown template 'nope'; your templates here: mean_age_by_stage, stage_distribution"
 
 
 def test_resolve_template_on_a_policy_without_templates(tmp_path: Path) -> None:
     policy = load_policy(write(tmp_path, BASE)).policy
-    with pytest.raises(NotFound, match=r"^unknown template 'x'; this site's templates: none$"):
+    with pytest.raises(NotFound, match=r"^unknown template 'x'; your templates here: none$"):
         resolve_template(policy, "x", {}, "p")

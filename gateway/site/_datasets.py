@@ -5,6 +5,7 @@ from __future__ import annotations
 from .._proto.gateway.v1 import gateway_pb2 as pb
 from .._wire import to_value
 from ..policy import Dataset, Policy
+from ..templates import template_dataset
 
 
 def dataset_to_wire(name: str, dataset: Dataset, policy: Policy) -> pb.Dataset:
@@ -20,15 +21,9 @@ def dataset_to_wire(name: str, dataset: Dataset, policy: Policy) -> pb.Dataset:
     templates = [pb.Template(name=t, description=tpl.description, sql=tpl.sql,
                              parameters=[pb.TemplateParameter(name=p, type=spec.type, required=spec.default is None)
                                          for p, spec in tpl.params.items()])
-                 for t, tpl in policy.templates.items() if _template_dataset(tpl.sql) == name]
+                 for t, tpl in policy.templates.items() if template_dataset(tpl.sql) == name]
     return pb.Dataset(name=name, description=dataset.description, privacy_unit=dataset.privacy_unit,
                       max_rows_per_unit=dataset.max_rows_per_unit, columns=columns,
                       aggregates=list(dataset.aggregates), epsilon_default=float(limits.default),
                       epsilon_max=float(limits.max), templates=templates, templates_only=dataset.templates_only,
                       sites=[policy.site])
-
-
-def _template_dataset(sql: str) -> str:
-    words = sql.replace("\n", " ").split()
-    lowered = [w.lower() for w in words]
-    return words[lowered.index("from") + 1] if "from" in lowered[:-1] else ""

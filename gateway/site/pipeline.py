@@ -27,10 +27,10 @@ from .._proto.gateway.v1 import gateway_pb2 as pb
 from .._sqlfront import parse_sql
 from .._wire import from_structured, rows_to_wire, to_scalar
 from ..auth import Identity
-from ..errors import InvalidQuery, PermissionDenied, PolicyViolation, QueryIdConflict, Unavailable
+from ..errors import InvalidQuery, NotFound, PermissionDenied, PolicyViolation, QueryIdConflict, Unavailable
 from ..ledger import BudgetState, Ledger, QueryIdInUse, Scope, Window
 from ..policy import BudgetRule, Dataset, Policy, to_fraction, window_bounds, window_of_index
-from ..query import Query, check_query, dataset_of
+from ..query import Query, check_query
 from ..templates import resolve_template
 
 QUERY_ID_MAX = 128
@@ -58,7 +58,7 @@ class Answered:
 
 # -- parse and check --------------------------------------------------------------------------------
 
-def parse(request: pb.QueryRequest, policy: Policy, project: str) -> Query:
+def parse(request: pb.QueryRequest, policy: Policy, identity: Identity) -> Query:
     """The request's body (structured, SQL or template call) as a query, not yet checked."""
     body = request.WhichOneof("body")
     if body == "structured":
@@ -72,7 +72,8 @@ def parse(request: pb.QueryRequest, policy: Policy, project: str) -> Query:
             spec = template.params.get(name) if template is not None else None
             if spec is not None and spec.type.startswith("list[") and isinstance(value, str):
                 params[name] = tuple(x.strip() for x in value.split(","))
-        return resolve_template(policy, request.template.name, params, project)
+        return resolve_template(policy, request.template.name, params, identity.project,
+                                usable_datasets(policy, identity))
     raise InvalidQuery("the request has no query: set structured, sql or template")
 
 
@@ -86,6 +87,18 @@ def access_rule(policy: Policy, identity: Identity, dataset: str) -> BudgetRule:
         raise PermissionDenied(f"role {identity.role!r} may not query dataset {dataset!r} for project "
                                f"{identity.project!r}")
     return rule
+
+
+def may_query(policy: Policy, identity: Identity, dataset: str) -> BudgetRule:
+    """The rule through which ``identity`` may query ``dataset``.
+
+    An unknown dataset's error lists only the datasets the caller may query, so a project without
+    access learns no names.
+    """
+    if dataset not in policy.datasets:
+        usable = usable_datasets(policy, identity)
+        raise NotFound(f"unknown dataset {dataset!r}; you may query: {', '.join(usable) or 'no dataset at this site'}")
+    return access_rule(policy, identity, dataset)
 
 
 def budget_scopes(policy: Policy, project: str, dataset: str, rule: BudgetRule, now: datetime) -> tuple[Scope, ...]:
@@ -153,7 +166,9 @@ class Pipeline:
     def run(self, request: pb.QueryRequest, identity: Identity, policy: Policy, engine: Engine, now: datetime,
             trace: dict[str, object]) -> Answered:
         """Answer one request under one policy snapshot; ``trace`` collects what the audit records."""
-        query = check_query(parse(request, policy, identity.project), policy)
+        parsed = parse(request, policy, identity)
+        may_query(policy, identity, parsed.dataset)  # before any message can describe the dataset
+        query = check_query(parsed, policy)
         trace["dataset"] = query.dataset
         checked = check(request, query, identity, policy, now)
         trace.update(canonical_hash=checked.canonical_hash, epsilon_requested=float(checked.epsilon))
@@ -232,8 +247,7 @@ def project_budgets(ledger: Ledger, policy: Policy, identity: Identity, dataset:
     found: dict[str, tuple[Scope, BudgetRule, BudgetState]] = {}
     for name in names:
         if dataset:
-            dataset_of(policy, name)
-            rule = access_rule(policy, identity, name)
+            rule = may_query(policy, identity, name)
         else:
             maybe = policy.budget_rule(identity.project, name)
             if maybe is None or not maybe.allows_role(identity.role):
