@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import sqlglot
-from sqlglot import exp
+from sqlglot import TokenType, exp
+from sqlglot.tokenizer_core import Token
 
 from .aggregates import BY_SQL_NAME, sql_forms
 from .answers import Scalar
@@ -28,6 +29,7 @@ _FLIPPED = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "=": "=", "!=": "!="}
 _FORBIDDEN = (exp.Join, exp.Subquery, exp.Window, exp.Union, exp.Having, exp.Order, exp.Limit,
               exp.Distinct, exp.With, exp.Lateral, exp.Offset, exp.Qualify)
 MAX_SQL = 10_000
+MAX_NESTING = 16
 _SELECT_PARTS = {"expressions", "from", "from_", "where", "group"}
 
 ParamValue = Scalar | tuple[Scalar, ...]
@@ -38,11 +40,18 @@ def parse_sql(sql: str, params: Mapping[str, ParamValue] | None = None) -> Query
     if len(sql) > MAX_SQL:
         raise InvalidQuery(f"SQL longer than {MAX_SQL} characters")
     try:
+        tokens = sqlglot.tokenize(sql, read="duckdb")
+    except sqlglot.errors.SqlglotError as err:
+        raise InvalidQuery(f"cannot parse SQL ({_first_line(err)}); {SUPPORTED}") from None
+    if any(token.comments for token in tokens):
+        raise InvalidQuery(f"SQL comments are not allowed; {SUPPORTED}")
+    _check_nesting(tokens)  # the parser recurses: refuse deep nesting before it sees the text
+    try:
         statements = [s for s in sqlglot.parse(sql, dialect="duckdb") if s is not None]
     except sqlglot.errors.SqlglotError as err:
         raise InvalidQuery(f"cannot parse SQL ({_first_line(err)}); {SUPPORTED}") from None
-    if any(token.comments for token in sqlglot.tokenize(sql, read="duckdb")):
-        raise InvalidQuery(f"SQL comments are not allowed; {SUPPORTED}")
+    except RecursionError:
+        raise InvalidQuery(f"the SQL is nested too deeply; {SUPPORTED}") from None
     if len(statements) != 1:
         raise InvalidQuery(f"exactly one statement is allowed, got {len(statements)}; {SUPPORTED}")
     select = statements[0]
@@ -50,6 +59,23 @@ def parse_sql(sql: str, params: Mapping[str, ParamValue] | None = None) -> Query
         raise InvalidQuery(f"only SELECT is allowed, got {select.key.upper()}; {SUPPORTED}")
     _reject_unsupported(select)
     return _Converter(params or {}).convert(select)
+
+
+def _check_nesting(tokens: list[Token]) -> None:
+    """Refuse more than MAX_NESTING open parentheses or NOTs in a row (the shape never needs them)."""
+    depth = deepest = nots = most_nots = 0
+    for token in tokens:
+        kind = token.token_type
+        if kind == TokenType.L_PAREN:
+            depth += 1
+            deepest = max(deepest, depth)
+        elif kind == TokenType.R_PAREN:
+            depth -= 1
+        nots = nots + 1 if kind == TokenType.NOT and token.text.upper() == "NOT" else 0
+        most_nots = max(most_nots, nots)
+    if deepest > MAX_NESTING or most_nots > 2:
+        raise InvalidQuery(f"the SQL is nested too deeply (at most {MAX_NESTING} parentheses and 2 NOTs in a "
+                           f"row); {SUPPORTED}")
 
 
 def _first_line(err: Exception) -> str:

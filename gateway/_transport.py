@@ -42,16 +42,22 @@ class Tls:
         return replace(self, ca=resolve(self.ca), cert=resolve(self.cert), key=resolve(self.key))
 
 
+MAX_RECEIVE = 64 * 2**20
+
+
 def _read(path: Path | None) -> bytes | None:
     return None if path is None else path.read_bytes()
 
 
 def open_channel(target: str, tls: Tls | None = None) -> grpc.Channel:
     """A channel to ``target``: plaintext without ``tls`` (loopback development), else TLS or mTLS."""
+    # a broker's answer carries every site's own answer too (each at most 3 MiB): room for 16 of them
+    options: list[tuple[str, int | str]] = [("grpc.max_receive_message_length", MAX_RECEIVE)]
     if tls is None:
-        return grpc.insecure_channel(target)
+        return grpc.insecure_channel(target, options=options)
     creds = grpc.ssl_channel_credentials(_read(tls.ca), _read(tls.key), _read(tls.cert))
-    options = [("grpc.ssl_target_name_override", tls.server_name)] if tls.server_name else []
+    if tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
     return grpc.secure_channel(target, creds, options=options)
 
 

@@ -26,6 +26,9 @@ OPERATORS = ("in", "not in", "<", "<=", ">", ">=", "between")
 _FOLD = {"=": "in", "==": "in", "!=": "not in", "<>": "not in"}
 MAX_CELLS = 10_000
 MAX_LIST = 1_000
+MAX_FILTERS = 64
+MAX_VALUES = 10_000
+MAX_AGGREGATES = 32
 _INT64 = 1 << 63
 
 
@@ -131,7 +134,14 @@ def check_query(query: Query, policy: Policy) -> Query:
         cells *= len(_column(dataset, name, "group_by", query.dataset).group_keys)
     if cells > MAX_CELLS:
         raise InvalidQuery(f"the group-by has {cells} groups; at most {MAX_CELLS} are allowed")
+    if len(query.filters) > MAX_FILTERS:
+        raise InvalidQuery(f"the query has {len(query.filters)} filters; at most {MAX_FILTERS} are allowed")
+    if len(query.aggregates) > MAX_AGGREGATES:
+        raise InvalidQuery(f"the query has {len(query.aggregates)} aggregates; at most {MAX_AGGREGATES} are allowed")
     filters = tuple(_check_filter(f, dataset, query.dataset) for f in query.filters)
+    values = sum(len(f.values) for f in filters)
+    if values > MAX_VALUES:
+        raise InvalidQuery(f"the filters hold {values} values; at most {MAX_VALUES} are allowed in one query")
     return Query(query.dataset, query.aggregates, query.group_by, filters).normalised()
 
 

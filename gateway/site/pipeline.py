@@ -27,13 +27,24 @@ from .._proto.gateway.v1 import gateway_pb2 as pb
 from .._sqlfront import parse_sql
 from .._wire import from_structured, rows_to_wire, to_scalar
 from ..auth import Identity
-from ..errors import InvalidQuery, NotFound, PermissionDenied, PolicyViolation, QueryIdConflict, Unavailable
+from ..errors import (
+    DeadlineExceeded,
+    InvalidQuery,
+    NotFound,
+    PermissionDenied,
+    PolicyViolation,
+    QueryIdConflict,
+    Unavailable,
+)
 from ..ledger import BudgetState, Ledger, QueryIdInUse, Scope, Window
 from ..policy import BudgetRule, Dataset, Policy, to_fraction, window_bounds, window_of_index
 from ..query import Query, check_query
 from ..templates import resolve_template
 
 QUERY_ID_MAX = 128
+# what one estimate (with its released components) and one group key take on the wire, at most
+ESTIMATE_BYTES, KEY_BYTES = 300, 48
+MAX_ANSWER_BYTES = 3 * 2**20
 
 
 @dataclass(frozen=True)
@@ -87,6 +98,16 @@ def access_rule(policy: Policy, identity: Identity, dataset: str) -> BudgetRule:
         raise PermissionDenied(f"role {identity.role!r} may not query dataset {dataset!r} for project "
                                f"{identity.project!r}")
     return rule
+
+
+def _check_answer_size(checked: Checked) -> None:
+    """Refuse, before any work, an answer too large to deliver (gRPC messages stop at 4 MiB)."""
+    groups = math.prod(len(checked.dataset.columns[c].group_keys) for c in checked.query.group_by)
+    size = groups * (len(checked.query.aggregates) * ESTIMATE_BYTES + len(checked.query.group_by) * KEY_BYTES)
+    if size > MAX_ANSWER_BYTES:
+        raise InvalidQuery(f"the answer would be about {size / 2**20:.1f} MiB ({groups} groups x "
+                           f"{len(checked.query.aggregates)} aggregates), over the {MAX_ANSWER_BYTES / 2**20:.0f} MiB "
+                           "a site sends; group by fewer columns or ask for fewer aggregates")
 
 
 def may_query(policy: Policy, identity: Identity, dataset: str) -> BudgetRule:
@@ -164,14 +185,19 @@ class Pipeline:
         self.noise = noise
 
     def run(self, request: pb.QueryRequest, identity: Identity, policy: Policy, engine: Engine, now: datetime,
-            trace: dict[str, object]) -> Answered:
-        """Answer one request under one policy snapshot; ``trace`` collects what the audit records."""
+            trace: dict[str, object], expired: Callable[[], bool] = lambda: False) -> Answered:
+        """Answer one request under one policy snapshot; ``trace`` collects what the audit records.
+
+        ``expired`` tells whether the caller has gone (cancelled, or past its deadline): nothing is
+        charged for an answer nobody can receive.
+        """
         parsed = parse(request, policy, identity)
         may_query(policy, identity, parsed.dataset)  # before any message can describe the dataset
         query = check_query(parsed, policy)
         trace["dataset"] = query.dataset
         checked = check(request, query, identity, policy, now)
         trace.update(canonical_hash=checked.canonical_hash, epsilon_requested=float(checked.epsilon))
+        _check_answer_size(checked)
         plan = plan_query(checked.query, checked.dataset, checked.epsilon)
         response = pb.QueryResponse(
             dataset=checked.query.dataset, group_by=list(checked.query.group_by),
@@ -192,6 +218,9 @@ class Pipeline:
         exact = engine.run(checked.query)  # a failure here has charged nothing
         rows = release(plan, exact.groups, exact.components, self.noise, policy.suppression.min_count)
         response.rows.extend(rows_to_wire(rows, checked.query.group_by))
+        if expired():
+            raise DeadlineExceeded("the call ended (deadline or cancel) before its answer was ready; nothing was "
+                                   "charged; retry with a longer deadline")
         try:
             trace["charge_id"] = self.ledger.charge(identity.project, query_id, checked.canonical_hash,
                                                     checked.epsilon, checked.scopes, response.SerializeToString())

@@ -96,7 +96,7 @@ class SiteService(pb_grpc.GatewayServicer):
         try:
             identity = self._identify(context)
             record.update(subject=identity.subject, project=identity.project, role=identity.role)
-            response = self._query(request, identity, record)
+            response = self._query(request, identity, record, context)
             dataset = response.dataset
             outcome = "dry_run" if response.dry_run else "cached" if response.cached else "ok"
         except GatewayError as err:
@@ -114,9 +114,11 @@ class SiteService(pb_grpc.GatewayServicer):
         self._finish(record, dataset, outcome, started)
         return response
 
-    def _query(self, request: pb.QueryRequest, identity: Identity, record: dict[str, object]) -> pb.QueryResponse:
+    def _query(self, request: pb.QueryRequest, identity: Identity, record: dict[str, object],
+               context: grpc.ServicerContext) -> pb.QueryResponse:
         live = self.state.live  # the one policy snapshot this request sees
-        answered = self.pipeline.run(request, identity, live.loaded.policy, live.engine, datetime.now(UTC), record)
+        answered = self.pipeline.run(request, identity, live.loaded.policy, live.engine, datetime.now(UTC), record,
+                                     expired=lambda: _gone(context))
         for scope, state in answered.budgets[:1]:  # the project's own budget
             population = live.loaded.policy.datasets[scope.dataset].population_name
             self.state.metrics.set_budget(population, identity.project, float(state.limit), float(state.spent))
@@ -153,6 +155,12 @@ def _guarded(context: grpc.ServicerContext, call: Callable[[], T]) -> T:
         log.exception("call failed")
         context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
     raise InternalBug("abort returned")
+
+
+def _gone(context: grpc.ServicerContext) -> bool:
+    """Whether the caller can no longer receive an answer (cancelled, or past its deadline)."""
+    remaining = context.time_remaining()
+    return not context.is_active() or (remaining is not None and remaining <= 0)
 
 
 def _exact(value: Fraction) -> str:
