@@ -70,11 +70,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="ledger, audit log and snapshots (default: ./state, said at start)")
     serve.add_argument("--init", action="store_true",
                        help="begin a new ledger although the state dir's audit log has a history")
-    serve.add_argument("--trusted-key", type=Path, action="append", default=[],
-                       help="PEM public key trusted to sign tokens (repeatable)")
-    serve.add_argument("--jwks", type=Path, default=None, help="JWKS file of trusted token keys")
-    serve.add_argument("--issuer", default=None)
-    serve.add_argument("--audience", default=None)
+    _token_key_args(serve)
     serve.add_argument("--tls-cert", type=Path)
     serve.add_argument("--tls-key", type=Path)
     serve.add_argument("--client-ca", type=Path, help="require client certificates signed by this CA (mTLS)")
@@ -91,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     bserve.add_argument("--metrics-port", type=int, default=None)
     bserve.add_argument("--metrics-host", default=None,
                         help="where /metrics listens (default: loopback for a loopback broker, else --host)")
+    _token_key_args(bserve)
     bserve.add_argument("--tls-cert", type=Path)
     bserve.add_argument("--tls-key", type=Path)
     bserve.add_argument("--port-file", type=Path, help="write the bound port here once serving")
@@ -197,22 +194,18 @@ def _synth(args: argparse.Namespace) -> int:
 def _site_serve(args: argparse.Namespace) -> int:
     from ._server import target_of
     from ._transport import Tls
-    from .auth import DEV_AUDIENCE, DEV_ISSUER, AuthConfig, Verifier
     from .metrics import SiteMetrics, serve_metrics
     from .policy import PolicyFileError
     from .site import SiteOptions, build_site_server
 
-    if not args.trusted_key and args.jwks is None:
-        raise UserError("no token keys: pass --trusted-key PEM (repeatable) or --jwks FILE")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UserError("--tls-cert and --tls-key go together")
-    config = AuthConfig.from_files(args.trusted_key, args.jwks, args.issuer or DEV_ISSUER,
-                                   args.audience or DEV_AUDIENCE)
+    verifier = _verifier(args)
     tls = Tls(args.client_ca, args.tls_cert, args.tls_key) if args.tls_cert else None
     if args.state_dir is None:
         args.state_dir = Path("state")
         print(f"no --state-dir given: using {args.state_dir.resolve()}", file=sys.stderr, flush=True)
-    options = SiteOptions(args.policy, args.state_dir, Verifier(config), args.host, args.port, tls,
+    options = SiteOptions(args.policy, args.state_dir, verifier, args.host, args.port, tls,
                           tuple(args.allow_peer), init=args.init)
     metrics = SiteMetrics()
     try:
@@ -230,6 +223,24 @@ def _site_serve(args: argparse.Namespace) -> int:
     _wait_for_signal()
     site.stop()
     return 0
+
+
+def _token_key_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trusted-key", type=Path, action="append", default=[],
+                        help="PEM public key trusted to sign tokens (repeatable)")
+    parser.add_argument("--jwks", type=Path, default=None, help="JWKS file of trusted token keys")
+    parser.add_argument("--issuer", default=None, help="expected token issuer (default: the development one)")
+    parser.add_argument("--audience", default=None, help="expected token audience (default: the development one)")
+
+
+def _verifier(args: argparse.Namespace) -> Any:
+    """The token verifier a site or broker is started with (both check every call)."""
+    from .auth import DEV_AUDIENCE, DEV_ISSUER, AuthConfig, Verifier
+
+    if not args.trusted_key and args.jwks is None:
+        raise UserError("no token keys: pass --trusted-key PEM (repeatable) or --jwks FILE")
+    return Verifier(AuthConfig.from_files(args.trusted_key, args.jwks, args.issuer or DEV_ISSUER,
+                                          args.audience or DEV_AUDIENCE))
 
 
 def metrics_host(host: str, chosen: str | None) -> str:
@@ -257,7 +268,7 @@ def _broker_serve(args: argparse.Namespace) -> int:
     config = load_broker_config(args.config)
     metrics = BrokerMetrics()
     tls = Tls(cert=args.tls_cert, key=args.tls_key) if args.tls_cert else None
-    broker = build_broker_server(config, args.host, args.port, tls, metrics)
+    broker = build_broker_server(config, _verifier(args), args.host, args.port, tls, metrics)
     if args.metrics_port is not None:
         bind = metrics_host(args.host, args.metrics_host)
         port = serve_metrics(args.metrics_port, metrics.registry, bind)

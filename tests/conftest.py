@@ -83,12 +83,13 @@ def stub_for() -> Iterator[Callable[[RunningSite], pb_grpc.GatewayStub]]:
 
 
 @pytest.fixture
-def start_broker() -> Iterator[Callable[..., RunningBroker]]:
+def start_broker(keys: tuple[Path, Path]) -> Iterator[Callable[..., RunningBroker]]:
     started: list[RunningBroker] = []
 
     def start(sites: dict[str, RunningSite], **config: Any) -> RunningBroker:
         entries = [SiteEntry(name=name, address=site.target) for name, site in sites.items()]
         broker = build_broker_server(BrokerConfig(sites=tuple(entries), **config),
+                                     Verifier(AuthConfig.from_files([keys[1]])),
                                      metrics=BrokerMetrics(CollectorRegistry()))
         started.append(broker)
         return broker

@@ -62,7 +62,7 @@ def test_broker_reaches_site_over_mtls_and_site_checks_peer_name(pki, tmp_path, 
     broker = build_broker_server(
         BrokerConfig(sites=(SiteEntry(name="north", address=f"localhost:{site.port}",
                                       tls=Tls(pki / "ca.pem", pki / "broker.pem", pki / "broker.key")),)),
-        metrics=BrokerMetrics(CollectorRegistry()))
+        Verifier(AuthConfig.from_files([keys[1]])), metrics=BrokerMetrics(CollectorRegistry()))
     try:
         with Client(broker.target, token=token()) as c:
             result = c.query("SELECT stage, count(*) FROM patients GROUP BY stage", epsilon=0.2)

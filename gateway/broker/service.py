@@ -1,6 +1,7 @@
 """The broker: one gateway.v1 endpoint in front of every site (DESIGN §2).
 
-It fans each call out to the sites concurrently with a deadline, forwarding the caller's bearer
+It verifies the caller's token itself (the sites' issuer keys) before any work, then fans each
+call out to the sites concurrently with a deadline, forwarding the caller's bearer
 token and ``query_id`` (so a retry never charges a site twice), and pools the noisy answers:
 counts and sums add with their variances; a mean is the ratio of the pooled noisy sums and
 counts with a delta-method interval. It sees no row and holds no budget.
@@ -24,7 +25,16 @@ from .._server import make_server, target_of
 from .._sqlfront import parse_sql
 from .._transport import Tls, open_channel
 from .._wire import to_structured
-from ..errors import DeadlineExceeded, GatewayBug, GatewayError, InvalidQuery, Unavailable, error_from_rpc
+from ..auth import Verifier
+from ..errors import (
+    DeadlineExceeded,
+    GatewayBug,
+    GatewayError,
+    InvalidQuery,
+    Unauthenticated,
+    Unavailable,
+    error_from_rpc,
+)
 from ..metrics import BrokerMetrics
 from .config import BrokerConfig
 from .pooling import dataset_differences, pool
@@ -51,8 +61,8 @@ class _Outcome:
 class BrokerService(pb_grpc.GatewayServicer):
     """gateway.v1 served by the broker."""
 
-    def __init__(self, config: BrokerConfig, metrics: BrokerMetrics) -> None:
-        self.config, self.metrics = config, metrics
+    def __init__(self, config: BrokerConfig, metrics: BrokerMetrics, verifier: Verifier) -> None:
+        self.config, self.metrics, self.verifier = config, metrics, verifier
         self._pool = futures.ThreadPoolExecutor(max_workers=max(4, 4 * len(config.sites)))
         self._stubs = {s.name: pb_grpc.GatewayStub(open_channel(s.address, s.tls)) for s in config.sites}
 
@@ -60,7 +70,18 @@ class BrokerService(pb_grpc.GatewayServicer):
         """Stop the fan-out threads."""
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+    def _authenticate(self, context: grpc.ServicerContext) -> None:
+        """Verify the caller's token before any work: an outsider learns nothing about the network."""
+        headers = [v for k, v in context.invocation_metadata() if k == "authorization"]
+        try:
+            if len(headers) > 1:
+                raise Unauthenticated("send one authorization header")
+            self.verifier.verify(str(headers[0]) if headers else None)
+        except GatewayError as err:
+            context.abort_with_status(err.to_status())
+
     def ListDatasets(self, request: pb.ListDatasetsRequest, context: grpc.ServicerContext) -> pb.ListDatasetsResponse:
+        self._authenticate(context)
         outcomes = self._fan("ListDatasets", request, context, self._names(()))
         answered = self._answered_or_abort(outcomes, context)
         versions: dict[str, dict[str, pb.Dataset]] = {}
@@ -78,6 +99,7 @@ class BrokerService(pb_grpc.GatewayServicer):
         return pb.ListDatasetsResponse(datasets=datasets, served_by=self.config.name)
 
     def GetBudget(self, request: pb.GetBudgetRequest, context: grpc.ServicerContext) -> pb.GetBudgetResponse:
+        self._authenticate(context)
         outcomes = self._fan("GetBudget", request, context, self._names(()))
         budgets = []
         for outcome in self._answered_or_abort(outcomes, context):
@@ -94,6 +116,7 @@ class BrokerService(pb_grpc.GatewayServicer):
             self.metrics.duration.labels("_broker").observe(time.perf_counter() - started)
 
     def _query(self, request: pb.QueryRequest, context: grpc.ServicerContext) -> pb.QueryResponse:
+        self._authenticate(context)  # before the SQL is parsed or any site is named
         try:
             names = self._names(request.sites)
         except GatewayError as err:
@@ -190,10 +213,10 @@ class RunningBroker:
         self.service.close()
 
 
-def build_broker_server(config: BrokerConfig, host: str = "127.0.0.1", port: int = 0, tls: Tls | None = None,
-                        metrics: BrokerMetrics | None = None) -> RunningBroker:
+def build_broker_server(config: BrokerConfig, verifier: Verifier, host: str = "127.0.0.1", port: int = 0,
+                        tls: Tls | None = None, metrics: BrokerMetrics | None = None) -> RunningBroker:
     """Start a broker serving gateway.v1 on ``host:port`` (0: any free port)."""
-    service = BrokerService(config, metrics or BrokerMetrics())
+    service = BrokerService(config, metrics or BrokerMetrics(), verifier)
     server, bound, _health = make_server(service, host, port, tls)
     log.info("broker %s serving on %s:%s for sites %s", config.name, host, bound,
              ", ".join(s.name for s in config.sites))

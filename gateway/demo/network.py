@@ -123,7 +123,8 @@ def start_network(workdir: Path, n_sites: int = 4, patients: int = 20_000, broke
             config = {"name": "broker", "deadline_seconds": deadline_seconds, "min_sites": min_sites,
                       "sites": [{"name": n, "address": p.target} for n, p in network.sites.items()]}
             (workdir / "broker.yaml").write_text(yaml.safe_dump(config))
-            network.broker = _spawn("broker", ["broker", "serve", "--config", str(workdir / "broker.yaml")],
+            network.broker = _spawn("broker", ["broker", "serve", "--config", str(workdir / "broker.yaml"),
+                                               "--trusted-key", str(public)],
                                     workdir / "broker.port", workdir / "broker.log")
             _wait_port(network.broker, workdir / "broker.port", workdir / "broker.log")
     except BaseException:

@@ -148,7 +148,8 @@ def test_site_killed_during_queries_and_broker_restart_retry_charges_once(tmp_pa
         net.broker.popen.wait()
         port_file = tmp_path / "broker2.port"
         broker2 = subprocess.Popen([*GATEWAY, "broker", "serve", "--config", str(net.workdir / "broker.yaml"),
-                                    "--port", "0", "--port-file", str(port_file)],
+                                    "--trusted-key", str(net.public_key), "--port", "0", "--port-file",
+                                    str(port_file)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             with Client(wait_for_port_file(broker2, port_file), token=net.token(), retries=0) as c:

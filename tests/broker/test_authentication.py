@@ -1,0 +1,68 @@
+"""The broker verifies tokens itself, before any work: an outsider learns nothing about the network
+(not the sites' names, addresses or errors) and makes the broker parse nothing and call no site."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from prometheus_client import CollectorRegistry
+
+from gateway._proto.gateway.v1 import gateway_pb2 as pb
+from gateway._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
+from gateway.auth import AuthConfig, Verifier, generate_dev_key, mint_dev_token
+from gateway.broker import BrokerConfig, SiteEntry, build_broker_server
+from gateway.metrics import BrokerMetrics
+
+NESTED = "SELECT count(*) FROM patients WHERE " + "(" * 400 + "age_at_diagnosis > 1" + ")" * 400
+
+
+@pytest.fixture
+def broker(start_site, keys):
+    metrics = BrokerMetrics(CollectorRegistry())
+    site = start_site()
+    running = build_broker_server(BrokerConfig(name="net", sites=(SiteEntry(name="secret-site-name",
+                                                                            address=site.target),)),
+                                  Verifier(AuthConfig.from_files([keys[1]])), metrics=metrics)
+    yield running, metrics
+    running.stop(grace=0)
+
+
+def site_calls(metrics: BrokerMetrics) -> float:
+    return sum(sample.value for family in metrics.site_requests.collect() for sample in family.samples
+               if sample.name.endswith("_total"))
+
+
+def _calls(stub):
+    return [(stub.Query, pb.QueryRequest(sql="SELECT count(*) FROM patients")),
+            (stub.Query, pb.QueryRequest(sql=NESTED)),
+            (stub.Query, pb.QueryRequest(sql="SELECT count(*) FROM patients", sites=["nowhere"])),
+            (stub.ListDatasets, pb.ListDatasetsRequest()), (stub.GetBudget, pb.GetBudgetRequest())]
+
+
+@pytest.mark.parametrize("credentials", ["none", "foreign key", "garbage", "two headers"])
+def test_an_outsider_learns_nothing_about_the_network(broker, token, tmp_path, credentials) -> None:
+    running, metrics = broker
+    foreign = mint_dev_token(generate_dev_key(tmp_path / "other")[0].read_bytes(), "mallory", "onc-x", "researcher")
+    metadata = {"none": [], "foreign key": [("authorization", f"Bearer {foreign}")],
+                "garbage": [("authorization", "Bearer not-a-jwt")],
+                "two headers": [("authorization", f"Bearer {token()}"), ("authorization", f"Bearer {token()}")],
+                }[credentials]
+    with grpc.insecure_channel(running.target) as channel:
+        stub = pb_grpc.GatewayStub(channel)
+        for method, request in _calls(stub):
+            with pytest.raises(grpc.RpcError) as err:
+                method(request, metadata=metadata, timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            details = err.value.details() or ""
+            assert "secret-site-name" not in details and "127.0.0.1" not in details and "nowhere" not in details
+    assert site_calls(metrics) == 0  # no site was called for any of it
+
+
+def test_a_researcher_still_gets_through(broker, token) -> None:
+    running, metrics = broker
+    with grpc.insecure_channel(running.target) as channel:
+        answer = pb_grpc.GatewayStub(channel).Query(pb.QueryRequest(sql="SELECT count(*) FROM patients",
+                                                                    epsilon=0.1),
+                                                    metadata=[("authorization", f"Bearer {token()}")], timeout=10)
+    assert list(answer.sites) == ["secret-site-name"]
+    assert site_calls(metrics) == 1
