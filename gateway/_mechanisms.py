@@ -102,10 +102,11 @@ def plan_query(query: Query, dataset: Dataset, epsilon: Fraction) -> Plan:
     for agg in query.aggregates:
         kind = kind_of(agg.function)
         column: Column | None = dataset.columns[agg.column] if agg.column is not None else None
-        for spec in kind.components:
-            _check_noise_fits(agg, spec.name, k * spec.row_bound(column), share * spec.share, epsilon)
-        components = tuple(_component(spec.name, k * spec.row_bound(column), share * spec.share, spec.unit(column))
-                           for spec in kind.components)
+        sensitivities = [k * spec.row_bound(column) for spec in kind.components]
+        for spec, sensitivity in zip(kind.components, sensitivities, strict=True):
+            _check_noise_fits(agg, spec.name, sensitivity, share * spec.share, epsilon)
+        components = tuple(_component(spec.name, sensitivity, share * spec.share, spec.unit(column))
+                           for spec, sensitivity in zip(kind.components, sensitivities, strict=True))
         bounds = None
         if column is not None and column.bounds is not None:
             low, high = column.fixed_bounds

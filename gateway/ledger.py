@@ -274,8 +274,8 @@ class SqliteLedger:
                            (project, query_id)).fetchone():
                 raise QueryIdInUse(query_id)
             windows = [_in_force(con, scope) for scope in scopes]
-            for scope in scopes:
-                check_affordable(scope, _state(con, scope), epsilon)
+            for scope, window in zip(scopes, windows, strict=True):
+                check_affordable(scope, _state(con, scope, window), epsilon)
             for scope, (start, end) in zip(scopes, windows, strict=True):
                 _add(con, scope.key, start, epsilon)
                 con.execute("INSERT INTO windows (scope, start, finish) VALUES (?, ?, ?) ON CONFLICT (scope) DO"
@@ -383,8 +383,8 @@ def _in_force(con: sqlite3.Connection, scope: Scope) -> tuple[int, int | None]:
     return start, scope.window.end
 
 
-def _state(con: sqlite3.Connection, scope: Scope) -> BudgetState:
-    start, end = _in_force(con, scope)
+def _state(con: sqlite3.Connection, scope: Scope, window: tuple[int, int | None] | None = None) -> BudgetState:
+    start, end = window if window is not None else _in_force(con, scope)
     resets = "" if end is None else datetime.fromtimestamp(end, UTC).isoformat().replace("+00:00", "Z")
     return BudgetState(scope.limit, _spent(con, scope.key, start), resets)
 

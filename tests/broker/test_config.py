@@ -1,4 +1,5 @@
-"""The broker's configuration file (gateway.broker.config): what it refuses, and how it reads paths."""
+"""The broker's configuration file (gateway.broker.config): what it refuses, how it reads paths, and
+every problem as file:line: field: reason, like a site policy."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from gateway.broker import load_broker_config
+from gateway.broker.config import BrokerConfigError
 
 
 def test_broker_config_validation(tmp_path):
@@ -36,3 +38,52 @@ def test_broker_config_validation(tmp_path):
     tls = load_broker_config(path).sites[0].tls
     assert tls is not None
     assert (tls.ca, tls.cert, tls.key) == (tmp_path / "pki" / "ca.pem", tmp_path / "b.pem", Path("/abs/b.key"))
+
+
+GOOD = """\
+name: network-broker
+deadline_seconds: 10
+min_sites: 2
+sites:
+  - name: north
+    address: 127.0.0.1:50051
+  - name: south
+    address: south.example.org:50051
+    tls: {ca: pki/ca.pem, cert: broker.pem, key: broker.key}
+"""
+
+
+def problems(tmp_path: Path, text: str) -> list[str]:
+    path = tmp_path / "broker.yaml"
+    path.write_text(text)
+    with pytest.raises(BrokerConfigError) as info:
+        load_broker_config(path)
+    return [p.removeprefix(f"{path}:") for p in info.value.problems]
+
+
+def test_a_good_config_loads_with_tls_paths_relative_to_it(tmp_path: Path) -> None:
+    path = tmp_path / "broker.yaml"
+    path.write_text(GOOD)
+    config = load_broker_config(path)
+    assert (config.name, config.min_sites, [s.name for s in config.sites]) == ("network-broker", 2,
+                                                                               ["north", "south"])
+    tls = config.sites[1].tls
+    assert tls is not None and tls.ca == tmp_path / "pki" / "ca.pem" and tls.key == tmp_path / "broker.key"
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    (GOOD.replace("deadline_seconds: 10", "deadline_seconds: 0"),
+     ["2: deadline_seconds: Input should be greater than 0"]),
+    (GOOD.replace("    address: south.example.org:50051\n", "    address: south.example.org:50051\n    port: 1\n"),
+     ["9: sites.1.port: Extra inputs are not permitted"]),
+    (GOOD.replace("tls: {ca: pki/ca.pem, cert: broker.pem, key: broker.key}", "tls: {ca: pki/ca.pem, colour: x}"),
+     ["9: sites.1.tls.colour: Unexpected keyword argument"]),
+    (GOOD.replace("\n    tls: {ca: pki/ca.pem, cert: broker.pem, key: broker.key}", ""),
+     ["7: sites.1: site south needs tls: plaintext is for loopback only"]),
+    (GOOD.replace("min_sites: 2", "min_sites: 3"), ["1: (top): min_sites is larger than the number of sites"]),
+    (GOOD.replace("name: south", "name: north"), ["1: (top): site names must be distinct"]),
+    (GOOD + "min_sites: 1\n", ["10: min_sites: key appears more than once"]),
+    ("- a\n", ["1: (file): a broker config must be a mapping of keys"]),
+])
+def test_every_problem_names_its_line_and_field(tmp_path: Path, text: str, expected: list[str]) -> None:
+    assert problems(tmp_path, text) == expected
