@@ -43,7 +43,8 @@ def main() -> int:
             assert net.broker is not None
             token = net.token(project="onc-bench")
             direct_target = next(iter(net.sites.values())).target
-            with Client(net.broker.target, token=token) as broker, Client(direct_target, token=token) as direct:
+            with Client(net.broker.target, token=token, proof_key=net.proof_key) as broker, \
+                    Client(direct_target, token=token, proof_key=net.proof_key) as direct:
                 b_times, d_times = [], []
                 for i in range(args.repeats + 3):
                     start = time.perf_counter()

@@ -26,6 +26,7 @@ import duckdb
 from gateway.auth import generate_dev_key, mint_dev_token
 from gateway.client import Client
 from gateway.demo.synth import synthesize
+from gateway.proof import ProofKey
 
 ROOT = Path(__file__).resolve().parent.parent
 BUDGET = 'budgets:\n  - project: "bench"\n    epsilon: 100000000\n    period: never\n'
@@ -54,7 +55,8 @@ def main() -> int:
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     private, public = generate_dev_key(args.workdir / "keys")
-    token = mint_dev_token(private.read_bytes(), "bench", "bench")
+    proof_key = ProofKey.generate()
+    token = mint_dev_token(private.read_bytes(), "bench", "bench", proof_jkt=proof_key.jkt)
     results = {"machine": {"python": sys.version.split()[0], "cpus": os.cpu_count(), "platform": platform.platform()},
                "repeats": args.repeats, "latency": [], "throughput": None}
     for size in args.sizes:
@@ -68,7 +70,8 @@ def main() -> int:
         shutil.rmtree(state, ignore_errors=True)  # a fresh ledger: no stored answer from an earlier run
         server, port = _start(policy, public, state)
         try:
-            with Client(f"127.0.0.1:{port}", token=token) as client, duckdb.connect(str(data), read_only=True) as raw:
+            with Client(f"127.0.0.1:{port}", token=token, proof_key=proof_key) as client, \
+                    duckdb.connect(str(data), read_only=True) as raw:
                 for name, _dataset, gw_sql, raw_sql in CASES:
                     gw, direct = _measure(client, raw, gw_sql, raw_sql, args.repeats, size)
                     results["latency"].append({"rows": size, "query": name, "gateway_ms": gw, "raw_duckdb_ms": direct,
@@ -76,7 +79,7 @@ def main() -> int:
                     print(f"{size:>10,} {name:<24} gateway {gw:8.2f} ms   raw DuckDB {direct:8.2f} ms   "
                           f"ratio {gw / direct:5.2f}x", flush=True)
             if size == min(args.sizes):
-                results["throughput"] = _throughput(port, token, args.throughput_seconds, size)
+                results["throughput"] = _throughput(port, token, proof_key, args.throughput_seconds, size)
                 results["throughput"]["raw_duckdb_qps"] = _raw_throughput(data, args.throughput_seconds)
                 print(f"{size:>10,} throughput, 8 concurrent clients: {results['throughput']['qps']:.0f} queries/s "
                       f"(raw DuckDB, 8 threads, same queries: {results['throughput']['raw_duckdb_qps']:.0f}/s)",
@@ -148,8 +151,8 @@ def _run_clients(seconds: float, step: Callable[[int, int], None]) -> tuple[list
     return counts, errors, time.perf_counter() - start
 
 
-def _throughput(port: int, token: str, seconds: float, size: int) -> dict[str, float]:
-    clients = [Client(f"127.0.0.1:{port}", token=token) for _ in range(CLIENTS)]
+def _throughput(port: int, token: str, proof_key: ProofKey, seconds: float, size: int) -> dict[str, float]:
+    clients = [Client(f"127.0.0.1:{port}", token=token, proof_key=proof_key) for _ in range(CLIENTS)]
 
     def step(w: int, i: int) -> None:
         # the same work as the latency "count" case; a distinct epsilon per request makes every

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from .errors import Unauthenticated
+from .proof import token_hash
 
 log = logging.getLogger("gateway.auth")
 
@@ -42,6 +43,9 @@ class Identity:
     subject: str
     project: str
     role: str
+    # the thumbprint of the key the token is bound to (``cnf.jkt``), and the token's hash for proofs
+    jkt: str | None = field(default=None, compare=False)
+    ath: str = field(default="", compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -121,10 +125,11 @@ class Verifier:
             return cached
         try:
             claims = self._decode(token)
+            identity = Identity(str(claims["sub"]), str(claims[PROJECT_CLAIM]), str(claims[ROLE_CLAIM]),
+                                _bound_key(claims), token_hash(token))
         except (jwt.PyJWTError, ValueError, TypeError) as err:
             log.warning("rejected token: %s: %s", type(err).__name__, err)
             raise Unauthenticated("invalid or expired credentials; get a fresh token") from None
-        identity = Identity(str(claims["sub"]), str(claims[PROJECT_CLAIM]), str(claims[ROLE_CLAIM]))
         with self._lock:
             self._verified[token] = (identity, float(claims["exp"]), float(claims.get("nbf", 0)))
             while len(self._verified) > self._cache_size:
@@ -165,6 +170,16 @@ class Verifier:
         return claims
 
 
+def _bound_key(claims: Mapping[str, Any]) -> str | None:
+    """``cnf.jkt``: the thumbprint of the key the token is bound to (None for a bearer-only token)."""
+    cnf = claims.get("cnf")
+    if cnf is None:
+        return None
+    if not isinstance(cnf, dict) or not isinstance(cnf.get("jkt"), str) or not 20 <= len(cnf["jkt"]) <= 100:
+        raise jwt.InvalidTokenError("cnf must be an object with a jkt thumbprint")
+    return str(cnf["jkt"])
+
+
 def generate_dev_key(out_dir: Path) -> tuple[Path, Path]:
     """Write a DEVELOPMENT-ONLY EC P-256 signing key pair; returns (private, public) PEM paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -180,8 +195,13 @@ def generate_dev_key(out_dir: Path) -> tuple[Path, Path]:
 
 def mint_dev_token(private_pem: bytes, subject: str, project: str, role: str = "researcher",
                    ttl: timedelta = timedelta(hours=1), issuer: str = DEV_ISSUER,
-                   audience: str = DEV_AUDIENCE, extra: Mapping[str, Any] | None = None) -> str:
-    """Sign a DEVELOPMENT token with a local private key (production tokens come from your IdP)."""
+                   audience: str = DEV_AUDIENCE, extra: Mapping[str, Any] | None = None,
+                   proof_jkt: str | None = None) -> str:
+    """Sign a DEVELOPMENT token with a local private key (production tokens come from your IdP).
+
+    ``proof_jkt``: bind the token to the caller's proof key (its thumbprint, ``ProofKey.jkt``);
+    sites accept only bound tokens, with a proof per call (:mod:`gateway.proof`).
+    """
     key = serialization.load_pem_private_key(private_pem, password=None)
     if isinstance(key, ec.EllipticCurvePrivateKey):
         alg = "ES256"
@@ -194,6 +214,8 @@ def mint_dev_token(private_pem: bytes, subject: str, project: str, role: str = "
     now = datetime.now(UTC)
     claims: dict[str, Any] = {"sub": subject, PROJECT_CLAIM: project, ROLE_CLAIM: role, "iss": issuer,
                               "aud": audience, "iat": now, "nbf": now, "exp": now + ttl, "dev": True}
+    if proof_jkt is not None:
+        claims["cnf"] = {"jkt": proof_jkt}
     claims.update(extra or {})
     return jwt.encode(claims, key, algorithm=alg, headers={"kid": key_id(key.public_key())})
 

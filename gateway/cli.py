@@ -105,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     mint.add_argument("--ttl", default="1h")
     mint.add_argument("--issuer", default=None)
     mint.add_argument("--audience", default=None)
+    mint.add_argument("--proof-key", type=Path, default=None, metavar="FILE",
+                      help="the caller's proof key the token is bound to, created (0600) if missing "
+                           "(default: $GATEWAY_PROOF_KEY)")
     mint.set_defaults(run=_mint)
 
     query = sub.add_parser("query", help="run a query against a site or broker")
@@ -154,6 +157,8 @@ def _parser() -> argparse.ArgumentParser:
 def _target_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", required=True, metavar="HOST:PORT")
     parser.add_argument("--token", default=None, help="bearer token (default: $GATEWAY_TOKEN)")
+    parser.add_argument("--proof-key", type=Path, default=None, metavar="FILE",
+                        help="the private key the token is bound to (default: $GATEWAY_PROOF_KEY)")
     parser.add_argument("--ca", type=Path, help="CA certificate for TLS")
     parser.add_argument("--cert", type=Path, help="client certificate for mTLS")
     parser.add_argument("--key", type=Path, help="client key for mTLS")
@@ -166,8 +171,15 @@ def _client(args: argparse.Namespace) -> Any:
     token = args.token or os.environ.get("GATEWAY_TOKEN")
     if not token:
         raise UserError("no token: pass --token or set GATEWAY_TOKEN (see 'gateway token mint --help')")
+    proof_key = args.proof_key or os.environ.get("GATEWAY_PROOF_KEY")
+    if not proof_key:
+        raise UserError("no proof key: pass --proof-key FILE or set GATEWAY_PROOF_KEY (the key your token is bound "
+                        "to; see 'gateway token mint --help')")
     tls = Tls(args.ca, args.cert, args.key) if args.ca else None
-    return Client(args.target, token=token, tls=tls)
+    try:
+        return Client(args.target, token=token, tls=tls, proof_key=Path(proof_key))
+    except ValueError as err:
+        raise UserError(str(err)) from None
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -299,10 +311,21 @@ def _keygen(args: argparse.Namespace) -> int:
 
 def _mint(args: argparse.Namespace) -> int:
     from .auth import DEV_AUDIENCE, DEV_ISSUER, mint_dev_token, parse_ttl
+    from .proof import ProofKey
 
+    where = args.proof_key or os.environ.get("GATEWAY_PROOF_KEY")
+    if not where:
+        raise UserError("no proof key: pass --proof-key FILE (created if missing) or set GATEWAY_PROOF_KEY; "
+                        "tokens are bound to the key that signs each call's proof")
+    try:
+        proof_key, created = ProofKey.load_or_create(Path(where))
+    except (OSError, ValueError) as err:
+        raise UserError(str(err)) from None
     token = mint_dev_token(args.key.read_bytes(), args.subject, args.project, args.role, parse_ttl(args.ttl),
-                           args.issuer or DEV_ISSUER, args.audience or DEV_AUDIENCE)
+                           args.issuer or DEV_ISSUER, args.audience or DEV_AUDIENCE, proof_jkt=proof_key.jkt)
     print(token)
+    if created:
+        print(f"note: created the proof key {where} (keep it private: it signs every call)", file=sys.stderr)
     print("note: DEVELOPMENT token signed with a local key", file=sys.stderr)
     return 0
 

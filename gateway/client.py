@@ -4,7 +4,7 @@ Example::
 
     from gateway.client import Client
 
-    with Client("127.0.0.1:50051", token=os.environ["GATEWAY_TOKEN"]) as gw:
+    with Client("127.0.0.1:50051", token=os.environ["GATEWAY_TOKEN"], proof_key="proof-key.pem") as gw:
         result = gw.query(sql="SELECT stage, count(*) FROM patients GROUP BY stage", epsilon=0.5)
         print(result.to_polars())          # stage, count, count_std_error, count_ci_low, count_ci_high
         print(result.epsilon_charged, result.cached, result.budget_remaining)
@@ -14,14 +14,20 @@ Every gRPC error becomes the typed :class:`~gateway.errors.GatewayError` subclas
 with its fields (e.g. :class:`~gateway.errors.BudgetExhausted` with ``requested`` and ``remaining``);
 an internal error at a server is a :class:`~gateway.errors.GatewayBug`. ``UNAVAILABLE`` is retried
 with the same ``query_id``, so a retry never pays twice.
+
+Tokens are bound to the caller's proof key, and every call carries a fresh proof of possession per
+site that sees it (:mod:`gateway.proof`): the client signs them, learning the sites' names from the
+first answer that asks for them.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -31,7 +37,8 @@ from ._proto.gateway.v1 import gateway_pb2 as pb
 from ._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from ._transport import Tls, open_channel
 from ._wire import to_value
-from .errors import InternalBug, Unavailable, error_from_rpc
+from .errors import ProofRequired, Unavailable, error_from_rpc
+from .proof import ANY_SERVER, ProofKey
 
 T = TypeVar("T")
 StructuredSpec = Mapping[str, Any]
@@ -106,11 +113,19 @@ def _frame(group_by: Sequence[str], rows: Sequence[pb.ResultRow]) -> pl.DataFram
 
 
 class Client:
-    """Talks gateway.v1 to one target (a site or a broker)."""
+    """Talks gateway.v1 to one target (a site or a broker).
+
+    ``token``: the caller's JWT; ``proof_key``: the private key it is bound to (a
+    :class:`~gateway.proof.ProofKey`, PEM bytes or a PEM file's path; default: the file named by
+    ``$GATEWAY_PROOF_KEY``).
+    """
 
     def __init__(self, target: str, token: str | None = None, tls: Tls | None = None,
-                 timeout: float = 60.0, retries: int = 3) -> None:
+                 timeout: float = 60.0, retries: int = 3,
+                 proof_key: ProofKey | bytes | str | Path | None = None) -> None:
         self.target, self.token, self.timeout, self.retries = target, token, timeout, retries
+        self._proof_key = _proof_key(proof_key) if token else None
+        self._sites: set[str] = set()  # names the proofs are addressed to, learned from ProofRequired
         self._channel = open_channel(target, tls)
         self._stub = pb_grpc.GatewayStub(self._channel)
 
@@ -167,18 +182,37 @@ class Client:
             request.structured.CopyFrom(structured_message(structured))
         return QueryResult(self._call(self._stub.Query, request))
 
-    def _call(self, method: Callable[..., T], request: object) -> T:
+    def _call(self, method: Callable[..., T], request: Any) -> T:
         metadata = [("authorization", f"Bearer {self.token}")] if self.token else []
-        for attempt in range(self.retries + 1):
+        attempt, learned = 0, False
+        while True:
+            if self._proof_key is not None and self.token:  # a fresh proof per attempt: each is used once
+                self._proof_key.attach(request, self.token, sorted(self._sites) or [ANY_SERVER])
             try:
                 return method(request, metadata=metadata, timeout=self.timeout)
             except grpc.RpcError as err:
                 error = error_from_rpc(err)
+                if isinstance(error, ProofRequired) and not learned and not set(error.sites) <= self._sites:
+                    self._sites |= set(error.sites)  # the target told us whom to sign for: once per call
+                    learned = True
+                    continue
                 if isinstance(error, Unavailable) and attempt < self.retries:
                     time.sleep(0.2 * 2 ** attempt)
+                    attempt += 1
                     continue
                 raise error from None
-        raise InternalBug("the retry loop ended without an answer or an error")
+
+
+def _proof_key(given: ProofKey | bytes | str | Path | None) -> ProofKey:
+    if isinstance(given, ProofKey):
+        return given
+    if isinstance(given, bytes):
+        return ProofKey.from_pem(given)
+    path = given if given is not None else os.environ.get("GATEWAY_PROOF_KEY")
+    if not path:
+        raise ValueError("a token needs the proof key it is bound to: pass proof_key=PATH or set GATEWAY_PROOF_KEY "
+                         "(see 'gateway token mint --proof-key')")
+    return ProofKey.load(Path(path))
 
 
 def structured_message(spec: StructuredSpec) -> pb.StructuredQuery:

@@ -15,6 +15,7 @@ Site, broker and client all read :data:`ERRORS` (class, status code, metrics out
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from fractions import Fraction
 from typing import ClassVar
@@ -104,6 +105,30 @@ class Unauthenticated(GatewayError):
 
     code, reason_code, outcome, caller_mistake = (grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED",
                                              "unauthenticated", True)
+
+
+class ProofRequired(Unauthenticated):
+    """The token is valid and the caller holds its key, but the call lacks a proof for these servers.
+
+    ``sites``: the names to sign proofs for (a site's own name; a broker's sites). A client signs
+    them and calls again (:mod:`gateway.proof`).
+    """
+
+    reason_code, outcome = "PROOF_REQUIRED", "proof_required"  # a handshake, not an attack: its own label
+
+    def __init__(self, sites: list[str], message: str = "") -> None:
+        super().__init__(message or f"sign a proof of possession for each of: {', '.join(sites)}")
+        self.sites = sites
+
+    def fields(self) -> dict[str, str]:
+        return {"sites": json.dumps(self.sites)}
+
+    @classmethod
+    def rebuild(cls, message: str, fields: Mapping[str, str]) -> GatewayError:
+        sites = json.loads(fields["sites"])
+        if not isinstance(sites, list) or not all(isinstance(s, str) for s in sites):
+            raise ValueError("sites must be a list of names")
+        return cls(sites, message)
 
 
 class PermissionDenied(GatewayError):
@@ -233,12 +258,12 @@ class RemoteBug(GatewayBug):
 
 # The one status table: every caller-facing error class, with its code, reason and outcome.
 ERRORS: tuple[type[GatewayError], ...] = (
-    InvalidQuery, PolicyViolation, NotFound, Unauthenticated, PermissionDenied, BudgetExhausted,
+    InvalidQuery, PolicyViolation, NotFound, Unauthenticated, ProofRequired, PermissionDenied, BudgetExhausted,
     QueryIdConflict, FailedPrecondition, Unavailable, DeadlineExceeded)
 _BY_REASON: dict[str, type[GatewayError]] = {cls.reason_code: cls for cls in ERRORS}
 # Without gateway details (from gRPC itself, or an older server) a code maps to its general class.
 _BY_CODE: dict[grpc.StatusCode, type[GatewayError]] = {
-    cls.code: cls for cls in ERRORS if cls not in (PolicyViolation, BudgetExhausted)}
+    cls.code: cls for cls in ERRORS if cls not in (PolicyViolation, BudgetExhausted, ProofRequired)}
 CALLER_MISTAKES: frozenset[grpc.StatusCode] = frozenset(cls.code for cls in ERRORS if cls.caller_mistake)
 INTERNAL_MESSAGE = "internal error (this is a bug in the gateway; nothing was charged unless GetBudget says so)"
 
@@ -261,7 +286,7 @@ def error_from_status(code: grpc.StatusCode, message: str, status: status_pb2.St
             if cls is not None:
                 try:
                     return cls.rebuild(message, info.metadata)
-                except (KeyError, ValueError, ZeroDivisionError):
+                except (KeyError, ValueError, ZeroDivisionError):  # json errors are ValueErrors
                     break  # malformed details: fall back to the code
     cls = _BY_CODE.get(code)
     if cls is None:  # e.g. RESOURCE_EXHAUSTED from gRPC's own message size limit: not a budget refusal

@@ -20,8 +20,10 @@ from gateway.auth import AuthConfig, Verifier, generate_dev_key, mint_dev_token
 from gateway.broker import BrokerConfig, RunningBroker, SiteEntry, build_broker_server
 from gateway.demo.synth import synthesize
 from gateway.metrics import BrokerMetrics, SiteMetrics
+from gateway.policy import load_policy
+from gateway.proof import ProofKey
 from gateway.site import RunningSite, SiteOptions, build_site_server
-from tests.helpers.policies import write_policy
+from tests.helpers.policies import dump_policy, with_policy, write_policy
 
 PATIENTS = 4000
 
@@ -31,10 +33,22 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return generate_dev_key(tmp_path_factory.mktemp("keys"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def proof_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The researcher's proof key every test token is bound to; clients find it in $GATEWAY_PROOF_KEY."""
+    path = tmp_path_factory.mktemp("proof") / "proof-key.pem"
+    ProofKey.create(path)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GATEWAY_PROOF_KEY", str(path))
+        yield path
+
+
 @pytest.fixture(scope="session")
-def token(keys: tuple[Path, Path]) -> Callable[..., str]:
+def token(keys: tuple[Path, Path], proof_key: Path) -> Callable[..., str]:
+    jkt = ProofKey.load(proof_key).jkt
+
     def mint(project: str = "onc-test", role: str = "researcher", subject: str = "alice") -> str:
-        return mint_dev_token(keys[0].read_bytes(), subject, project, role)
+        return mint_dev_token(keys[0].read_bytes(), subject, project, role, proof_jkt=jkt)
     return mint
 
 
@@ -53,10 +67,13 @@ def start_site(tmp_path: Path, keys: tuple[Path, Path], site_data: Path) -> Iter
 
     def start(noise: mechanisms.Noise | None = None, policy: Path | None = None, state_dir: Path | None = None,
               reload_interval: float = 0.2, metrics: SiteMetrics | None = None, host: str = "127.0.0.1",
-              init: bool = False) -> RunningSite:
+              init: bool = False, name: str | None = None) -> RunningSite:
+        """``name``: the site's name (its policy's ``site``), which a broker must know it by."""
         folder = tmp_path / f"site{next(numbers)}"  # counted, so a refused start leaves no gap to collide with
         folder.mkdir()
         policy = policy or write_policy(folder, site_data)
+        if name is not None:
+            policy = dump_policy(with_policy(load_policy(policy).policy, site=name), folder / f"{name}.yaml")
         options = SiteOptions(policy, state_dir or folder / "state", Verifier(AuthConfig.from_files([keys[1]])),
                               host=host, reload_interval=reload_interval, init=init)
         site = build_site_server(options, metrics or SiteMetrics(CollectorRegistry()), noise)

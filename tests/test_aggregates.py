@@ -96,7 +96,7 @@ def test_variance_and_stddev_are_exact_through_a_site(start_site, token, site_da
 
 
 def test_stddev_pools_to_the_union_through_a_broker(start_site, start_broker, token, site_data) -> None:
-    broker = start_broker({f"s{i}": start_site(noise=ExactNoise()) for i in range(3)})
+    broker = start_broker({f"s{i}": start_site(noise=ExactNoise(), name=f"s{i}") for i in range(3)})
     with Client(broker.target, token=token()) as c:
         result = c.query("SELECT sex, stddev(age_at_diagnosis), variance(bmi) FROM patients GROUP BY sex",
                          epsilon=0.9)

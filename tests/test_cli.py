@@ -10,12 +10,14 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
+import jwt
 import pytest
 
 from gateway._version import __version__
 from gateway.client import Client
 from gateway.errors import GatewayError
 from gateway.ledger import SqliteLedger
+from gateway.proof import ProofKey
 from tests.helpers.cli import GATEWAY, run_cli, wait_for_port_file
 from tests.helpers.policies import write_policy
 
@@ -58,6 +60,18 @@ def test_synth_keygen_mint_and_user_errors(tmp_path):
     minted = run_cli("token", "mint", "--key", str(tmp_path / "k" / "dev-signing-key.pem"), "--subject", "a",
                      "--project", "p", "--ttl", "5m")
     assert minted.returncode == 0 and minted.stdout.count(".") == 2 and "DEVELOPMENT" in minted.stderr
+    bound = run_cli("token", "mint", "--key", str(tmp_path / "k" / "dev-signing-key.pem"), "--subject", "a",
+                    "--project", "p", "--proof-key", str(tmp_path / "k" / "a-proof.pem"))
+    assert bound.returncode == 0 and "created the proof key" in bound.stderr
+    claims = jwt.decode(bound.stdout.strip(), options={"verify_signature": False})
+    assert claims["cnf"]["jkt"] == ProofKey.load(tmp_path / "k" / "a-proof.pem").jkt
+    assert (tmp_path / "k" / "a-proof.pem").stat().st_mode & 0o777 == 0o600
+    for args, env in ((["token", "mint", "--key", str(tmp_path / "k" / "dev-signing-key.pem"), "--subject", "a",
+                        "--project", "p"], {"GATEWAY_PROOF_KEY": ""}),
+                      (["query", "--target", "127.0.0.1:1", "--token", "t", "--sql", "SELECT count(*) FROM patients"],
+                       {"GATEWAY_PROOF_KEY": ""})):
+        refused = run_cli(*args, env=env)
+        assert refused.returncode == 2 and "proof key" in refused.stderr and "Traceback" not in refused.stderr
     for args in (["token", "mint", "--key", str(tmp_path / "missing.pem"), "--subject", "a", "--project", "p"],
                  ["token", "mint", "--key", str(tmp_path / "k" / "dev-signing-key.pem"), "--subject", "a",
                   "--project", "p", "--ttl", "forever"],
@@ -107,7 +121,8 @@ def test_site_serve_query_json_budget_and_sigterm(tmp_path, keys, token, site_da
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     verify = run_cli("audit", "verify", str(tmp_path / "state" / "audit.jsonl"))
-    assert verify.returncode == 0 and "3 records" in verify.stdout
+    # three queries, each CLI run first learning the site's name for its proofs (a refused call, recorded too)
+    assert verify.returncode == 0 and "6 records" in verify.stdout
 
 
 @pytest.mark.slow

@@ -93,7 +93,7 @@ def test_prometheus_scrapes_budget_and_query_metrics(start_site, token, tmp_path
         outcomes = {r["metric"]["outcome"]: float(r["value"][1])
                     for r in _prom_query(prom_port, 'gateway_queries_total{dataset="patients"}')}
         assert outcomes == {"ok": 3.0, "cached": 1.0, "budget_exhausted": 1.0}
-        count = _prom_query(prom_port, "sum(gateway_query_duration_seconds_count)")
+        count = _prom_query(prom_port, 'sum(gateway_query_duration_seconds_count{dataset="patients"})')
         assert float(count[0]["value"][1]) == 5.0
     finally:
         proc.terminate()

@@ -32,7 +32,7 @@ def test_the_pooled_cell_is_judged_by_the_pooled_count(start_site, start_broker,
     counts = _exact_counts(site_data)
     small = next(k for k, n in counts.items() if 2 <= n <= 4)  # under 5 at each site, 6-12 pooled over 3
     tiny = next(k for k, n in counts.items() if n == 1)  # 3 pooled: still under 5
-    broker = start_broker({f"s{i}": start_site(noise=ExactNoise()) for i in range(3)})
+    broker = start_broker({f"s{i}": start_site(noise=ExactNoise(), name=f"s{i}") for i in range(3)})
     with Client(broker.target, token=token()) as c:
         response = c.query(SQL, epsilon=0.9).response
     assert response.suppression_min_count == 5

@@ -22,6 +22,7 @@ class _Model(BaseModel):
 class SiteEntry(_Model):
     """One site the broker fans out to."""
 
+    # the site's own name (its policy's `site:`): callers address each site's proof of possession to it
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
     address: str
     tls: Tls | None = None

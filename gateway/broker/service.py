@@ -1,8 +1,10 @@
 """The broker: one gateway.v1 endpoint in front of every site (DESIGN §2).
 
-It verifies the caller's token itself (the sites' issuer keys) before any work, then fans each
-call out to the sites concurrently with a deadline, forwarding the caller's bearer
-token and ``query_id`` (so a retry never charges a site twice), and pools the noisy answers:
+It verifies the caller's token itself (the sites' issuer keys) and that the caller holds the key
+the token is bound to, before any work; then fans each call out to the sites concurrently with a
+deadline, forwarding the caller's bearer token, the request as the caller signed it (so each
+site can check its proof; ``query_id`` included, so a retry never charges a site twice) and to
+each site only the proof of possession addressed to it. It pools the noisy answers:
 counts and sums add with their variances; a mean is the ratio of the pooled noisy sums and
 counts with a delta-method interval. It sees no row and holds no budget.
 """
@@ -11,8 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
@@ -24,18 +25,20 @@ from .._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from .._server import make_server, target_of
 from .._sqlfront import parse_sql
 from .._transport import Tls, open_channel
-from .._wire import to_structured
 from ..auth import Verifier
 from ..errors import (
     DeadlineExceeded,
+    FailedPrecondition,
     GatewayBug,
     GatewayError,
     InvalidQuery,
+    ProofRequired,
     Unauthenticated,
     Unavailable,
     error_from_rpc,
 )
 from ..metrics import BrokerMetrics
+from ..proof import ANY_SERVER, ProofChecker, check_possession
 from .config import BrokerConfig
 from .pooling import dataset_differences, pool
 
@@ -64,25 +67,42 @@ class BrokerService(pb_grpc.GatewayServicer):
     def __init__(self, config: BrokerConfig, metrics: BrokerMetrics, verifier: Verifier) -> None:
         self.config, self.metrics, self.verifier = config, metrics, verifier
         self._pool = futures.ThreadPoolExecutor(max_workers=max(4, 4 * len(config.sites)))
+        self._proofs = ProofChecker()
         self._stubs = {s.name: pb_grpc.GatewayStub(open_channel(s.address, s.tls)) for s in config.sites}
 
     def close(self) -> None:
         """Stop the fan-out threads."""
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _authenticate(self, context: grpc.ServicerContext) -> None:
-        """Verify the caller's token before any work: an outsider learns nothing about the network."""
+    def _authenticate(self, context: grpc.ServicerContext, request: Any, names: Sequence[str]) -> None:
+        """Verify the caller's token, and that it holds the token's key, before any work.
+
+        An outsider learns nothing about the network. A caller lacking a proof for some of ``names``
+        learns the names to sign for (:class:`ProofRequired`).
+        """
         headers = [v for k, v in context.invocation_metadata() if k == "authorization"]
         try:
             if len(headers) > 1:
                 raise Unauthenticated("send one authorization header")
-            self.verifier.verify(str(headers[0]) if headers else None)
+            identity = self.verifier.verify(str(headers[0]) if headers else None)
+            proofs: Mapping[str, str] = request.proofs
+            if not proofs:
+                check_possession(self._proofs, identity, request, self.config.name)  # raises
+            # one proof shows the caller holds the key; each site checks its own
+            self._proofs.check(proofs.get(ANY_SERVER, next(iter(proofs.values()))), request, identity.ath,
+                               identity.jkt, None)
+            if any(name not in proofs for name in names):
+                raise ProofRequired(list(names))
         except GatewayError as err:
             context.abort_with_status(err.to_status())
 
+    def _all_sites(self, request: Any, context: grpc.ServicerContext) -> list[str]:
+        names = self._names(())
+        self._authenticate(context, request, names)
+        return names
+
     def ListDatasets(self, request: pb.ListDatasetsRequest, context: grpc.ServicerContext) -> pb.ListDatasetsResponse:
-        self._authenticate(context)
-        outcomes = self._fan("ListDatasets", request, context, self._names(()))
+        outcomes = self._fan("ListDatasets", request, context, self._all_sites(request, context))
         answered = self._answered_or_abort(outcomes, context)
         versions: dict[str, dict[str, pb.Dataset]] = {}
         for outcome in answered:
@@ -99,8 +119,7 @@ class BrokerService(pb_grpc.GatewayServicer):
         return pb.ListDatasetsResponse(datasets=datasets, served_by=self.config.name)
 
     def GetBudget(self, request: pb.GetBudgetRequest, context: grpc.ServicerContext) -> pb.GetBudgetResponse:
-        self._authenticate(context)
-        outcomes = self._fan("GetBudget", request, context, self._names(()))
+        outcomes = self._fan("GetBudget", request, context, self._all_sites(request, context))
         budgets = []
         for outcome in self._answered_or_abort(outcomes, context):
             for b in outcome.response.budgets:
@@ -116,27 +135,26 @@ class BrokerService(pb_grpc.GatewayServicer):
             self.metrics.duration.labels("_broker").observe(time.perf_counter() - started)
 
     def _query(self, request: pb.QueryRequest, context: grpc.ServicerContext) -> pb.QueryResponse:
-        self._authenticate(context)  # before the SQL is parsed or any site is named
         try:
             names = self._names(request.sites)
+        except GatewayError:
+            names = self._names(())  # say which sites exist only to a caller who passes authentication
+        self._authenticate(context, request, names)  # before the SQL is parsed or any site is named
+        try:
+            names = self._names(request.sites)
+            if not request.query_id:
+                raise InvalidQuery("query_id is required through a broker (the gateway client sets one)",
+                                   "query_id")
+            if request.WhichOneof("body") == "sql":
+                parse_sql(request.sql)  # a caller's SQL mistake is answered once here, not by every site
         except GatewayError as err:
             context.abort_with_status(err.to_status())
-        forwarded = pb.QueryRequest()
-        forwarded.CopyFrom(request)
-        del forwarded.sites[:]
-        if request.WhichOneof("body") == "sql":
-            # parse once here instead of at every site; sites check the structured query against policy
-            try:
-                forwarded.structured.CopyFrom(to_structured(parse_sql(request.sql)))
-            except GatewayError as err:
-                context.abort_with_status(err.to_status())
-        forwarded.query_id = request.query_id or f"broker-{uuid.uuid4().hex}"
-        outcomes = self._fan("Query", forwarded, context, names)
+        outcomes = self._fan("Query", request, context, names)
         answered = [o for o in outcomes if o.response is not None]
         if len(answered) < min(self.config.min_sites, len(names)) or not answered:
             self._abort_missing(outcomes, context, len(answered))
         response = pool([(o.site, o.response) for o in answered], self.config.name)
-        response.query_id = forwarded.query_id
+        response.query_id = request.query_id
         response.missing_sites.extend(pb.MissingSite(site=o.site, reason=o.reason, message=o.message)
                                       for o in outcomes if o.response is None)
         return response
@@ -153,7 +171,8 @@ class BrokerService(pb_grpc.GatewayServicer):
         remaining = context.time_remaining()
         timeout = min(self.config.deadline_seconds, remaining) if remaining is not None else \
             self.config.deadline_seconds
-        calls = {name: self._pool.submit(_call, getattr(self._stubs[name], method), request, metadata, timeout)
+        calls = {name: self._pool.submit(_call, getattr(self._stubs[name], method), _for_site(request, name),
+                                         metadata, timeout)
                  for name in names}
         outcomes = []
         for name, future in calls.items():
@@ -185,12 +204,27 @@ class BrokerService(pb_grpc.GatewayServicer):
                       + ("; retrying with the same query_id is safe" if transient else ""))
 
 
+def _for_site(request: Any, site: str) -> Any:
+    """The caller's request as a site receives it: only that site's proof, and no ``sites`` list."""
+    forwarded = type(request)()
+    forwarded.CopyFrom(request)
+    forwarded.proofs.clear()
+    forwarded.proofs[site] = request.proofs[site]
+    if "sites" in forwarded.DESCRIPTOR.fields_by_name:
+        del forwarded.sites[:]
+    return forwarded
+
+
 def _call(method: Callable[..., Any], request: Any, metadata: list[tuple[str, str]],
           timeout: float) -> tuple[Any, GatewayError | GatewayBug | None]:
     try:
         return method(request, metadata=metadata, timeout=timeout), None
     except grpc.RpcError as err:
-        return None, error_from_rpc(err)
+        error = error_from_rpc(err)
+        if isinstance(error, ProofRequired):  # the site answers to another name than the broker knows it by
+            error = FailedPrecondition(f"the site expects proofs addressed to {', '.join(error.sites)}; the "
+                                       "broker's configuration must name it so")
+        return None, error
 
 
 @dataclass

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from ..auth import generate_dev_key, mint_dev_token
+from ..proof import ProofKey
 from .synth import synthesize
 
 SITES = ("north", "south", "east", "west")
@@ -45,12 +46,14 @@ class LocalNetwork:
     workdir: Path
     private_key: Path
     public_key: Path
+    proof_key: Path  # the researcher's key that this network's tokens are bound to
     sites: dict[str, Process] = field(default_factory=dict)
     broker: Process | None = None
 
     def token(self, project: str = "demo", subject: str = "demo-researcher", role: str = "researcher") -> str:
-        """A DEVELOPMENT token accepted by every site of this network."""
-        return mint_dev_token(self.private_key.read_bytes(), subject, project, role)
+        """A DEVELOPMENT token accepted by every site of this network, bound to :attr:`proof_key`."""
+        return mint_dev_token(self.private_key.read_bytes(), subject, project, role,
+                              proof_jkt=ProofKey.load(self.proof_key).jkt)
 
     def restart_site(self, name: str) -> Process:
         """Start site ``name`` again on its state dir (after it died); it gets a new port."""
@@ -102,7 +105,9 @@ def start_network(workdir: Path, n_sites: int = 4, patients: int = 20_000, broke
     """Synthesize data, start ``n_sites`` site processes and (optionally) a broker over them."""
     workdir.mkdir(parents=True, exist_ok=True)
     private, public = generate_dev_key(workdir / "keys")
-    network = LocalNetwork(workdir, private, public)
+    proof_key = workdir / "keys" / "proof-key.pem"
+    ProofKey.load_or_create(proof_key)
+    network = LocalNetwork(workdir, private, public, proof_key)
     try:
         for index, name in enumerate(SITES[:n_sites] if n_sites <= len(SITES) else
                                      [f"site{i}" for i in range(n_sites)]):

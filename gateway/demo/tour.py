@@ -34,7 +34,7 @@ def run_demo(n_sites: int, patients: int, keep_running: bool) -> int:
             _say(f"  site {name:<6} {site.target}")
         _say(f"  broker       {network.broker.target}")
         token = network.token()
-        with Client(network.broker.target, token=token) as client:
+        with Client(network.broker.target, token=token, proof_key=network.proof_key) as client:
             _tour(client)
         if keep_running:
             _keep_running(network, token)
@@ -89,7 +89,8 @@ def _keep_running(network: LocalNetwork, token: str) -> None:
     assert network.broker is not None
     target = network.broker.target
     _say("\nThe network stays up. A DEVELOPMENT token for project 'demo' (budget 3 per site, mostly spent by the "
-         f"tour) and one for 'onc-demo' (budget 10):\n  export GATEWAY_TOKEN={network.token('onc-demo')}")
+         f"tour) and one for 'onc-demo' (budget 10), bound to the proof key this demo made:\n"
+         f"  export GATEWAY_TOKEN={network.token('onc-demo')}\n  export GATEWAY_PROOF_KEY={network.proof_key}")
     _say(f"  gateway query --target {target} --sql 'SELECT stage, count(*) FROM patients GROUP BY stage'")
     _say(f"  gateway budget --target {target}")
     _say(f"  python -c \"from gateway.client import Client; import os; "

@@ -30,6 +30,7 @@ from ..errors import INTERNAL_MESSAGE, GatewayError, InternalBug, PermissionDeni
 from ..ledger import VERSION as LEDGER_VERSION
 from ..ledger import Ledger, SqliteLedger
 from ..metrics import SiteMetrics
+from ..proof import ProofCarrier, ProofChecker, check_possession
 from ._datasets import dataset_to_wire
 from ._reload import Live, PolicyWatcher, load_live
 from ._statedir import StateDir, hold_state_dir, readable_ledger
@@ -51,6 +52,7 @@ class SiteState:
     state_dir: Path
     noise: mechanisms.Noise = field(default_factory=mechanisms.Noise)
     allowed_peers: tuple[str, ...] = ()
+    proofs: ProofChecker = field(default_factory=ProofChecker)
 
 
 class SiteService(pb_grpc.GatewayServicer):
@@ -63,10 +65,11 @@ class SiteService(pb_grpc.GatewayServicer):
     # -- calls ---------------------------------------------------------------------------------
 
     def ListDatasets(self, request: pb.ListDatasetsRequest, context: grpc.ServicerContext) -> pb.ListDatasetsResponse:
-        return _guarded(context, lambda: self._list_datasets(context))
+        return _guarded(context, lambda: self._list_datasets(request, context))
 
-    def _list_datasets(self, context: grpc.ServicerContext) -> pb.ListDatasetsResponse:
-        identity = self._identify(context)
+    def _list_datasets(self, request: pb.ListDatasetsRequest, context: grpc.ServicerContext
+                       ) -> pb.ListDatasetsResponse:
+        identity = self._identify(context, request)
         policy = self.state.live.loaded.policy
         datasets = [dataset_to_wire(name, policy.datasets[name], policy) for name in usable_datasets(policy, identity)]
         return pb.ListDatasetsResponse(datasets=datasets, served_by=policy.site)
@@ -75,7 +78,7 @@ class SiteService(pb_grpc.GatewayServicer):
         return _guarded(context, lambda: self._get_budget(request, context))
 
     def _get_budget(self, request: pb.GetBudgetRequest, context: grpc.ServicerContext) -> pb.GetBudgetResponse:
-        identity = self._identify(context)
+        identity = self._identify(context, request)
         policy = self.state.live.loaded.policy
         budgets = []
         for scope, rule, state in project_budgets(self.state.ledger, policy, identity, request.dataset,
@@ -94,7 +97,7 @@ class SiteService(pb_grpc.GatewayServicer):
         record: dict[str, object] = {"event": "query", "dry_run": request.dry_run}
         dataset = "_unknown"
         try:
-            identity = self._identify(context)
+            identity = self._identify(context, request)
             record.update(subject=identity.subject, project=identity.project, role=identity.role)
             response = self._query(request, identity, record, context)
             dataset = response.dataset
@@ -126,14 +129,17 @@ class SiteService(pb_grpc.GatewayServicer):
 
     # -- policy and budget helpers --------------------------------------------------------------
 
-    def _identify(self, context: grpc.ServicerContext) -> Identity:
+    def _identify(self, context: grpc.ServicerContext, request: ProofCarrier) -> Identity:
+        """The caller, once its token, its proof for this very call and its certificate check out."""
         if self.state.allowed_peers:
             names = [n.decode() for n in context.auth_context().get("x509_common_name", [])]
             if not set(names) & set(self.state.allowed_peers):
                 log.warning("rejected peer %s (certificate names %s)", context.peer(), names)
                 raise PermissionDenied("this site does not accept calls from your client certificate")
         metadata = dict(context.invocation_metadata())
-        return self.state.verifier.verify(str(metadata.get("authorization", "")) or None)
+        identity = self.state.verifier.verify(str(metadata.get("authorization", "")) or None)
+        check_possession(self.state.proofs, identity, request, self.state.live.loaded.policy.site)
+        return identity
 
     def _finish(self, record: dict[str, object], dataset: str, outcome: str, started: float) -> None:
         known = dataset if dataset in self.state.live.loaded.policy.datasets else "_unknown"

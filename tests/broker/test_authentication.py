@@ -12,6 +12,8 @@ from gateway._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.auth import AuthConfig, Verifier, generate_dev_key, mint_dev_token
 from gateway.broker import BrokerConfig, SiteEntry, build_broker_server
 from gateway.metrics import BrokerMetrics
+from gateway.proof import ProofKey
+from tests.helpers.servers import signed
 
 NESTED = "SELECT count(*) FROM patients WHERE " + "(" * 400 + "age_at_diagnosis > 1" + ")" * 400
 
@@ -19,7 +21,7 @@ NESTED = "SELECT count(*) FROM patients WHERE " + "(" * 400 + "age_at_diagnosis 
 @pytest.fixture
 def broker(start_site, keys):
     metrics = BrokerMetrics(CollectorRegistry())
-    site = start_site()
+    site = start_site(name="secret-site-name")
     running = build_broker_server(BrokerConfig(name="net", sites=(SiteEntry(name="secret-site-name",
                                                                             address=site.target),)),
                                   Verifier(AuthConfig.from_files([keys[1]])), metrics=metrics)
@@ -39,17 +41,23 @@ def _calls(stub):
             (stub.ListDatasets, pb.ListDatasetsRequest()), (stub.GetBudget, pb.GetBudgetRequest())]
 
 
-@pytest.mark.parametrize("credentials", ["none", "foreign key", "garbage", "two headers"])
+@pytest.mark.parametrize("credentials", ["none", "foreign key", "garbage", "two headers", "stolen token",
+                                         "stolen token, thief's proof"])
 def test_an_outsider_learns_nothing_about_the_network(broker, token, tmp_path, credentials) -> None:
     running, metrics = broker
     foreign = mint_dev_token(generate_dev_key(tmp_path / "other")[0].read_bytes(), "mallory", "onc-x", "researcher")
+    stolen = token()  # a valid token, without the key it is bound to
     metadata = {"none": [], "foreign key": [("authorization", f"Bearer {foreign}")],
                 "garbage": [("authorization", "Bearer not-a-jwt")],
                 "two headers": [("authorization", f"Bearer {token()}"), ("authorization", f"Bearer {token()}")],
-                }[credentials]
+                }.get(credentials, [("authorization", f"Bearer {stolen}")])
     with grpc.insecure_channel(running.target) as channel:
         stub = pb_grpc.GatewayStub(channel)
         for method, request in _calls(stub):
+            if credentials == "stolen token, thief's proof":
+                signed(request, stolen, key=ProofKey.generate())
+            elif credentials != "stolen token":
+                signed(request, token())
             with pytest.raises(grpc.RpcError) as err:
                 method(request, metadata=metadata, timeout=10)
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -60,9 +68,14 @@ def test_an_outsider_learns_nothing_about_the_network(broker, token, tmp_path, c
 
 def test_a_researcher_still_gets_through(broker, token) -> None:
     running, metrics = broker
+    bearer = token()
     with grpc.insecure_channel(running.target) as channel:
-        answer = pb_grpc.GatewayStub(channel).Query(pb.QueryRequest(sql="SELECT count(*) FROM patients",
-                                                                    epsilon=0.1),
-                                                    metadata=[("authorization", f"Bearer {token()}")], timeout=10)
+        stub = pb_grpc.GatewayStub(channel)
+        request = pb.QueryRequest(query_id="q-1", sql="SELECT count(*) FROM patients", epsilon=0.1)
+        with pytest.raises(grpc.RpcError) as err:  # the caller holds the key: it learns whom to sign for
+            stub.Query(signed(request, bearer), metadata=[("authorization", f"Bearer {bearer}")], timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "secret-site-name" in err.value.details()
+        answer = stub.Query(signed(request, bearer, ["secret-site-name"]),
+                            metadata=[("authorization", f"Bearer {bearer}")], timeout=10)
     assert list(answer.sites) == ["secret-site-name"]
     assert site_calls(metrics) == 1

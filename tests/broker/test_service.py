@@ -23,7 +23,7 @@ from tests.helpers.servers import ExactNoise
 
 
 def test_pooled_counts_and_means_are_exact_combinations(start_site, start_broker, token):
-    sites = {f"s{i}": start_site(noise=ExactNoise()) for i in range(3)}
+    sites = {f"s{i}": start_site(noise=ExactNoise(), name=f"s{i}") for i in range(3)}
     broker = start_broker(sites)
     with Client(broker.target, token=token()) as c:
         result = c.query("SELECT stage, count(*), sum(survival_months), mean(age_at_diagnosis) FROM patients "
@@ -46,8 +46,8 @@ def test_pooled_counts_and_means_are_exact_combinations(start_site, start_broker
 def test_pooled_intervals_cover_the_true_pooled_value(start_site, start_broker, token):
     """Over many independent queries, pooled 95% intervals hold the exact pooled value ~95% of the time
     (intervals 2x too narrow would cover ~68%)."""
-    noisy = start_broker({f"s{i}": start_site() for i in range(3)})
-    exact = start_broker({f"s{i}": start_site(noise=ExactNoise()) for i in range(3)})
+    noisy = start_broker({f"s{i}": start_site(name=f"s{i}") for i in range(3)})
+    exact = start_broker({f"s{i}": start_site(noise=ExactNoise(), name=f"s{i}") for i in range(3)})
     hits = {"count": [], "mean(age_at_diagnosis)": []}
     with Client(noisy.target, token=token(project="stats")) as n, \
             Client(exact.target, token=token(project="stats")) as x:
@@ -67,7 +67,7 @@ def test_pooled_intervals_cover_the_true_pooled_value(start_site, start_broker, 
 
 
 def test_missing_sites_are_labelled_and_min_sites_enforced(start_site, start_broker, token):
-    sites = {f"s{i}": start_site() for i in range(3)}
+    sites = {f"s{i}": start_site(name=f"s{i}") for i in range(3)}
     sites["s2"].stop(grace=0)  # a site that is down before the query
     lenient = start_broker(sites, min_sites=2, deadline_seconds=3)
     strict = start_broker(sites, min_sites=3, deadline_seconds=3)
@@ -81,7 +81,7 @@ def test_missing_sites_are_labelled_and_min_sites_enforced(start_site, start_bro
 
 
 def test_caller_errors_come_back_typed_and_unknown_sites_rejected(start_site, start_broker, token):
-    broker = start_broker({f"s{i}": start_site() for i in range(2)})
+    broker = start_broker({f"s{i}": start_site(name=f"s{i}") for i in range(2)})
     with Client(broker.target, token=token(project="tight"), retries=0) as c:
         with pytest.raises(InvalidQuery, match="JOIN"):
             c.query("SELECT count(*) FROM patients p JOIN treatments t ON p.patient_id = t.patient_id")
@@ -114,7 +114,7 @@ def test_slow_site_past_deadline_then_retry_charges_once(tmp_path, token):
         assert net.broker is not None
         slow = net.sites["east"].popen
         slow.send_signal(signal.SIGSTOP)  # a site that hangs: the broker must not wait past its deadline
-        with Client(net.broker.target, token=net.token(), retries=0, timeout=30) as c:
+        with Client(net.broker.target, token=net.token(), proof_key=net.proof_key, retries=0, timeout=30) as c:
             started = time.monotonic()
             partial = c.query("SELECT stage, count(*) FROM patients GROUP BY stage", epsilon=0.5,
                               query_id="slow-1")
@@ -138,7 +138,7 @@ def test_site_killed_during_queries_and_broker_restart_retry_charges_once(tmp_pa
     net = start_network(tmp_path / "net", n_sites=3, patients=2000, deadline_seconds=5)
     try:
         assert net.broker is not None
-        with Client(net.broker.target, token=net.token(), retries=0) as c:
+        with Client(net.broker.target, token=net.token(), proof_key=net.proof_key, retries=0) as c:
             c.query("SELECT count(*) FROM patients", epsilon=0.25, query_id="k-1")
             net.sites["west" if "west" in net.sites else "east"].popen.send_signal(signal.SIGKILL)
             partial = c.query("SELECT count(*) FROM patients WHERE sex = 'F'", epsilon=0.25, query_id="k-2")
@@ -152,7 +152,8 @@ def test_site_killed_during_queries_and_broker_restart_retry_charges_once(tmp_pa
                                     str(port_file)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            with Client(wait_for_port_file(broker2, port_file), token=net.token(), retries=0) as c:
+            with Client(wait_for_port_file(broker2, port_file), token=net.token(), proof_key=net.proof_key,
+                        retries=0) as c:
                 again = c.query("SELECT count(*) FROM patients", epsilon=0.25, query_id="k-1")
             assert again.cached and again.epsilon_charged == 0
             assert again.response.rows[0].estimates[0].value == pytest.approx(
@@ -170,7 +171,7 @@ def test_cli_json_through_broker(tmp_path):
     net = start_network(tmp_path / "net", n_sites=2, patients=2000)
     try:
         assert net.broker is not None
-        env = {"GATEWAY_TOKEN": net.token()}
+        env = {"GATEWAY_TOKEN": net.token(), "GATEWAY_PROOF_KEY": str(net.proof_key)}
         out = run_cli("query", "--target", net.broker.target, "--sql",
                       "SELECT sex, count(*) FROM patients GROUP BY sex", "--json", env=env, timeout=60)
         assert out.returncode == 0, out.stderr
@@ -193,7 +194,7 @@ def test_site_killed_during_a_query_then_restarted_charges_once(tmp_path):
     try:
         assert net.broker is not None
         victim = net.sites["south"].popen
-        with Client(net.broker.target, token=net.token(), retries=0, timeout=30) as c:
+        with Client(net.broker.target, token=net.token(), proof_key=net.proof_key, retries=0, timeout=30) as c:
             victim.send_signal(signal.SIGSTOP)
             partial = c.query("SELECT sex, count(*) FROM patients GROUP BY sex", epsilon=0.5, query_id="d-1")
             assert partial.missing_sites["south"].startswith("deadline")
@@ -201,7 +202,7 @@ def test_site_killed_during_a_query_then_restarted_charges_once(tmp_path):
             victim.wait(timeout=10)
             restarted = net.restart_site("south")
             # the broker was configured with the old port: ask the restarted site directly, as a client retry would
-            with Client(restarted.target, token=net.token(), retries=0) as direct:
+            with Client(restarted.target, token=net.token(), proof_key=net.proof_key, retries=0) as direct:
                 retry = direct.query("SELECT sex, count(*) FROM patients GROUP BY sex", epsilon=0.5,
                                      query_id="d-1")
         assert len(retry.to_polars()) == 2
@@ -212,12 +213,13 @@ def test_site_killed_during_a_query_then_restarted_charges_once(tmp_path):
 
 
 def test_list_datasets_says_where_sites_differ(start_site, start_broker, token, tmp_path, site_data):
-    same = start_broker({"a": start_site(), "b": start_site()})
+    same = start_broker({"a": start_site(name="a"), "b": start_site(name="b")})
     wider = with_column(example_policy(), "patients", "age_at_diagnosis", bounds=(0, 120),
                         keys=KeyRange(range=(0, 120)))
     folder = tmp_path / "changed"
     folder.mkdir()
-    differ = start_broker({"a": start_site(), "b": start_site(policy=write_policy(folder, site_data, policy=wider))})
+    differ = start_broker({"a": start_site(name="a"),
+                           "b": start_site(policy=write_policy(folder, site_data, policy=wider), name="b")})
     with Client(same.target, token=token()) as c:
         agreed = {d.name: d for d in c.datasets()}
     with Client(differ.target, token=token()) as c:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
 
 from gateway import _mechanisms as mechanisms
 from gateway.broker import RunningBroker
 from gateway.client import Client
+from gateway.proof import ProofKey
 from gateway.site import RunningSite
+
+T = TypeVar("T")
 
 
 class ExactNoise(mechanisms.Noise):
@@ -22,6 +28,13 @@ class ExactNoise(mechanisms.Noise):
 
     def apply(self, component: mechanisms.Component, exact: tuple[int, ...]) -> list[int]:
         return list(exact)
+
+
+def signed(request: T, token: str, sites: Sequence[str] = ("",), key: ProofKey | None = None) -> T:
+    """``request`` with a proof of possession per site in ``sites``, signed by ``key`` (default: the
+    test session's proof key, which the ``token`` fixture binds tokens to)."""
+    (key or ProofKey.load(Path(os.environ["GATEWAY_PROOF_KEY"]))).attach(request, token, list(sites))
+    return request
 
 
 def client(server: RunningSite | RunningBroker, token: Callable[..., str], **claims: str) -> Client:

@@ -32,7 +32,7 @@ def test_oversized_queries_are_refused_and_charge_nothing(start_site, token, sql
 
 
 def test_the_broker_refuses_deep_nesting_too(start_site, start_broker, token) -> None:
-    broker = start_broker({"s0": start_site()})
+    broker = start_broker({"s0": start_site(name="s0")})
     with Client(broker.target, token=token(), retries=0) as c, pytest.raises(InvalidQuery, match="nested too deeply"):
         c.query(NESTED, epsilon=0.1)
 

@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from fractions import Fraction
+from pathlib import Path
 
 import duckdb
 import grpc
@@ -29,9 +30,10 @@ from gateway.errors import (
     PermissionDenied,
     QueryIdConflict,
 )
+from gateway.proof import ProofKey
 from tests.helpers.data import copy_data, exact
 from tests.helpers.policies import dump_policy, example_policy, for_tests, with_column, with_dataset, write_policy
-from tests.helpers.servers import ExactNoise, client
+from tests.helpers.servers import ExactNoise, client, signed
 from tests.helpers.tokens import DROP, claims, craft, hs256, load_private, sign, tamper_signature
 
 
@@ -176,10 +178,17 @@ def test_64_concurrent_queries_against_a_budget_for_10(start_site, token):
 
 
 def _status(call, request, token=None):
+    """Call with ``token`` and a valid proof of possession for the test site; the status it fails with."""
     metadata = [("authorization", f"Bearer {token}")] if token else []
     with pytest.raises(grpc.RpcError) as err:
-        call(request, metadata=metadata, timeout=10)
+        call(_signed(request, token), metadata=metadata, timeout=10)
     return err.value.code(), err.value.details()
+
+
+def _signed(request, token):
+    copy = type(request)()
+    copy.CopyFrom(request)
+    return signed(copy, token, ["north"]) if token else copy
 
 
 BAD_QUERIES = [
@@ -227,7 +236,7 @@ def test_bad_queries_get_clear_status_and_no_charge(start_site, stub_for, token,
     stub = stub_for(site)
     t = token()
     if code is None:  # an injection string is just a value: answered, matching nothing, and charged normally
-        stub.Query(request_, metadata=[("authorization", f"Bearer {t}")], timeout=10)
+        stub.Query(_signed(request_, t), metadata=[("authorization", f"Bearer {t}")], timeout=10)
         return
     got_code, details = _status(stub.Query, request_, t)
     assert got_code == code, details
@@ -298,16 +307,18 @@ def test_audit_log_records_every_query_without_values(start_site, token):
             c.query("SELECT count(*) FROM patients WHERE x = 1")
     path = site.state.audit.path
     check = audit.verify(path)
-    assert check.ok and check.records == 2
+    assert check.ok and check.records == 3
     records = audit.tail(path)
-    assert [r["outcome"] for r in records] == ["ok", "invalid"]
+    # the client's first call learns the site's name to sign its proofs for
+    assert [r["outcome"] for r in records] == ["proof_required", "ok", "invalid"]
     text = path.read_text()
     assert str(result.response.rows[0].estimates[0].value) not in text
 
 
 def _on_site(**overrides):
     """Claims for a project the test policy gives a budget, with ``overrides``."""
-    return claims(**{"project": "onc-test", **overrides})
+    jkt = ProofKey.load(Path(os.environ["GATEWAY_PROOF_KEY"])).jkt
+    return claims(**{"project": "onc-test", "cnf": {"jkt": jkt}, **overrides})
 
 
 @pytest.mark.parametrize("case", ["expired", "not_yet_valid", "wrong_issuer", "wrong_audience", "no_sub",
@@ -334,7 +345,7 @@ def test_jwt_rejections_through_the_server(start_site, stub_for, keys, case):
     }
     site = start_site()
     stub = stub_for(site)
-    ok = stub.Query(pb.QueryRequest(sql="SELECT count(*) FROM patients", epsilon=0.1),
+    ok = stub.Query(_signed(pb.QueryRequest(sql="SELECT count(*) FROM patients", epsilon=0.1), good),
                     metadata=[("authorization", f"Bearer {good}")], timeout=10)
     assert ok.epsilon_charged == pytest.approx(0.1)  # the same claims with a valid signature are accepted
     spent = site.state.ledger.total_spent()

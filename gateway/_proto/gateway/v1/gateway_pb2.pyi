@@ -20,8 +20,17 @@ class Value(_message.Message):
     def __init__(self, int_value: _Optional[int] = ..., double_value: _Optional[float] = ..., string_value: _Optional[str] = ..., bool_value: _Optional[bool] = ...) -> None: ...
 
 class ListDatasetsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("proofs",)
+    class ProofsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    PROOFS_FIELD_NUMBER: _ClassVar[int]
+    proofs: _containers.ScalarMap[str, str]
+    def __init__(self, proofs: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Column(_message.Message):
     __slots__ = ("name", "type", "roles", "has_bounds", "lower", "upper", "public_keys", "description")
@@ -158,7 +167,14 @@ class TemplateCall(_message.Message):
     def __init__(self, name: _Optional[str] = ..., params: _Optional[_Mapping[str, Value]] = ...) -> None: ...
 
 class QueryRequest(_message.Message):
-    __slots__ = ("query_id", "structured", "sql", "template", "epsilon", "delta", "dry_run", "sites")
+    __slots__ = ("query_id", "structured", "sql", "template", "epsilon", "delta", "dry_run", "sites", "proofs")
+    class ProofsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     QUERY_ID_FIELD_NUMBER: _ClassVar[int]
     STRUCTURED_FIELD_NUMBER: _ClassVar[int]
     SQL_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +183,7 @@ class QueryRequest(_message.Message):
     DELTA_FIELD_NUMBER: _ClassVar[int]
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
     SITES_FIELD_NUMBER: _ClassVar[int]
+    PROOFS_FIELD_NUMBER: _ClassVar[int]
     query_id: str
     structured: StructuredQuery
     sql: str
@@ -175,7 +192,8 @@ class QueryRequest(_message.Message):
     delta: float
     dry_run: bool
     sites: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, query_id: _Optional[str] = ..., structured: _Optional[_Union[StructuredQuery, _Mapping]] = ..., sql: _Optional[str] = ..., template: _Optional[_Union[TemplateCall, _Mapping]] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., dry_run: _Optional[bool] = ..., sites: _Optional[_Iterable[str]] = ...) -> None: ...
+    proofs: _containers.ScalarMap[str, str]
+    def __init__(self, query_id: _Optional[str] = ..., structured: _Optional[_Union[StructuredQuery, _Mapping]] = ..., sql: _Optional[str] = ..., template: _Optional[_Union[TemplateCall, _Mapping]] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., dry_run: _Optional[bool] = ..., sites: _Optional[_Iterable[str]] = ..., proofs: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Estimate(_message.Message):
     __slots__ = ("aggregate", "value", "std_error", "noise_scale", "ci_low", "ci_high", "suppressed", "clamped", "mechanism", "epsilon", "ci_half_width", "function", "components", "has_bounds", "lower", "upper", "values", "shape", "std_errors", "ci_lows", "ci_highs")
@@ -318,10 +336,19 @@ class QueryResponse(_message.Message):
     def __init__(self, query_id: _Optional[str] = ..., dataset: _Optional[str] = ..., group_by: _Optional[_Iterable[str]] = ..., aggregates: _Optional[_Iterable[str]] = ..., rows: _Optional[_Iterable[_Union[ResultRow, _Mapping]]] = ..., epsilon_charged: _Optional[float] = ..., budget_remaining: _Optional[float] = ..., cached: _Optional[bool] = ..., dry_run: _Optional[bool] = ..., canonical_hash: _Optional[str] = ..., canonical_query: _Optional[str] = ..., served_by: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ..., suppression_min_count: _Optional[int] = ..., site_answers: _Optional[_Iterable[_Union[SiteAnswer, _Mapping]]] = ..., missing_sites: _Optional[_Iterable[_Union[MissingSite, _Mapping]]] = ..., sites: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetBudgetRequest(_message.Message):
-    __slots__ = ("dataset",)
+    __slots__ = ("dataset", "proofs")
+    class ProofsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     DATASET_FIELD_NUMBER: _ClassVar[int]
+    PROOFS_FIELD_NUMBER: _ClassVar[int]
     dataset: str
-    def __init__(self, dataset: _Optional[str] = ...) -> None: ...
+    proofs: _containers.ScalarMap[str, str]
+    def __init__(self, dataset: _Optional[str] = ..., proofs: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Budget(_message.Message):
     __slots__ = ("dataset", "project", "limit", "spent", "remaining", "period", "resets_at", "site", "limit_exact", "spent_exact", "remaining_exact", "population", "datasets")
