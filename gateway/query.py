@@ -123,6 +123,11 @@ def check_query(query: Query, policy: Policy) -> Query:
     dataset = dataset_of(policy, query.dataset)
     if not query.aggregates:
         raise InvalidQuery(f"a query needs at least one aggregate: {supported_aggregates()}")
+    # the sizes first: each is one comparison, before any work that grows with them
+    if len(query.aggregates) > MAX_AGGREGATES:
+        raise InvalidQuery(f"the query has {len(query.aggregates)} aggregates; at most {MAX_AGGREGATES} are allowed")
+    if len(query.filters) > MAX_FILTERS:
+        raise InvalidQuery(f"the query has {len(query.filters)} filters; at most {MAX_FILTERS} are allowed")
     if len(set(query.aggregates)) != len(query.aggregates):
         raise InvalidQuery("an aggregate is repeated; ask for each aggregate once")
     for agg in query.aggregates:
@@ -134,10 +139,6 @@ def check_query(query: Query, policy: Policy) -> Query:
         cells *= len(_column(dataset, name, "group_by", query.dataset).group_keys)
     if cells > MAX_CELLS:
         raise InvalidQuery(f"the group-by has {cells} groups; at most {MAX_CELLS} are allowed")
-    if len(query.filters) > MAX_FILTERS:
-        raise InvalidQuery(f"the query has {len(query.filters)} filters; at most {MAX_FILTERS} are allowed")
-    if len(query.aggregates) > MAX_AGGREGATES:
-        raise InvalidQuery(f"the query has {len(query.aggregates)} aggregates; at most {MAX_AGGREGATES} are allowed")
     filters = tuple(_check_filter(f, dataset, query.dataset) for f in query.filters)
     values = sum(len(f.values) for f in filters)
     if values > MAX_VALUES:
