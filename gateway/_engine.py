@@ -18,7 +18,7 @@ import re
 import secrets
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,10 +53,11 @@ class ExactResult:
 
 @dataclass
 class _Prepared:
-    relation: str
+    relation: str  # what aggregates read: at most k rows per unit
     fingerprint: tuple[object, ...]
     bounded: bool
     rows: int
+    every_row: str  # what cohorts read: every row, NaN as NULL (the relation itself when unbounded)
 
 
 def quote(name: str) -> str:
@@ -98,7 +99,10 @@ class Engine:
         dataset = self._loaded.policy.datasets[query.dataset]
         prepared = self._ensure(query.dataset)
         _check_fits(query, dataset, prepared.rows)
-        sql, params, groups = build_sql(query, dataset, prepared.relation)
+        cohorts = {f.cohort.dataset: (self._loaded.policy.datasets[f.cohort.dataset].privacy_unit,
+                                      self._ensure(f.cohort.dataset).every_row)
+                   for f in query.filters if f.cohort is not None}
+        sql, params, groups = build_sql(query, dataset, prepared.relation, cohorts)
         try:
             rows = self._con.cursor().execute(sql, params).fetchall()
         except duckdb.Error as err:
@@ -182,17 +186,20 @@ class Engine:
                 # the policy's bounds keep sums inside 64 bits only up to this many rows
                 raise FailedPrecondition(f"dataset {name!r} has more than 2^31 rows, more than the site can sum "
                                          "exactly; ask the site operator")
+            every_row = source if projected == columns else f"(SELECT {unit}, {projected} FROM {source})"
+            if dataset.privacy_unit in dataset.columns and projected != columns:
+                every_row = f"(SELECT {projected} FROM {source})"
             if unique:
-                relation = source if projected == columns else f"(SELECT {unit}, {projected} FROM {source})"
-                return _Prepared(relation, fingerprint, bounded=False, rows=rows)
+                return _Prepared(every_row, fingerprint, bounded=False, rows=rows, every_row=every_row)
             snapshot = quote(f"bounded_{name}")
+            keep_unit = "" if dataset.privacy_unit in dataset.columns else f"{unit}, "  # cohort filters test it
             self._con.execute(
-                f"CREATE OR REPLACE TABLE {snapshot} AS SELECT {projected} FROM ("
-                f" SELECT {columns}, row_number() OVER (PARTITION BY {unit}"
+                f"CREATE OR REPLACE TABLE {snapshot} AS SELECT {keep_unit}{projected} FROM ("
+                f" SELECT {keep_unit}{columns}, row_number() OVER (PARTITION BY {unit}"
                 f" ORDER BY hash(?::BIGINT, {unit}, {columns})) AS _rank"
                 f" FROM {source} WHERE {unit} IS NOT NULL) WHERE _rank <= ?",
                 [self._seed, dataset.max_rows_per_unit])
-            return _Prepared(snapshot, fingerprint, bounded=True, rows=rows)
+            return _Prepared(snapshot, fingerprint, bounded=True, rows=rows, every_row=every_row)
         except duckdb.Error as err:
             # DuckDB's message can quote data values: it goes to the site's log, never to the caller
             log.error("loading dataset %s failed: %s", name, _without_values(err))
@@ -275,17 +282,20 @@ def _site_seed(workdir: Path | None) -> bytes:
     return path.read_bytes()
 
 
-def build_sql(query: Query, dataset: Dataset,
-              relation: str) -> tuple[str, list[object], tuple[tuple[Scalar, ...], ...]]:
+def build_sql(query: Query, dataset: Dataset, relation: str,
+              cohorts: Mapping[str, tuple[str, str]] | None = None
+              ) -> tuple[str, list[object], tuple[tuple[Scalar, ...], ...]]:
     """One statement for ``query``: clamped fixed-point aggregates, grouped by the group-by columns.
 
-    Returns the SQL, its bound parameters and the public group keys in answer order. Groups whose
-    key is not public are computed but never leave the engine (see :meth:`Engine.run`).
+    ``cohorts``: per dataset a cohort filter reads, its privacy-unit column and the relation of all
+    its rows. Returns the SQL, its bound parameters and the public group keys in answer order.
+    Groups whose key is not public are computed but never leave the engine (see :meth:`Engine.run`).
     """
     params: list[object] = []  # bound in the order the statement names them: groups, aggregates, filters
     keys = [k for name in query.group_by for k in _group_sql(name, dataset.columns[name], params)]
     exprs = [e for a in query.aggregates for e in _aggregate_sql(a, dataset, params)]
-    where = [_filter_sql(f, params) for f in query.filters]
+    where = [_cohort_sql(f, (cohorts or {})[f.cohort.dataset], params) if f.cohort is not None
+             else _filter_sql(f, params) for f in query.filters]
     where_sql = f" WHERE {' AND '.join(where)}" if where else ""
     if not query.group_by:
         return f"SELECT {', '.join(exprs)} FROM {relation}{where_sql}", params, ((),)
@@ -368,6 +378,18 @@ def _fixed_point(name: str, column: Column, params: list[object]) -> str:
     params += [low, low, high, high]
     # CASE rather than least/greatest: same result, about twice as fast in DuckDB
     return f"CAST(CASE WHEN {value} < ? THEN ? WHEN {value} > ? THEN ? ELSE {value} END AS BIGINT)"
+
+
+def _cohort_sql(f: Filter, source: tuple[str, str], params: list[object]) -> str:
+    """Membership of the row's unit in the units with a matching row in the cohort's dataset.
+
+    NULL units are kept out of the list (``NOT IN`` a list holding NULL matches nothing).
+    """
+    assert f.cohort is not None
+    unit, relation = source
+    conditions = [f"{quote(unit)} IS NOT NULL", *(_filter_sql(g, params) for g in f.cohort.filters)]
+    return (f"{quote(f.column)} {f.op.upper()} (SELECT {quote(unit)} FROM {relation} "
+            f"WHERE {' AND '.join(conditions)})")
 
 
 def _filter_sql(f: Filter, params: list[object]) -> str:

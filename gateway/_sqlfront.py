@@ -17,11 +17,12 @@ from sqlglot.tokenizer_core import Token
 from .aggregates import BY_SQL_NAME, sql_forms
 from .answers import Scalar
 from .errors import InvalidQuery
-from .query import Aggregate, Filter, Query
+from .query import Aggregate, Cohort, Filter, Query
 
 SUPPORTED = (f"supported: SELECT <{' | '.join(sql_forms())}, group-by columns> "
              "FROM <dataset> [WHERE <col> <op> <value> [AND ...]] [GROUP BY <col>, ...]; "
-             "ops: =, !=, <, <=, >, >=, IN (...), NOT IN (...), BETWEEN a AND b")
+             "ops: =, !=, <, <=, >, >=, IN (...), NOT IN (...), BETWEEN a AND b; cohorts: "
+             "<patient id> [NOT] IN (SELECT <patient id> FROM <dataset> [WHERE <conditions>])")
 _COMPARISONS: dict[type[exp.Expression], str] = {
     exp.EQ: "=", exp.NEQ: "!=", exp.LT: "<", exp.LTE: "<=", exp.GT: ">", exp.GTE: ">=",
 }
@@ -82,15 +83,29 @@ def _first_line(err: Exception) -> str:
     return str(err).splitlines()[0][:200]
 
 
-def _reject_unsupported(select: exp.Select) -> None:
-    for node in select.walk():
+def _is_cohort(node: exp.Expr) -> bool:
+    """A subquery that is the list of an IN: a cohort, checked on its own (:meth:`_Converter._cohort`)."""
+    return isinstance(node, exp.Subquery) and isinstance(node.parent, exp.In) and node.arg_key == "query"
+
+
+def _reject_unsupported(select: exp.Select, cohort: bool = False) -> None:
+    for node in select.walk(prune=lambda n: _is_cohort(n) and not cohort):
+        if _is_cohort(node):
+            if cohort:
+                raise InvalidQuery(f"a cohort's conditions cannot hold another cohort; {SUPPORTED}")
+            inner = node.this
+            if not isinstance(inner, exp.Select) or any(inner.args.get(k) for k in ("group",)):
+                raise InvalidQuery(f"a cohort is SELECT <patient id> FROM <dataset> [WHERE ...]; {SUPPORTED}")
+            _reject_unsupported(inner, cohort=True)
+            continue
         if node.comments:
             raise InvalidQuery(f"SQL comments are not allowed; {SUPPORTED}")
         for kind in _FORBIDDEN:
             if isinstance(node, kind):
                 raise InvalidQuery(f"{kind.__name__.upper()} is not supported; {SUPPORTED}")
         if isinstance(node, exp.Select) and node is not select:
-            raise InvalidQuery(f"subqueries are not supported; {SUPPORTED}")
+            raise InvalidQuery(f"subqueries are not supported (except a cohort: <patient id> IN (SELECT ...)); "
+                               f"{SUPPORTED}")
     if select.args.get("joins"):
         raise InvalidQuery(f"joins are not supported; {SUPPORTED}")
     extra = sorted(k for k, v in select.args.items() if v and k not in _SELECT_PARTS)
@@ -183,7 +198,7 @@ class _Converter:
 
     def _in(self, node: exp.In, op: str) -> Filter:
         if node.args.get("query") is not None:
-            raise InvalidQuery(f"subqueries are not supported; {SUPPORTED}")
+            return Filter(self._column(node.this), op, (), self._cohort(node.args["query"].this))
         field = node.args.get("field")
         if field is not None and not isinstance(field, exp.Placeholder):
             raise InvalidQuery(f"IN needs a parenthesised list of values or a :list parameter; {SUPPORTED}")
@@ -195,6 +210,16 @@ class _Converter:
         else:
             values = tuple(self._scalar(v) for v in node.expressions)
         return Filter(self._column(node.this), op, values)
+
+    def _cohort(self, select: exp.Select) -> Cohort:
+        """``SELECT <patient id> FROM <dataset> [WHERE ...]``: the unit is checked against the policy later."""
+        if len(select.expressions) != 1 or not isinstance(select.expressions[0], exp.Column):
+            raise InvalidQuery(f"a cohort selects one column, the patient id: SELECT <patient id> FROM <dataset>; "
+                               f"{SUPPORTED}")
+        selected = self._column(select.expressions[0])
+        where = select.args.get("where")
+        cohort = Cohort(self._dataset(select), tuple(self._filters(where.this)) if where is not None else ())
+        return Cohort(cohort.dataset, cohort.filters, selected)
 
     def _scalar(self, node: exp.Expression) -> Scalar:
         if isinstance(node, exp.Placeholder):

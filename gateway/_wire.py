@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from ._proto.gateway.v1 import gateway_pb2 as pb
 from .answers import Estimate, Part, Row, Scalar
 from .errors import InvalidQuery
-from .query import Aggregate, Filter, Query
+from .query import Aggregate, Cohort, Filter, Query
 
 
 def to_scalar(value: pb.Value) -> Scalar:
@@ -45,9 +45,26 @@ def from_structured(message: pb.StructuredQuery) -> Query:
     aggregates = tuple(Aggregate(a.function.strip().lower(), a.column or None, tuple(a.more_columns),
                                  tuple(sorted((k, to_scalar(v)) for k, v in a.params.items())))
                        for a in message.aggregates)
-    filters = tuple(Filter(f.column, f.op.strip().lower(), tuple(to_scalar(v) for v in f.values))
-                    for f in message.filters)
-    return Query(message.dataset, aggregates, tuple(message.group_by), filters)
+    return Query(message.dataset, aggregates, tuple(message.group_by), tuple(_filter(f) for f in message.filters))
+
+
+def _filter(message: pb.Filter, depth: int = 0) -> Filter:
+    cohort = None
+    if message.HasField("cohort"):
+        if depth:
+            raise InvalidQuery("a cohort's conditions cannot hold another cohort")
+        if not message.cohort.dataset:
+            raise InvalidQuery("a cohort filter needs the cohort's dataset")
+        cohort = Cohort(message.cohort.dataset, tuple(_filter(f, depth + 1) for f in message.cohort.filters))
+    return Filter(message.column, message.op.strip().lower(), tuple(to_scalar(v) for v in message.values), cohort)
+
+
+def _filter_to_wire(f: Filter) -> pb.Filter:
+    message = pb.Filter(column=f.column, op=f.op, values=[to_value(v) for v in f.values])
+    if f.cohort is not None:
+        message.cohort.dataset = f.cohort.dataset
+        message.cohort.filters.extend(_filter_to_wire(g) for g in f.cohort.filters)
+    return message
 
 
 def to_structured(query: Query) -> pb.StructuredQuery:
@@ -57,7 +74,7 @@ def to_structured(query: Query) -> pb.StructuredQuery:
         aggregates=[pb.Aggregate(function=a.function, column=a.column or "", more_columns=a.more_columns,
                                  params={k: to_value(v) for k, v in a.params}) for a in query.aggregates],
         group_by=list(query.group_by),
-        filters=[pb.Filter(column=f.column, op=f.op, values=[to_value(v) for v in f.values]) for f in query.filters])
+        filters=[_filter_to_wire(f) for f in query.filters])
 
 
 def rows_to_wire(rows: Iterable[Row], group_by: tuple[str, ...]) -> list[pb.ResultRow]:

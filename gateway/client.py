@@ -164,7 +164,9 @@ class Client:
         """Run one query, given as SQL, a structured mapping or an approved template with params.
 
         ``structured`` looks like ``{"dataset": "patients", "aggregates": ["count", ("mean", "age")],
-        "group_by": ["stage"], "filters": [("sex", "=", "F")]}``. ``epsilon=0`` uses the policy default.
+        "group_by": ["stage"], "filters": [("sex", "=", "F")]}``; a cohort filter is
+        ``("patient_id", "in", {"dataset": "treatments", "filters": [("treatment_type", "=", "surgery")]})``
+        (or ``"not in"``). ``epsilon=0`` uses the policy default.
         """
         request = pb.QueryRequest(query_id=query_id or uuid.uuid4().hex, epsilon=epsilon, dry_run=dry_run,
                                   sites=list(sites))
@@ -221,7 +223,15 @@ def structured_message(spec: StructuredSpec) -> pb.StructuredQuery:
     for agg in spec.get("aggregates", ()):
         function, column = (agg, "") if isinstance(agg, str) else agg
         message.aggregates.add(function=function, column=column)
-    for column, op, value in spec.get("filters", ()):
-        values = value if isinstance(value, list | tuple) else [value]
-        message.filters.add(column=column, op=op, values=[to_value(v) for v in values])
+    for f in spec.get("filters", ()):
+        message.filters.append(_filter_message(*f))
     return message
+
+
+def _filter_message(column: str, op: str, value: Any) -> pb.Filter:
+    """``(column, op, value)``; a cohort is ``("patient_id", "in", {"dataset": "treatments", "filters": [...]})``."""
+    if isinstance(value, Mapping):
+        cohort = pb.Cohort(dataset=value["dataset"], filters=[_filter_message(*f) for f in value.get("filters", ())])
+        return pb.Filter(column=column, op=op, cohort=cohort)
+    values = value if isinstance(value, list | tuple) else [value]
+    return pb.Filter(column=column, op=op, values=[to_value(v) for v in values])

@@ -4,6 +4,11 @@ Every way of asking (structured message, SQL string, approved template) becomes 
 :class:`Query`. :func:`check_query` holds it against the site policy; :meth:`Query.canonical`
 gives the normalised text (sorted filters and value lists, ``=``/``!=`` folded into IN/NOT IN)
 whose SHA-256 is used for caching, idempotency and the audit log.
+
+A cohort filter keeps the patients who have (``in``) or have not (``not in``) at least one row
+matching conditions in another dataset of the same population: the privacy unit ``IN (SELECT
+<unit> FROM <dataset> WHERE ...)``. It decides, per patient, from that patient's own rows only,
+so the query's sensitivity does not change.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ MAX_LIST = 1_000
 MAX_FILTERS = 64
 MAX_VALUES = 10_000
 MAX_AGGREGATES = 32
+MAX_COHORTS = 8
 _INT64 = 1 << 63
 
 
@@ -56,12 +62,34 @@ class Aggregate:
 
 
 @dataclass(frozen=True)
+class Cohort:
+    """The patients with at least one row of ``dataset`` that matches every one of ``filters``."""
+
+    dataset: str
+    filters: tuple[Filter, ...] = ()
+    selects: str = ""  # the column the SQL form selects ("" from the structured form): the privacy unit
+
+    def normalised(self) -> Cohort:
+        """Same cohort, its filters in normal form."""
+        return Cohort(self.dataset, _normal_filters(self.filters), self.selects)
+
+    def describe(self) -> dict[str, object]:
+        """The cohort in the canonical form's terms."""
+        return {"dataset": self.dataset, "filters": [_filter_text(f) for f in self.filters]}
+
+
+@dataclass(frozen=True)
 class Filter:
-    """A condition on a filter-role column; values are always bound, never spliced into SQL."""
+    """A condition on a filter-role column; values are always bound, never spliced into SQL.
+
+    With ``cohort``, the condition is membership (``op`` ``in`` / ``not in``) of the privacy unit
+    in that cohort, and ``values`` is empty.
+    """
 
     column: str
     op: str
     values: tuple[Scalar, ...]
+    cohort: Cohort | None = None
 
 
 @dataclass(frozen=True)
@@ -75,15 +103,7 @@ class Query:
 
     def normalised(self) -> Query:
         """Same meaning, normal form: folded operators, sorted distinct IN lists, sorted filters."""
-        filters = []
-        for f in self.filters:
-            op = _FOLD.get(f.op, f.op)
-            values = f.values
-            if op in ("in", "not in"):
-                values = tuple(sorted(set(values), key=_sort_key))
-            filters.append(Filter(f.column, op, values))
-        filters.sort(key=lambda f: (f.column, f.op, [_sort_key(v) for v in f.values]))
-        return Query(self.dataset, self.aggregates, self.group_by, tuple(dict.fromkeys(filters)))
+        return Query(self.dataset, self.aggregates, self.group_by, _normal_filters(self.filters))
 
     def canonical(self, epsilon: Fraction) -> str:
         """Stable text of the normalised query and its resolved privacy loss."""
@@ -92,13 +112,33 @@ class Query:
             "dataset": q.dataset,
             "aggregates": [a.label for a in q.aggregates],
             "group_by": list(q.group_by),
-            "filters": [[f.column, f.op, [_typed(v) for v in f.values]] for f in q.filters],
+            "filters": [_filter_text(f) for f in q.filters],
             "epsilon": f"{epsilon.numerator}/{epsilon.denominator}",
         }, separators=(",", ":"), sort_keys=True)
 
     def canonical_hash(self, epsilon: Fraction) -> str:
         """Hex SHA-256 of :meth:`canonical`."""
         return hashlib.sha256(self.canonical(epsilon).encode()).hexdigest()
+
+
+def _normal_filters(filters: tuple[Filter, ...]) -> tuple[Filter, ...]:
+    normal = []
+    for f in filters:
+        op = _FOLD.get(f.op, f.op)
+        values = f.values
+        if op in ("in", "not in"):
+            values = tuple(sorted(set(values), key=_sort_key))
+        normal.append(Filter(f.column, op, values, f.cohort.normalised() if f.cohort is not None else None))
+    # the order plain filters always had (stored answers are found by this text), cohorts after their peers
+    normal.sort(key=lambda f: (f.column, f.op, [_sort_key(v) for v in f.values],
+                               json.dumps(f.cohort.describe(), sort_keys=True) if f.cohort is not None else ""))
+    return tuple(dict.fromkeys(normal))
+
+
+def _filter_text(f: Filter) -> list[object]:
+    """A filter in the canonical form (a plain filter's text is unchanged by cohorts' arrival)."""
+    text: list[object] = [f.column, f.op, [_typed(v) for v in f.values]]
+    return [*text, f.cohort.describe()] if f.cohort is not None else text
 
 
 def _sort_key(value: Scalar) -> tuple[str, str]:
@@ -126,8 +166,12 @@ def check_query(query: Query, policy: Policy) -> Query:
     # the sizes first: each is one comparison, before any work that grows with them
     if len(query.aggregates) > MAX_AGGREGATES:
         raise InvalidQuery(f"the query has {len(query.aggregates)} aggregates; at most {MAX_AGGREGATES} are allowed")
-    if len(query.filters) > MAX_FILTERS:
-        raise InvalidQuery(f"the query has {len(query.filters)} filters; at most {MAX_FILTERS} are allowed")
+    cohorts = [f.cohort for f in query.filters if f.cohort is not None]
+    total = len(query.filters) + sum(len(c.filters) for c in cohorts)
+    if total > MAX_FILTERS:
+        raise InvalidQuery(f"the query has {total} filters; at most {MAX_FILTERS} are allowed")
+    if len(cohorts) > MAX_COHORTS:
+        raise InvalidQuery(f"the query has {len(cohorts)} cohort filters; at most {MAX_COHORTS} are allowed")
     if len(set(query.aggregates)) != len(query.aggregates):
         raise InvalidQuery("an aggregate is repeated; ask for each aggregate once")
     for agg in query.aggregates:
@@ -139,8 +183,10 @@ def check_query(query: Query, policy: Policy) -> Query:
         cells *= len(_column(dataset, name, "group_by", query.dataset).group_keys)
     if cells > MAX_CELLS:
         raise InvalidQuery(f"the group-by has {cells} groups; at most {MAX_CELLS} are allowed")
-    filters = tuple(_check_filter(f, dataset, query.dataset) for f in query.filters)
-    values = sum(len(f.values) for f in filters)
+    filters = tuple(_check_cohort(f, dataset, query.dataset, policy) if f.cohort is not None
+                    else _check_filter(f, dataset, query.dataset) for f in query.filters)
+    values = sum(len(f.values) for f in filters) + sum(len(g.values) for f in filters if f.cohort is not None
+                                                        for g in f.cohort.filters)
     if values > MAX_VALUES:
         raise InvalidQuery(f"the filters hold {values} values; at most {MAX_VALUES} are allowed in one query")
     return Query(query.dataset, query.aggregates, query.group_by, filters).normalised()
@@ -181,6 +227,34 @@ def _check_filter(f: Filter, dataset: Dataset, name: str) -> Filter:
     elif len(values) != 1:
         raise InvalidQuery(f"{op} on {f.column!r} needs exactly one value")
     return Filter(f.column, op, values)
+
+
+def _check_cohort(f: Filter, dataset: Dataset, name: str, policy: Policy) -> Filter:
+    """A cohort filter: membership of the privacy unit in patients of the same population.
+
+    Access to the cohort's dataset is the caller's to check (the site does, before this).
+    """
+    assert f.cohort is not None
+    cohort = f.cohort
+    op = _FOLD.get(f.op.lower(), f.op.lower())
+    if op not in ("in", "not in") or f.values:
+        raise InvalidQuery(f"a cohort filter is {dataset.privacy_unit} IN (SELECT ...) or NOT IN (SELECT ...), "
+                           "with no other values")
+    if f.column != dataset.privacy_unit:
+        raise InvalidQuery(f"a cohort filter tests the privacy unit: {dataset.privacy_unit} IN (SELECT "
+                           f"{dataset.privacy_unit} FROM ...), not {f.column!r}")
+    inner = dataset_of(policy, cohort.dataset)
+    if inner.population_name != dataset.population_name:
+        raise PolicyViolation("cohort", f"dataset {cohort.dataset!r} holds other patients than {name!r} (population "
+                                        f"{inner.population_name!r}, not {dataset.population_name!r}); a cohort "
+                                        "comes from a dataset of the same population")
+    if cohort.selects not in ("", inner.privacy_unit):
+        raise InvalidQuery(f"a cohort selects the patient id of {cohort.dataset!r}: SELECT {inner.privacy_unit} "
+                           f"FROM {cohort.dataset}, not {cohort.selects!r}")
+    if any(g.cohort is not None for g in cohort.filters):
+        raise InvalidQuery("a cohort's conditions cannot hold another cohort")
+    filters = tuple(_check_filter(g, inner, cohort.dataset) for g in cohort.filters)
+    return Filter(dataset.privacy_unit, op, (), Cohort(cohort.dataset, filters, inner.privacy_unit))
 
 
 def _order(value: Scalar) -> tuple[int, float | str]:

@@ -182,7 +182,9 @@ REJECTED = [
     # subqueries
     ("SELECT count(*) FROM (SELECT * FROM patients)", "SUBQUERY is not supported"),
     ("SELECT count(*) FROM (patients)", "SUBQUERY is not supported"),
-    ("SELECT count(*) FROM patients WHERE age IN (SELECT age FROM treatments)", "SUBQUERY is not supported"),
+    ("SELECT count(*) FROM patients WHERE age > (SELECT age FROM treatments)", "SUBQUERY is not supported"),
+    ("SELECT count(*) FROM patients WHERE age IN (SELECT age FROM t WHERE x IN (SELECT y FROM u))",
+     "cannot hold another cohort"),
     ("SELECT count(*) FROM patients WHERE age = ANY (SELECT 1)", "SUBQUERY is not supported"),
     ("SELECT count(*) FROM patients WHERE EXISTS (SELECT 1 FROM treatments)", "subqueries are not supported"),
     # set operations

@@ -193,6 +193,9 @@ class Pipeline:
         """
         parsed = parse(request, policy, identity)
         may_query(policy, identity, parsed.dataset)  # before any message can describe the dataset
+        for f in parsed.filters:  # and every dataset a cohort comes from
+            if f.cohort is not None:
+                may_query(policy, identity, f.cohort.dataset)
         query = check_query(parsed, policy)
         trace["dataset"] = query.dataset
         checked = check(request, query, identity, policy, now)

@@ -41,7 +41,7 @@ PATIENT = 1_000_000
 SEED = b"audit-17"
 COLUMNS = """\
     columns:
-      g: {type: integer, roles: [group_by], keys: [1, 2, 3]}
+      g: {type: integer, roles: [group_by, filter], keys: [1, 2, 3]}
       x: {type: float, roles: [aggregate], bounds: [-2.5, 1.25], precision: 0}
       z: {type: float, roles: [aggregate], bounds: [0, 2.5], precision: 0}
 """

@@ -45,6 +45,10 @@ FORMS = {  # one row per patient, or bounded by the engine to K rows per patient
     "per-patient-grouped": "SELECT g, {} FROM patients GROUP BY g",
     f"bounded-k{K}": "SELECT {} FROM visits",
     f"bounded-k{K}-grouped": "SELECT g, {} FROM visits GROUP BY g",
+    # cohort filters decide per patient from the patient's own rows elsewhere: no change in sensitivity
+    f"bounded-k{K}-cohort": "SELECT {} FROM visits WHERE pid IN (SELECT pid FROM patients WHERE g IN (1, 2, 3))",
+    f"bounded-k{K}-not-in-cohort": "SELECT g, {} FROM visits WHERE pid NOT IN (SELECT pid FROM patients WHERE g = 4) "
+                                   "GROUP BY g",
 }
 CASES = [pytest.param(kind, form, id=f"{kind}-{form}") for form in FORMS for kind in KINDS]
 

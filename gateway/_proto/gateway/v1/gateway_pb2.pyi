@@ -130,14 +130,24 @@ class Aggregate(_message.Message):
     def __init__(self, function: _Optional[str] = ..., column: _Optional[str] = ..., more_columns: _Optional[_Iterable[str]] = ..., params: _Optional[_Mapping[str, Value]] = ...) -> None: ...
 
 class Filter(_message.Message):
-    __slots__ = ("column", "op", "values")
+    __slots__ = ("column", "op", "values", "cohort")
     COLUMN_FIELD_NUMBER: _ClassVar[int]
     OP_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
+    COHORT_FIELD_NUMBER: _ClassVar[int]
     column: str
     op: str
     values: _containers.RepeatedCompositeFieldContainer[Value]
-    def __init__(self, column: _Optional[str] = ..., op: _Optional[str] = ..., values: _Optional[_Iterable[_Union[Value, _Mapping]]] = ...) -> None: ...
+    cohort: Cohort
+    def __init__(self, column: _Optional[str] = ..., op: _Optional[str] = ..., values: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., cohort: _Optional[_Union[Cohort, _Mapping]] = ...) -> None: ...
+
+class Cohort(_message.Message):
+    __slots__ = ("dataset", "filters")
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    FILTERS_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    filters: _containers.RepeatedCompositeFieldContainer[Filter]
+    def __init__(self, dataset: _Optional[str] = ..., filters: _Optional[_Iterable[_Union[Filter, _Mapping]]] = ...) -> None: ...
 
 class StructuredQuery(_message.Message):
     __slots__ = ("dataset", "aggregates", "group_by", "filters")
