@@ -1,9 +1,13 @@
 """JWT authentication with PyJWT (DESIGN §9).
 
-Tokens are verified against configured public keys (PEM files or a JWKS file); algorithms are
-pinned to asymmetric ones per key type, so ``alg: none`` and HMAC-with-a-public-key cannot pass.
-``exp``, ``nbf``, ``iss`` and ``aud`` are checked with a small leeway; ``sub``, ``project`` and
-``role`` must be present. Callers learn only "invalid credentials"; the log says why.
+Tokens are verified against configured public keys (PEM files, a JWKS file, or an identity
+provider's JWKS URL, cached and rotated by :mod:`._jwks`); algorithms are pinned to asymmetric
+ones per key type, so ``alg: none`` and HMAC-with-a-public-key cannot pass. ``exp``, ``nbf``,
+``iss`` and ``aud`` are checked with a small leeway; ``exp``, ``iat`` and ``nbf`` must be JSON
+numbers; a token may live at most ``max_lifetime`` (``exp - iat``, or ``exp - now`` without
+``iat``); ``sub``, ``project`` and ``role`` must be present. Callers learn only "invalid
+credentials"; the log says why. A call made while the identity provider's keys have never
+been fetched is UNAVAILABLE, not UNAUTHENTICATED: the token may well be good.
 """
 
 from __future__ import annotations
@@ -11,10 +15,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,6 +29,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from ._jwks import JwksRefresh, RemoteKeys, check_url
 from .errors import Unauthenticated
 from .proof import token_hash
 
@@ -33,6 +39,7 @@ DEV_ISSUER = "gateway-dev"
 DEV_AUDIENCE = "gateway"
 PROJECT_CLAIM = "project"
 ROLE_CLAIM = "role"
+DEFAULT_MAX_LIFETIME = timedelta(hours=24)
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
 
 
@@ -50,18 +57,30 @@ class Identity:
 
 @dataclass(frozen=True)
 class AuthConfig:
-    """Trusted keys (by key id) and the issuer/audience every token must carry."""
+    """Trusted keys (by key id, and/or an identity provider's JWKS URL) and what every token must carry."""
 
     keys: Mapping[str, PublicKey]
     issuer: str = DEV_ISSUER
     audience: str = DEV_AUDIENCE
     leeway_seconds: int = 30
     required_claims: tuple[str, ...] = field(default=("sub", PROJECT_CLAIM, ROLE_CLAIM))
+    max_lifetime: timedelta = DEFAULT_MAX_LIFETIME
+    jwks_url: str | None = None  # https (http only to a loopback host); fetched when the Verifier starts
+    jwks_refresh: JwksRefresh = field(default_factory=JwksRefresh)
+
+    def __post_init__(self) -> None:
+        if not self.keys and self.jwks_url is None:
+            raise ValueError("no trusted keys configured (give PEM keys, a JWKS file or a JWKS URL)")
+        if self.jwks_url is not None:
+            check_url(self.jwks_url)
+        if self.max_lifetime <= timedelta(0):
+            raise ValueError("the maximum token lifetime must be positive")
 
     @classmethod
     def from_files(cls, pem_files: Sequence[Path] = (), jwks_file: Path | None = None,
-                   issuer: str = DEV_ISSUER, audience: str = DEV_AUDIENCE) -> AuthConfig:
-        """Load trusted public keys from PEM files (key id = thumbprint) and/or a JWKS file."""
+                   issuer: str = DEV_ISSUER, audience: str = DEV_AUDIENCE, *, jwks_url: str | None = None,
+                   max_lifetime: timedelta = DEFAULT_MAX_LIFETIME) -> AuthConfig:
+        """Load trusted public keys from PEM files (key id = thumbprint) and/or a JWKS file; add a JWKS URL."""
         keys: dict[str, PublicKey] = {}
         for path in pem_files:
             key = serialization.load_pem_public_key(path.read_bytes())
@@ -75,16 +94,19 @@ class AuthConfig:
                 if not jwk.key_id:
                     raise ValueError(f"{jwks_file}: every JWKS key needs a kid")
                 keys[jwk.key_id] = _usable_key(jwk.key, jwks_file)
-        if not keys:
-            raise ValueError("no trusted keys configured")
-        return cls(keys, issuer, audience)
+        return cls(keys, issuer, audience, max_lifetime=max_lifetime, jwks_url=jwks_url)
 
 
 def _usable_key(key: object, source: Path) -> PublicKey:
     """Only public keys of a type and curve we pin an algorithm for may be trusted."""
-    if not isinstance(key, PublicKey) or not _algorithms(key):
+    usable = _public_key(key)
+    if usable is None:
         raise ValueError(f"{source}: unsupported key (use an RSA, EC P-256/384/521 or Ed25519 public key)")
-    return key
+    return usable
+
+
+def _public_key(key: object) -> PublicKey | None:
+    return key if isinstance(key, PublicKey) and _algorithms(key) else None
 
 
 def key_id(key: PublicKey) -> str:
@@ -102,18 +124,31 @@ def _algorithms(key: PublicKey) -> list[str]:
 
 
 class Verifier:
-    """Verifies bearer tokens into :class:`Identity` values."""
+    """Verifies bearer tokens into :class:`Identity` values.
+
+    With a JWKS URL in the config, the keys are fetched here, once, before the first call (a
+    provider that does not answer is logged, and calls get UNAVAILABLE until it does).
+    """
 
     def __init__(self, config: AuthConfig, cache_size: int = 1024) -> None:
         self.config = config
-        # token text -> (identity, exp, nbf): a token's signature and claims never change, so a
-        # verified token is re-checked only against the clock (saves an ECDSA verify per call)
-        self._verified: OrderedDict[str, tuple[Identity, float, float]] = OrderedDict()
+        # token text -> (identity, exp, nbf, key): a token's signature and claims never change, so a
+        # verified token is re-checked only against the clock and against the key still being
+        # trusted (saves an ECDSA verify per call; a key the provider dropped stops its tokens)
+        self._verified: OrderedDict[str, tuple[Identity, float, float, PublicKey]] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+        self._remote: RemoteKeys[PublicKey] | None = None
+        if config.jwks_url is not None:
+            self._remote = RemoteKeys(config.jwks_url, config.jwks_refresh, _public_key)
+            self._remote.start()
 
     def verify(self, authorization: str | None) -> Identity:
-        """Check an ``authorization`` metadata value; raise :class:`Unauthenticated` on any failure."""
+        """Check an ``authorization`` metadata value.
+
+        Raises :class:`Unauthenticated` for any bad credentials, and
+        :class:`~gateway.errors.Unavailable` while the identity provider's keys cannot be fetched.
+        """
         if not authorization:
             raise Unauthenticated("missing credentials: send 'authorization: Bearer <token>' metadata")
         scheme, _, token = authorization.partition(" ")
@@ -124,14 +159,16 @@ class Verifier:
         if cached is not None:
             return cached
         try:
-            claims = self._decode(token)
+            claims, key = self._decode(token)
             identity = Identity(str(claims["sub"]), str(claims[PROJECT_CLAIM]), str(claims[ROLE_CLAIM]),
                                 _bound_key(claims), token_hash(token))
-        except (jwt.PyJWTError, ValueError, TypeError) as err:
+        except (jwt.PyJWTError, ValueError, TypeError, OverflowError) as err:
             log.warning("rejected token: %s: %s", type(err).__name__, err)
             raise Unauthenticated("invalid or expired credentials; get a fresh token") from None
+        # exp is bounded by the lifetime check and nbf by the clock, so both fit a float
+        entry = (identity, float(claims["exp"]), float(max(claims.get("nbf", 0), 0)), key)
         with self._lock:
-            self._verified[token] = (identity, float(claims["exp"]), float(claims.get("nbf", 0)))
+            self._verified[token] = entry
             while len(self._verified) > self._cache_size:
                 self._verified.popitem(last=False)
         return identity
@@ -141,22 +178,35 @@ class Verifier:
             entry = self._verified.get(token)
             if entry is None:
                 return None
-            identity, exp, nbf = entry
+            identity, exp, nbf, key = entry
             now, leeway = time.time(), self.config.leeway_seconds
-            if now > exp + leeway or now < nbf - leeway:
+            if now > exp + leeway or now < nbf - leeway or not self._still_trusted(key):
                 del self._verified[token]
                 return None  # decode again: it rejects the token and logs why
             self._verified.move_to_end(token)
             return identity
 
-    def _decode(self, token: str) -> dict[str, Any]:
-        header = jwt.get_unverified_header(token)
-        kid = header.get("kid")
-        if kid is None and len(self.config.keys) == 1:
-            kid = next(iter(self.config.keys))
+    def _still_trusted(self, key: PublicKey) -> bool:
+        if self._remote is None:
+            return True  # configured keys never change under a running verifier
+        return any(k is key for k in (*self.config.keys.values(), *self._remote.held().values()))
+
+    def _signing_key(self, kid: object) -> PublicKey:
+        """The trusted key a token's ``kid`` names (fetching a rotated provider key: see :mod:`._jwks`)."""
+        if kid is None:  # only unambiguous with exactly one configured key and no provider
+            if len(self.config.keys) == 1 and self._remote is None:
+                return next(iter(self.config.keys.values()))
+            raise jwt.InvalidKeyError("token has no key id")
         key = self.config.keys.get(str(kid))
+        if key is None and self._remote is not None:
+            key = self._remote.key(str(kid))
         if key is None:
             raise jwt.InvalidKeyError(f"unknown key id {kid!r}")
+        return key
+
+    def _decode(self, token: str) -> tuple[dict[str, Any], PublicKey]:
+        header = jwt.get_unverified_header(token)
+        key = self._signing_key(header.get("kid"))
         allowed = _algorithms(key)
         if header.get("alg") not in allowed:
             raise jwt.InvalidAlgorithmError(f"algorithm {header.get('alg')!r} not allowed for this key")
@@ -167,7 +217,39 @@ class Verifier:
         for claim in self.config.required_claims:
             if not isinstance(claims.get(claim), str) or not claims[claim].strip():
                 raise jwt.MissingRequiredClaimError(claim)
-        return claims
+        _check_times(claims, self.config.max_lifetime)
+        return claims, key
+
+
+def _check_times(claims: Mapping[str, Any], max_lifetime: timedelta) -> None:
+    """``exp``, ``iat``, ``nbf`` are JSON numbers (PyJWT takes ``"123"``); the token lives at most ``max_lifetime``."""
+    for name in ("exp", "iat", "nbf"):
+        if name in claims and not _is_number(claims[name]):
+            raise jwt.InvalidTokenError(f"{name} must be a JSON number, not {type(claims[name]).__name__}")
+    issued = claims.get("iat")
+    start = issued if issued is not None else int(time.time())
+    # compared, never subtracted: a huge integer exp cannot overflow a float here
+    if claims["exp"] > start + int(max_lifetime.total_seconds()):
+        since = "iat" if issued is not None else "now"
+        raise jwt.InvalidTokenError(f"token lifetime over the maximum: exp is more than "
+                                    f"{max_lifetime.total_seconds():.0f} s after {since}")
+
+
+def _is_number(value: object) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))  # ints may not fit a float
+
+
+def authorization_header(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
+    """The one ``authorization`` value of a call's metadata (None without one); two are refused.
+
+    gRPC delivers every copy of a repeated header: which one to believe must not be a guess.
+    """
+    values = [value for key, value in metadata if key == "authorization"]
+    if len(values) > 1:
+        raise Unauthenticated("send one authorization header")
+    return str(values[0]) if values else None
 
 
 def _bound_key(claims: Mapping[str, Any]) -> str | None:

@@ -241,18 +241,28 @@ def _token_key_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trusted-key", type=Path, action="append", default=[],
                         help="PEM public key trusted to sign tokens (repeatable)")
     parser.add_argument("--jwks", type=Path, default=None, help="JWKS file of trusted token keys")
+    parser.add_argument("--jwks-url", default=None, metavar="URL",
+                        help="your identity provider's JWKS URL (https): keys fetched at start, cached and "
+                             "refreshed as they rotate")
     parser.add_argument("--issuer", default=None, help="expected token issuer (default: the development one)")
     parser.add_argument("--audience", default=None, help="expected token audience (default: the development one)")
+    parser.add_argument("--max-token-lifetime", default="24h", metavar="DURATION",
+                        help="refuse tokens valid for longer than this, exp - iat (e.g. 12h; default 24h)")
 
 
 def _verifier(args: argparse.Namespace) -> Any:
     """The token verifier a site or broker is started with (both check every call)."""
-    from .auth import DEV_AUDIENCE, DEV_ISSUER, AuthConfig, Verifier
+    from .auth import DEV_AUDIENCE, DEV_ISSUER, AuthConfig, Verifier, parse_ttl
 
-    if not args.trusted_key and args.jwks is None:
-        raise UserError("no token keys: pass --trusted-key PEM (repeatable) or --jwks FILE")
+    if not args.trusted_key and args.jwks is None and args.jwks_url is None:
+        raise UserError("no token keys: pass --trusted-key PEM (repeatable), --jwks FILE or --jwks-url URL")
+    try:
+        max_lifetime = parse_ttl(args.max_token_lifetime)
+    except ValueError as err:
+        raise UserError(f"--max-token-lifetime: {err}") from None
     return Verifier(AuthConfig.from_files(args.trusted_key, args.jwks, args.issuer or DEV_ISSUER,
-                                          args.audience or DEV_AUDIENCE))
+                                          args.audience or DEV_AUDIENCE, jwks_url=args.jwks_url,
+                                          max_lifetime=max_lifetime))
 
 
 def metrics_host(host: str, chosen: str | None) -> str:
@@ -278,9 +288,10 @@ def _broker_serve(args: argparse.Namespace) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UserError("--tls-cert and --tls-key go together")
     config = load_broker_config(args.config)
+    verifier = _verifier(args)  # flag mistakes are found before anything starts
     metrics = BrokerMetrics()
     tls = Tls(cert=args.tls_cert, key=args.tls_key) if args.tls_cert else None
-    broker = build_broker_server(config, _verifier(args), args.host, args.port, tls, metrics)
+    broker = build_broker_server(config, verifier, args.host, args.port, tls, metrics)
     if args.metrics_port is not None:
         bind = metrics_host(args.host, args.metrics_host)
         port = serve_metrics(args.metrics_port, metrics.registry, bind)
@@ -310,7 +321,7 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _mint(args: argparse.Namespace) -> int:
-    from .auth import DEV_AUDIENCE, DEV_ISSUER, mint_dev_token, parse_ttl
+    from .auth import DEFAULT_MAX_LIFETIME, DEV_AUDIENCE, DEV_ISSUER, mint_dev_token, parse_ttl
     from .proof import ProofKey
 
     where = args.proof_key or os.environ.get("GATEWAY_PROOF_KEY")
@@ -321,12 +332,16 @@ def _mint(args: argparse.Namespace) -> int:
         proof_key, created = ProofKey.load_or_create(Path(where))
     except (OSError, ValueError) as err:
         raise UserError(str(err)) from None
-    token = mint_dev_token(args.key.read_bytes(), args.subject, args.project, args.role, parse_ttl(args.ttl),
+    ttl = parse_ttl(args.ttl)
+    token = mint_dev_token(args.key.read_bytes(), args.subject, args.project, args.role, ttl,
                            args.issuer or DEV_ISSUER, args.audience or DEV_AUDIENCE, proof_jkt=proof_key.jkt)
     print(token)
     if created:
         print(f"note: created the proof key {where} (keep it private: it signs every call)", file=sys.stderr)
     print("note: DEVELOPMENT token signed with a local key", file=sys.stderr)
+    if ttl > DEFAULT_MAX_LIFETIME:
+        print(f"note: servers refuse tokens living longer than their --max-token-lifetime (default "
+              f"{DEFAULT_MAX_LIFETIME.total_seconds() / 3600:.0f}h)", file=sys.stderr)
     return 0
 
 

@@ -67,14 +67,15 @@ def start_site(tmp_path: Path, keys: tuple[Path, Path], site_data: Path) -> Iter
 
     def start(noise: mechanisms.Noise | None = None, policy: Path | None = None, state_dir: Path | None = None,
               reload_interval: float = 0.2, metrics: SiteMetrics | None = None, host: str = "127.0.0.1",
-              init: bool = False, name: str | None = None) -> RunningSite:
+              init: bool = False, name: str | None = None, verifier: Verifier | None = None) -> RunningSite:
         """``name``: the site's name (its policy's ``site``), which a broker must know it by."""
         folder = tmp_path / f"site{next(numbers)}"  # counted, so a refused start leaves no gap to collide with
         folder.mkdir()
         policy = policy or write_policy(folder, site_data)
         if name is not None:
             policy = dump_policy(with_policy(load_policy(policy).policy, site=name), folder / f"{name}.yaml")
-        options = SiteOptions(policy, state_dir or folder / "state", Verifier(AuthConfig.from_files([keys[1]])),
+        verifier = verifier or Verifier(AuthConfig.from_files([keys[1]]))
+        options = SiteOptions(policy, state_dir or folder / "state", verifier,
                               host=host, reload_interval=reload_interval, init=init)
         site = build_site_server(options, metrics or SiteMetrics(CollectorRegistry()), noise)
         started.append(site)

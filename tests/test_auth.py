@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -21,6 +22,7 @@ from gateway.auth import (
     AuthConfig,
     Identity,
     Verifier,
+    authorization_header,
     dump_jwks,
     generate_dev_key,
     key_id,
@@ -43,6 +45,7 @@ from tests.helpers.tokens import (
 )
 
 EXPECTED = Identity("alice", "proj-1", "researcher")
+DAY = 86400
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +226,15 @@ def _bad_tokens(ec_key: ec.EllipticCurvePrivateKey, rsa_key: rsa.RSAPrivateKey) 
         "header not json": f"{b64url(b'nope')}.{payload}.{signature}",
         "header is a list": f"{b64url(b'[1,2]')}.{payload}.{signature}",
         "payload not json": f"{header}.{b64url(b'nope')}.{signature}",
+        "string exp": sign(ec_key, "ES256", claims(exp=str(now + 300))),
+        "boolean exp": sign(ec_key, "ES256", claims(exp=True)),
+        "string iat": sign(ec_key, "ES256", claims(iat=str(now))),
+        "string nbf": sign(ec_key, "ES256", claims(nbf=str(now))),
+        "boolean nbf": sign(ec_key, "ES256", claims(nbf=True)),
+        "infinite exp": sign(ec_key, "ES256", claims(exp=math.inf)),
+        "huge exp": sign(ec_key, "ES256", claims(exp=10**400)),
+        "lifetime over 24h": sign(ec_key, "ES256", claims(iat=now, exp=now + DAY + 1)),
+        "lifetime over 24h without iat": sign(ec_key, "ES256", claims(iat=DROP, exp=now + DAY + 60)),
     }
 
 
@@ -232,7 +244,8 @@ BAD_TOKEN_CASES = ["expired", "nbf in future", "wrong issuer", "wrong audience",
                    "missing signature", "alg none", "alg none without kid", "alg None capitalised",
                    "hs256 with public pem", "rs256 header on ec key", "unknown kid", "other key, trusted kid",
                    "untrusted rsa key", "garbage", "garbage dots", "header not json", "header is a list",
-                   "payload not json"]
+                   "payload not json", "string exp", "boolean exp", "string iat", "string nbf", "boolean nbf",
+                   "infinite exp", "huge exp", "lifetime over 24h", "lifetime over 24h without iat"]
 
 
 @pytest.fixture(scope="module")
@@ -316,6 +329,11 @@ def test_header_problems_share_messages(verifier: Verifier) -> None:
     ("hs256 with public pem", "InvalidAlgorithmError"),
     ("unknown kid", "unknown key id '0123456789abcdef'"),
     ("garbage", "DecodeError"),
+    ("string exp", "exp must be a JSON number, not str"),
+    ("string iat", "iat must be a JSON number, not str"),
+    ("boolean nbf", "nbf must be a JSON number, not bool"),
+    ("lifetime over 24h", "token lifetime over the maximum: exp is more than 86400 s after iat"),
+    ("lifetime over 24h without iat", "token lifetime over the maximum: exp is more than 86400 s after now"),
 ])
 def test_log_records_specific_reason(verifier: Verifier, bad_tokens: dict[str, str], caplog: pytest.LogCaptureFixture,
                                      case: str, reason: str) -> None:
@@ -488,3 +506,63 @@ def test_cached_token_is_still_rejected_once_it_expires(tmp_path):
     time.sleep(1.6)
     with pytest.raises(Unauthenticated):
         verifier.verify(f"Bearer {token}")
+
+
+# -- token lifetime and claim types ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("iat", "exp", "accepted"), [
+    (0, 12 * 3600, True), (0, 12 * 3600 + 1, False), (-3600, 11 * 3600, True), (-3600, 11 * 3600 + 1, False),
+    (None, 11 * 3600, True), (None, 12 * 3600 + 120, False),
+])
+def test_max_lifetime_from_iat_or_from_now(tmp_path: Path, ec_key: ec.EllipticCurvePrivateKey, iat: int | None,
+                                           exp: int, accepted: bool) -> None:
+    config = AuthConfig.from_files([write_public(tmp_path, "ec", ec_key)], max_lifetime=timedelta(hours=12))
+    now = int(time.time())
+    token = sign(ec_key, "ES256", claims(iat=DROP if iat is None else now + iat, exp=now + exp))
+    if accepted:
+        assert Verifier(config).verify(f"Bearer {token}") == EXPECTED
+    else:
+        with pytest.raises(Unauthenticated):
+            Verifier(config).verify(f"Bearer {token}")
+
+
+def test_the_default_lifetime_is_24_hours(verifier: Verifier, ec_key: ec.EllipticCurvePrivateKey) -> None:
+    now = int(time.time())
+    assert verifier.config.max_lifetime == timedelta(hours=24)
+    assert verifier.verify(f"Bearer {sign(ec_key, 'ES256', claims(iat=now, exp=now + DAY))}") == EXPECTED
+
+
+@pytest.mark.parametrize("lifetime", [timedelta(0), timedelta(seconds=-1)])
+def test_a_max_lifetime_must_be_positive(tmp_path: Path, ec_key: ec.EllipticCurvePrivateKey,
+                                         lifetime: timedelta) -> None:
+    with pytest.raises(ValueError, match="lifetime"):
+        AuthConfig.from_files([write_public(tmp_path, "ec", ec_key)], max_lifetime=lifetime)
+
+
+@pytest.mark.parametrize("case", ["float exp without iat", "float iat and exp", "integer nbf beyond a float"])
+def test_times_may_be_any_json_number(verifier: Verifier, ec_key: ec.EllipticCurvePrivateKey, case: str) -> None:
+    now = time.time()
+    times = {"float exp without iat": {"iat": DROP, "exp": now + 600.25},
+             "float iat and exp": {"iat": now - 0.5, "nbf": now - 0.5, "exp": now + 300.5},
+             "integer nbf beyond a float": {"nbf": -(10**400)}}[case]
+    token = sign(ec_key, "ES256", claims(**times))
+    assert verifier.verify(f"Bearer {token}") == EXPECTED
+    assert verifier.verify(f"Bearer {token}") == EXPECTED  # and from the verified-token cache
+
+
+# -- one authorization header ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("metadata", "expected"), [
+    ([], None), ([("x-other", "a")], None), ([("authorization", "Bearer a")], "Bearer a"),
+    ([("x-other", "a"), ("authorization", "Bearer a"), ("x-more", "b")], "Bearer a"),
+])
+def test_authorization_header_of_metadata(metadata: list[tuple[str, str]], expected: str | None) -> None:
+    assert authorization_header(metadata) == expected
+
+
+@pytest.mark.parametrize("values", [("Bearer a", "Bearer a"), ("Bearer a", "Bearer b"), ("Bearer a", "")])
+def test_two_authorization_headers_are_refused(values: tuple[str, str]) -> None:
+    with pytest.raises(Unauthenticated, match="send one authorization header"):
+        authorization_header([("authorization", v) for v in values])

@@ -12,13 +12,17 @@ from pathlib import Path
 
 import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
+from gateway import cli
 from gateway._version import __version__
+from gateway.auth import DEV_AUDIENCE, DEV_ISSUER
 from gateway.client import Client
 from gateway.errors import GatewayError
 from gateway.ledger import SqliteLedger
 from gateway.proof import ProofKey
 from tests.helpers.cli import GATEWAY, run_cli, wait_for_port_file
+from tests.helpers.idp import IdentityProvider
 from tests.helpers.policies import write_policy
 
 
@@ -181,3 +185,67 @@ def test_sigkill_loses_no_charge_and_no_answer_goes_uncharged(tmp_path, keys, to
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--jwks-url", "http://idp.example.org/jwks"], "refusing JWKS URL 'http://idp.example.org/jwks': keys must "
+                                                    "come over https (http only for a loopback host)"),
+    (["--jwks-url", "https://idp.example.org/jwks", "--max-token-lifetime", "12x"],
+     "--max-token-lifetime: bad ttl '12x'"),
+    ([], "no token keys: pass --trusted-key PEM (repeatable), --jwks FILE or --jwks-url URL"),
+])
+@pytest.mark.parametrize("server", ["site", "broker"])
+def test_serve_refuses_bad_token_key_flags_in_one_line(tmp_path, capsys, flags, message, server):
+    (tmp_path / "broker.yaml").write_text("name: net\nsites:\n  - name: north\n    address: 127.0.0.1:1\n")
+    config = ["--policy", str(tmp_path / "p.yaml")] if server == "site" else ["--config", str(tmp_path / "broker.yaml")]
+    assert cli.main([server, "serve", *config, *flags]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith(f"gateway: error: {message}") and len(stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "state").exists()
+
+
+def _serve_with_idp(tmp_path: Path, policy: Path, url: str, state: Path) -> tuple[subprocess.Popen[str], str]:
+    port_file = tmp_path / f"port-{time.monotonic_ns()}"
+    proc = subprocess.Popen([*GATEWAY, "site", "serve", "--policy", str(policy), "--port", "0", "--state-dir",
+                             str(state), "--jwks-url", url, "--max-token-lifetime", "12h", "--port-file",
+                             str(port_file)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, wait_for_port_file(proc, port_file)
+
+
+@pytest.mark.slow
+def test_site_serve_with_a_jwks_url_and_a_maximum_token_lifetime(tmp_path, site_data):
+    policy = write_policy(tmp_path, site_data)
+    idp = IdentityProvider()
+    idp.publish({"k1": ec.generate_private_key(ec.SECP256R1())})
+    idp.start()
+    now = int(time.time())
+    on_site = {"project": "onc-test", "iss": DEV_ISSUER, "aud": DEV_AUDIENCE, "iat": now}
+    query = ["query", "--sql", "SELECT count(*) FROM patients", "--epsilon", "0.1"]
+    try:
+        proc, target = _serve_with_idp(tmp_path, policy, idp.url, tmp_path / "up")
+        try:
+            ok = run_cli(*query, "--target", target, env={"GATEWAY_TOKEN": idp.sign("k1", **on_site,
+                                                                                  exp=now + 11 * 3600)})
+            assert ok.returncode == 0, ok.stderr
+            too_long = run_cli(*query, "--target", target, env={"GATEWAY_TOKEN": idp.sign("k1", **on_site,
+                                                                                        exp=now + 13 * 3600)})
+            assert too_long.returncode == 1 and "invalid or expired credentials" in too_long.stderr
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+        assert idp.fetches == 1
+
+        idp.stop()  # the provider is down when the next site starts
+        proc, target = _serve_with_idp(tmp_path, policy, idp.url, tmp_path / "down")
+        try:
+            down = run_cli(*query, "--target", target, env={"GATEWAY_TOKEN": idp.sign("k1", **on_site,
+                                                                                    exp=now + 3600)})
+            assert down.returncode == 1
+            assert f"identity provider unreachable: cannot fetch keys from {idp.url}" in down.stderr
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, stderr = proc.communicate(timeout=30)
+        assert proc.returncode == 0
+        assert f"identity provider unreachable: cannot fetch keys from {idp.url}" in stderr  # said at start
+    finally:
+        idp.stop()

@@ -25,7 +25,7 @@ from .._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from .._server import make_server, target_of
 from .._sqlfront import parse_sql
 from .._transport import Tls, open_channel
-from ..auth import Verifier
+from ..auth import Verifier, authorization_header
 from ..errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -33,7 +33,6 @@ from ..errors import (
     GatewayError,
     InvalidQuery,
     ProofRequired,
-    Unauthenticated,
     Unavailable,
     error_from_rpc,
 )
@@ -80,11 +79,8 @@ class BrokerService(pb_grpc.GatewayServicer):
         An outsider learns nothing about the network. A caller lacking a proof for some of ``names``
         learns the names to sign for (:class:`ProofRequired`).
         """
-        headers = [v for k, v in context.invocation_metadata() if k == "authorization"]
         try:
-            if len(headers) > 1:
-                raise Unauthenticated("send one authorization header")
-            identity = self.verifier.verify(str(headers[0]) if headers else None)
+            identity = self.verifier.verify(authorization_header(context.invocation_metadata()))
             proofs: Mapping[str, str] = request.proofs
             if not proofs:
                 check_possession(self._proofs, identity, request, self.config.name)  # raises

@@ -25,7 +25,7 @@ from .._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from .._server import make_server, target_of
 from .._transport import Tls
 from ..audit import AuditLog
-from ..auth import Identity, Verifier
+from ..auth import Identity, Verifier, authorization_header
 from ..errors import INTERNAL_MESSAGE, GatewayError, InternalBug, PermissionDenied
 from ..ledger import VERSION as LEDGER_VERSION
 from ..ledger import Ledger, SqliteLedger
@@ -136,8 +136,7 @@ class SiteService(pb_grpc.GatewayServicer):
             if not set(names) & set(self.state.allowed_peers):
                 log.warning("rejected peer %s (certificate names %s)", context.peer(), names)
                 raise PermissionDenied("this site does not accept calls from your client certificate")
-        metadata = dict(context.invocation_metadata())
-        identity = self.state.verifier.verify(str(metadata.get("authorization", "")) or None)
+        identity = self.state.verifier.verify(authorization_header(context.invocation_metadata()))
         check_possession(self.state.proofs, identity, request, self.state.live.loaded.policy.site)
         return identity
 

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client import CollectorRegistry
 
+from gateway._jwks import JwksRefresh
 from gateway._proto.gateway.v1 import gateway_pb2 as pb
 from gateway._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.auth import AuthConfig, Verifier, generate_dev_key, mint_dev_token
 from gateway.broker import BrokerConfig, SiteEntry, build_broker_server
 from gateway.metrics import BrokerMetrics
 from gateway.proof import ProofKey
+from tests.helpers.idp import IdentityProvider
 from tests.helpers.servers import signed
 
 NESTED = "SELECT count(*) FROM patients WHERE " + "(" * 400 + "age_at_diagnosis > 1" + ")" * 400
@@ -79,3 +82,34 @@ def test_a_researcher_still_gets_through(broker, token) -> None:
                             metadata=[("authorization", f"Bearer {bearer}")], timeout=10)
     assert list(answer.sites) == ["secret-site-name"]
     assert site_calls(metrics) == 1
+
+
+@pytest.fixture
+def idp_down():
+    provider = IdentityProvider()
+    provider.publish({"k1": ec.generate_private_key(ec.SECP256R1())})
+    provider.start()
+    provider.stop()  # a port that refuses connections: the provider is down
+    return provider, Verifier(AuthConfig({}, jwks_url=provider.url, jwks_refresh=JwksRefresh(min_interval=30)))
+
+
+def test_with_its_identity_provider_down_the_broker_says_unavailable_and_calls_no_site(start_site, idp_down):
+    idp, verifier = idp_down
+    metrics = BrokerMetrics(CollectorRegistry())
+    running = build_broker_server(BrokerConfig(name="net", sites=(SiteEntry(name="secret-site-name",
+                                                                            address=start_site().target),)),
+                                  verifier, metrics=metrics)
+    token = idp.sign("k1", project="onc-test")
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            stub = pb_grpc.GatewayStub(channel)
+            for method, request in _calls(stub):
+                with pytest.raises(grpc.RpcError) as err:
+                    method(request, metadata=[("authorization", f"Bearer {token}")], timeout=10)
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert err.value.details().startswith("identity provider unreachable: cannot fetch keys from ")
+                assert "secret-site-name" not in err.value.details()
+        assert site_calls(metrics) == 0
+    finally:
+        running.stop(grace=0)
+
