@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import threading
@@ -219,7 +220,8 @@ def test_site_serve_with_a_jwks_url_and_a_maximum_token_lifetime(tmp_path, site_
     idp.publish({"k1": ec.generate_private_key(ec.SECP256R1())})
     idp.start()
     now = int(time.time())
-    on_site = {"project": "onc-test", "iss": DEV_ISSUER, "aud": DEV_AUDIENCE, "iat": now}
+    jkt = ProofKey.load(Path(os.environ["GATEWAY_PROOF_KEY"])).jkt  # the key the CLI signs proofs with
+    on_site = {"project": "onc-test", "iss": DEV_ISSUER, "aud": DEV_AUDIENCE, "iat": now, "cnf": {"jkt": jkt}}
     query = ["query", "--sql", "SELECT count(*) FROM patients", "--epsilon", "0.1"]
     try:
         proc, target = _serve_with_idp(tmp_path, policy, idp.url, tmp_path / "up")
