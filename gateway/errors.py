@@ -197,7 +197,8 @@ class Unavailable(GatewayError):
 class DeadlineExceeded(GatewayError):
     """The call did not finish in time; retrying with the same query_id is safe."""
 
-    code, reason_code = grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE"
+    # its own outcome: a caller's deadline or cancel is not one of the site's internal errors
+    code, reason_code, outcome = grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE", "deadline"
 
 
 class TransportError(GatewayError):
