@@ -32,7 +32,7 @@ import yaml
 from ._yamlfile import line_index
 from .aggregates import ComponentSql, kind_of
 from .answers import Scalar
-from .errors import DeadlineExceeded, FailedPrecondition
+from .errors import DeadlineExceeded, FailedPrecondition, Unavailable
 from .policy import MAX_SOURCE_ROWS, MISSING_GROUP, OTHER_GROUP, Column, Dataset, LoadedPolicy
 from .query import Aggregate, Filter, Query
 
@@ -100,12 +100,20 @@ class _Interrupter:
         finally:
             with self._changed:  # under the lock: the watcher never interrupts a cursor that was closed
                 del self._running[number]
+                self._changed.notify_all()
 
     def close(self) -> None:
-        """Stop the watching thread (idempotent)."""
+        """Interrupt the running statements, wait for them to end, and stop the thread. Idempotent.
+
+        DuckDB refuses to close a connection that a statement is still using.
+        """
         with self._changed:
             self._closed = True
-            self._changed.notify()
+            while self._running:  # interrupted again each round: an interrupt before a statement starts is lost
+                for cursor, _expired in self._running.values():
+                    cursor.interrupt()
+                self._changed.wait(self.POLL_SECONDS)
+            self._changed.notify_all()
             thread = self._thread
         if thread is not None:
             thread.join()
@@ -167,6 +175,9 @@ class Engine:
             with self._con.cursor() as cursor, self._interrupter.watching(cursor, expired):
                 rows = cursor.execute(sql, params).fetchall()
         except duckdb.InterruptException as err:
+            if not expired():  # the engine closed under it: a reload retired it, or the site is stopping
+                raise Unavailable("the site stopped the query (it is reloading or shutting down); nothing was "
+                                  "charged; retry") from err
             raise DeadlineExceeded("the call ended (deadline or cancel) while the site was running the query; "
                                    "nothing was charged; retry with a longer deadline") from err
         except duckdb.Error as err:

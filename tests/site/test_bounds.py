@@ -16,7 +16,7 @@ from gateway.client import Client
 from gateway.errors import DeadlineExceeded, InvalidQuery
 from gateway.metrics import SiteMetrics
 from tests.helpers.data import slow_copy
-from tests.helpers.policies import example_policy, with_policy, write_policy
+from tests.helpers.policies import example_policy, with_slow_dataset, write_policy
 from tests.helpers.servers import wait_for
 
 NESTED = "SELECT count(*) FROM patients WHERE " + "(" * 400 + "age_at_diagnosis > 1" + ")" * 400
@@ -69,14 +69,10 @@ SLOW_SUM = "SELECT sum(age_at_diagnosis) FROM slow"
 def _slow_site(start_site, tmp_path, site_data):
     """A site with a dataset ``slow`` on which a sum takes seconds of DuckDB work (a view, see slow_copy)."""
     data = slow_copy(site_data, tmp_path / "slow.duckdb", copies=500, work=200)
-    base = example_policy()
-    patients = base.datasets["patients"]
-    slow = patients.model_copy(update={"source": patients.source.model_copy(update={"table": "slow_patients"}),
-                                       "population": "slow"})
     folder = tmp_path / "slow-site"
     folder.mkdir()
-    policy = write_policy(folder, data, policy=with_policy(base, datasets={**base.datasets, "slow": slow}))
     registry = CollectorRegistry()
+    policy = write_policy(folder, data, policy=with_slow_dataset(example_policy()))
     return start_site(policy=policy, metrics=SiteMetrics(registry)), registry
 
 
