@@ -207,6 +207,15 @@ class TransportError(GatewayError):
     code, reason_code = grpc.StatusCode.UNKNOWN, "TRANSPORT"
 
 
+class InvalidAnswer(GatewayError):
+    """A site's answer failed the broker's checks (a fault or a bug at that site): it was not pooled.
+
+    The broker lists the site as missing with this reason; the error itself never travels alone.
+    """
+
+    code, reason_code = grpc.StatusCode.FAILED_PRECONDITION, "INVALID_ANSWER"
+
+
 class GatewayBug(Exception):
     """Root of "this is a bug" errors: a broken internal assumption, never the caller's doing."""
 
