@@ -53,12 +53,12 @@ def start_site(tmp_path: Path, keys: tuple[Path, Path], site_data: Path) -> Iter
 
     def start(noise: mechanisms.Noise | None = None, policy: Path | None = None, state_dir: Path | None = None,
               reload_interval: float = 0.2, metrics: SiteMetrics | None = None, host: str = "127.0.0.1",
-              init: bool = False) -> RunningSite:
+              init: bool = False, port: int = 0) -> RunningSite:
         folder = tmp_path / f"site{next(numbers)}"  # counted, so a refused start leaves no gap to collide with
         folder.mkdir()
         policy = policy or write_policy(folder, site_data)
         options = SiteOptions(policy, state_dir or folder / "state", Verifier(AuthConfig.from_files([keys[1]])),
-                              host=host, reload_interval=reload_interval, init=init)
+                              host=host, port=port, reload_interval=reload_interval, init=init)
         site = build_site_server(options, metrics or SiteMetrics(CollectorRegistry()), noise)
         started.append(site)
         return site
@@ -86,11 +86,11 @@ def stub_for() -> Iterator[Callable[[RunningSite], pb_grpc.GatewayStub]]:
 def start_broker(keys: tuple[Path, Path]) -> Iterator[Callable[..., RunningBroker]]:
     started: list[RunningBroker] = []
 
-    def start(sites: dict[str, RunningSite], **config: Any) -> RunningBroker:
+    def start(sites: dict[str, RunningSite], metrics: BrokerMetrics | None = None, **config: Any) -> RunningBroker:
         entries = [SiteEntry(name=name, address=site.target) for name, site in sites.items()]
         broker = build_broker_server(BrokerConfig(sites=tuple(entries), **config),
                                      Verifier(AuthConfig.from_files([keys[1]])),
-                                     metrics=BrokerMetrics(CollectorRegistry()))
+                                     metrics=metrics or BrokerMetrics(CollectorRegistry()))
         started.append(broker)
         return broker
 
