@@ -7,6 +7,9 @@ Contribution bounding: a dataset whose privacy-unit column is not verified uniqu
 materialised once into a bounded snapshot that keeps at most ``max_rows_per_unit`` rows per
 unit, chosen by a keyed hash of the row with a secret per-site seed (so which rows a patient
 keeps does not depend on other patients). The snapshot is rebuilt when the source changes.
+
+A statement whose caller has gone (cancelled, or past its deadline) is interrupted, so that a
+worker is not held for an answer nobody can receive.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import re
 import secrets
 import threading
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +32,7 @@ import yaml
 from ._yamlfile import line_index
 from .aggregates import ComponentSql, kind_of
 from .answers import Scalar
-from .errors import FailedPrecondition
+from .errors import DeadlineExceeded, FailedPrecondition, Unavailable
 from .policy import MAX_SOURCE_ROWS, MISSING_GROUP, OTHER_GROUP, Column, Dataset, LoadedPolicy
 from .query import Aggregate, Filter, Query
 
@@ -65,6 +69,68 @@ def quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+class _Interrupter:
+    """Interrupts the running statements whose caller has gone: one thread per engine, idle without statements.
+
+    It polls rather than waiting for a cancellation callback because DuckDB forgets an interrupt
+    that arrives before its statement has started: a statement stays watched, and interrupted
+    again, until it has ended.
+    """
+
+    POLL_SECONDS = 0.02  # the added latency of an interrupt; a poll costs a few microseconds per statement
+
+    def __init__(self) -> None:
+        self._running: dict[int, tuple[duckdb.DuckDBPyConnection, Callable[[], bool]]] = {}
+        self._numbers = itertools.count()
+        self._changed = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def watching(self, cursor: duckdb.DuckDBPyConnection, expired: Callable[[], bool]) -> Iterator[None]:
+        """Interrupt ``cursor``'s statements while ``expired()`` holds, until the block ends."""
+        number = next(self._numbers)
+        with self._changed:
+            self._running[number] = (cursor, expired)
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=self._watch, name="engine-interrupter", daemon=True)
+                self._thread.start()
+            self._changed.notify()
+        try:
+            yield
+        finally:
+            with self._changed:  # under the lock: the watcher never interrupts a cursor that was closed
+                del self._running[number]
+                self._changed.notify_all()
+
+    def close(self) -> None:
+        """Interrupt the running statements, wait for them to end, and stop the thread. Idempotent.
+
+        DuckDB refuses to close a connection that a statement is still using.
+        """
+        with self._changed:
+            self._closed = True
+            while self._running:  # interrupted again each round: an interrupt before a statement starts is lost
+                for cursor, _expired in self._running.values():
+                    cursor.interrupt()
+                self._changed.wait(self.POLL_SECONDS)
+            self._changed.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+
+    def _watch(self) -> None:
+        with self._changed:
+            while not self._closed:
+                if not self._running:
+                    self._changed.wait()
+                    continue
+                for cursor, expired in self._running.values():
+                    if expired():
+                        cursor.interrupt()
+                self._changed.wait(self.POLL_SECONDS)
+
+
 class Engine:
     """Runs checked queries against the site's data; one instance per site process."""
 
@@ -81,9 +147,11 @@ class Engine:
         self._attached: dict[Path, tuple[str, tuple[int, int]]] = {}
         self._aliases = itertools.count()
         self._resolved: dict[str, Path] = {}
+        self._interrupter = _Interrupter()
 
     def close(self) -> None:
         """Release the DuckDB connection and delete the working file (idempotent)."""
+        self._interrupter.close()
         self._con.close()
         if self._path is not None:
             self._path.unlink(missing_ok=True)
@@ -94,8 +162,12 @@ class Engine:
         for name in self._loaded.policy.datasets:
             self._ensure(name)
 
-    def run(self, query: Query) -> ExactResult:
-        """Exact aggregates for a query already checked against the policy."""
+    def run(self, query: Query, expired: Callable[[], bool] = lambda: False) -> ExactResult:
+        """Exact aggregates for a query already checked against the policy.
+
+        ``expired`` tells whether the caller has gone: the statement is then interrupted and
+        :class:`DeadlineExceeded` raised.
+        """
         dataset = self._loaded.policy.datasets[query.dataset]
         prepared = self._ensure(query.dataset)
         _check_fits(query, dataset, prepared.rows)
@@ -104,7 +176,14 @@ class Engine:
                    for f in query.filters if f.cohort is not None}
         sql, params, groups = build_sql(query, dataset, prepared.relation, cohorts)
         try:
-            rows = self._con.cursor().execute(sql, params).fetchall()
+            with self._con.cursor() as cursor, self._interrupter.watching(cursor, expired):
+                rows = cursor.execute(sql, params).fetchall()
+        except duckdb.InterruptException as err:
+            if not expired():  # the engine closed under it: a reload retired it, or the site is stopping
+                raise Unavailable("the site stopped the query (it is reloading or shutting down); nothing was "
+                                  "charged; retry") from err
+            raise DeadlineExceeded("the call ended (deadline or cancel) while the site was running the query; "
+                                   "nothing was charged; retry with a longer deadline") from err
         except duckdb.Error as err:
             log.error("query on %s failed: %s", query.dataset, _without_values(err))
             raise FailedPrecondition(f"the site could not run the query on its data ({type(err).__name__}); "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from concurrent import futures
+from typing import NamedTuple
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -33,16 +34,29 @@ def target_of(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
+class Serving(NamedTuple):
+    """A started server: the gRPC server, its bound port, its health servicer and its worker threads.
+
+    Stopping a gRPC server leaves its worker threads alive: whoever stops it shuts ``workers`` down.
+    """
+
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    workers: futures.ThreadPoolExecutor
+
+
 def make_server(servicer: pb_grpc.GatewayServicer, host: str, port: int, tls: Tls | None,
-                max_workers: int = 16) -> tuple[grpc.Server, int, health.HealthServicer]:
+                max_workers: int = 16) -> Serving:
     """A started gRPC server serving ``servicer`` with health checking and reflection.
 
-    Plaintext is refused on non-loopback hosts. Returns (server, bound port, health servicer).
+    Plaintext is refused on non-loopback hosts.
     """
     if tls is None and not is_loopback(host):
         raise ValueError(f"refusing plaintext on {host}: give --tls-cert/--tls-key (plaintext is for loopback only)")
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                         options=[("grpc.max_receive_message_length", 4 * 1024 * 1024)])
+    # named for the servicer, so that a thread dump tells which server a worker belongs to
+    workers = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=type(servicer).__name__)
+    server = grpc.server(workers, options=[("grpc.max_receive_message_length", 4 * 1024 * 1024)])
     pb_grpc.add_GatewayServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -58,4 +72,4 @@ def make_server(servicer: pb_grpc.GatewayServicer, host: str, port: int, tls: Tl
     server.start()
     for name in ("", SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return server, bound, health_servicer
+    return Serving(server, bound, health_servicer, workers)

@@ -42,6 +42,7 @@ class Tls:
         return replace(self, ca=resolve(self.ca), cert=resolve(self.cert), key=resolve(self.key))
 
 
+# a broker's answer carries every site's own answer too (each at most 3 MiB): room for 16 of them
 MAX_RECEIVE = 64 * 2**20
 
 
@@ -49,10 +50,22 @@ def _read(path: Path | None) -> bytes | None:
     return None if path is None else path.read_bytes()
 
 
-def open_channel(target: str, tls: Tls | None = None) -> grpc.Channel:
-    """A channel to ``target``: plaintext without ``tls`` (loopback development), else TLS or mTLS."""
-    # a broker's answer carries every site's own answer too (each at most 3 MiB): room for 16 of them
-    options: list[tuple[str, int | str]] = [("grpc.max_receive_message_length", MAX_RECEIVE)]
+def open_channel(target: str, tls: Tls | None = None, *, max_receive: int = MAX_RECEIVE,
+                 reconnect_seconds: float | None = None) -> grpc.Channel:
+    """A channel to ``target``: plaintext without ``tls`` (loopback development), else TLS or mTLS.
+
+    ``max_receive`` bounds the size of one response. ``reconnect_seconds`` caps the wait between
+    attempts to reach a server that is down: gRPC's own backoff grows 1.6x per failed attempt up to
+    two minutes, so a server that was down for ten seconds is reached again only seconds after it
+    is back, and one down for a minute up to a minute after.
+    """
+    options: list[tuple[str, int | str]] = [("grpc.max_receive_message_length", max_receive)]
+    if reconnect_seconds is not None:
+        longest = max(1, round(reconnect_seconds * 1000))
+        # the first retry soon (a restart takes a moment), then at most ``longest`` apart; the
+        # connect timeout (grpc.min_reconnect_backoff_ms, 20 s) is kept for slow TLS handshakes
+        options += [("grpc.initial_reconnect_backoff_ms", min(longest, 250)),
+                    ("grpc.max_reconnect_backoff_ms", longest)]
     if tls is None:
         return grpc.insecure_channel(target, options=options)
     creds = grpc.ssl_channel_credentials(_read(tls.ca), _read(tls.key), _read(tls.cert))

@@ -222,13 +222,23 @@ class Unavailable(GatewayError):
 class DeadlineExceeded(GatewayError):
     """The call did not finish in time; retrying with the same query_id is safe."""
 
-    code, reason_code = grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE"
+    # its own outcome: a caller's deadline or cancel is not one of the site's internal errors
+    code, reason_code, outcome = grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE", "deadline"
 
 
 class TransportError(GatewayError):
     """gRPC itself refused the call (e.g. a message over the size limit), not the gateway."""
 
     code, reason_code = grpc.StatusCode.UNKNOWN, "TRANSPORT"
+
+
+class InvalidAnswer(GatewayError):
+    """A site's answer failed the broker's checks (a fault or a bug at that site): it was not pooled.
+
+    The broker lists the site as missing with this reason; the error itself never travels alone.
+    """
+
+    code, reason_code = grpc.StatusCode.FAILED_PRECONDITION, "INVALID_ANSWER"
 
 
 class GatewayBug(Exception):

@@ -67,7 +67,8 @@ def start_site(tmp_path: Path, keys: tuple[Path, Path], site_data: Path) -> Iter
 
     def start(noise: mechanisms.Noise | None = None, policy: Path | None = None, state_dir: Path | None = None,
               reload_interval: float = 0.2, metrics: SiteMetrics | None = None, host: str = "127.0.0.1",
-              init: bool = False, name: str | None = None, verifier: Verifier | None = None) -> RunningSite:
+              init: bool = False, name: str | None = None, verifier: Verifier | None = None,
+              port: int = 0) -> RunningSite:
         """``name``: the site's name (its policy's ``site``), which a broker must know it by."""
         folder = tmp_path / f"site{next(numbers)}"  # counted, so a refused start leaves no gap to collide with
         folder.mkdir()
@@ -76,7 +77,7 @@ def start_site(tmp_path: Path, keys: tuple[Path, Path], site_data: Path) -> Iter
             policy = dump_policy(with_policy(load_policy(policy).policy, site=name), folder / f"{name}.yaml")
         verifier = verifier or Verifier(AuthConfig.from_files([keys[1]]))
         options = SiteOptions(policy, state_dir or folder / "state", verifier,
-                              host=host, reload_interval=reload_interval, init=init)
+                              host=host, port=port, reload_interval=reload_interval, init=init)
         site = build_site_server(options, metrics or SiteMetrics(CollectorRegistry()), noise)
         started.append(site)
         return site
@@ -104,11 +105,11 @@ def stub_for() -> Iterator[Callable[[RunningSite], pb_grpc.GatewayStub]]:
 def start_broker(keys: tuple[Path, Path]) -> Iterator[Callable[..., RunningBroker]]:
     started: list[RunningBroker] = []
 
-    def start(sites: dict[str, RunningSite], **config: Any) -> RunningBroker:
+    def start(sites: dict[str, RunningSite], metrics: BrokerMetrics | None = None, **config: Any) -> RunningBroker:
         entries = [SiteEntry(name=name, address=site.target) for name, site in sites.items()]
         broker = build_broker_server(BrokerConfig(sites=tuple(entries), **config),
                                      Verifier(AuthConfig.from_files([keys[1]])),
-                                     metrics=BrokerMetrics(CollectorRegistry()))
+                                     metrics=metrics or BrokerMetrics(CollectorRegistry()))
         started.append(broker)
         return broker
 

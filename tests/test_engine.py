@@ -9,6 +9,8 @@ same integers the DP layer reads; these tests hold the engine's SQL to that, for
 from __future__ import annotations
 
 import math
+import time
+from concurrent import futures
 from fractions import Fraction
 
 import duckdb
@@ -18,12 +20,13 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from gateway import _mechanisms as mechanisms
-from gateway._engine import build_sql, quote
+from gateway._engine import Engine, build_sql, quote
 from gateway.aggregates import KINDS, Kind
-from gateway.policy import MAX_FIXED_BOUND, Column, Dataset, Source
+from gateway.errors import Unavailable
+from gateway.policy import MAX_FIXED_BOUND, Column, Dataset, Source, load_policy
 from gateway.query import Aggregate, Query
-from tests.helpers.data import exact
-from tests.helpers.policies import example_policy, with_column, write_policy
+from tests.helpers.data import exact, slow_copy
+from tests.helpers.policies import example_policy, with_column, with_slow_dataset, write_policy
 from tests.helpers.servers import ExactNoise, client
 
 
@@ -148,3 +151,25 @@ def test_a_half_unit_bound_charges_what_a_row_can_add_through_the_site(start_sit
     estimate = result.response.rows[0].estimates[0]
     assert estimate.value == pytest.approx(20.2 * above)
     assert estimate.noise_scale == pytest.approx(202 / 1 / 10)  # sensitivity 202 units, in units of 0.1
+
+
+@pytest.mark.slow
+def test_closing_the_engine_stops_its_running_statement(tmp_path, site_data) -> None:
+    """A reload retires an engine and a stopping site closes its own: a statement still running is
+    interrupted (the caller is told to retry; nothing was charged) instead of the close failing on a
+    busy DuckDB connection."""
+    data = slow_copy(site_data, tmp_path / "slow.duckdb", copies=500, work=200)
+    folder = tmp_path / "policy"
+    folder.mkdir()
+    engine = Engine(load_policy(write_policy(folder, data, policy=with_slow_dataset(example_policy()))), tmp_path)
+    engine.prepare_all()
+    query = Query("slow", (Aggregate("sum", "age_at_diagnosis"),))
+    with futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(engine.run, query)
+        time.sleep(0.5)  # inside the statement
+        started = time.monotonic()
+        engine.close()
+        closing = time.monotonic() - started
+        with pytest.raises(Unavailable, match="stopped the query"):
+            running.result(timeout=10)
+    assert closing < 1.0  # the statement alone takes seconds

@@ -43,6 +43,9 @@ class BrokerConfig(_Model):
     sites: tuple[SiteEntry, ...] = Field(min_length=1)
     deadline_seconds: float = Field(default=10.0, gt=0, le=600)
     min_sites: int = Field(default=1, ge=1)
+    # the longest wait between attempts to reach a site that is down: a restarted site answers
+    # again within about this long (plus 20% jitter)
+    reconnect_seconds: float = Field(default=1.0, gt=0, le=120)
 
     @model_validator(mode="after")
     def _consistent(self) -> BrokerConfig:

@@ -7,13 +7,19 @@ site can check its proof; ``query_id`` included, so a retry never charges a site
 each site only the proof of possession addressed to it. It pools the noisy answers:
 counts and sums add with their variances; a mean is the ratio of the pooled noisy sums and
 counts with a delta-method interval. It sees no row and holds no budget.
+
+Faults at a site cost the broker nothing but that site's answer: each call ends by its deadline
+(a site that accepts connections and never answers is missing with reason ``deadline``), all
+calls end when the caller goes, an answer that pooling cannot trust is left out with reason
+``invalid_answer`` (:mod:`._validate`), and a site that restarts is reached again within
+``reconnect_seconds``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
@@ -25,12 +31,14 @@ from .._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from .._server import make_server, target_of
 from .._sqlfront import parse_sql
 from .._transport import Tls, open_channel
+from .._wire import to_structured
 from ..auth import Verifier, authorization_header
 from ..errors import (
     DeadlineExceeded,
     FailedPrecondition,
     GatewayBug,
     GatewayError,
+    InvalidAnswer,
     InvalidQuery,
     ProofRequired,
     Unavailable,
@@ -38,10 +46,14 @@ from ..errors import (
 )
 from ..metrics import BrokerMetrics
 from ..proof import ANY_SERVER, ProofChecker, check_possession
+from ._validate import invalid_answers
 from .config import BrokerConfig
 from .pooling import dataset_differences, pool
 
 log = logging.getLogger("gateway.broker")
+# A site's answer: at most 3 MiB of rows (the site refuses larger ones before any work) and its
+# canonical query (the request is at most 4 MiB); anything larger is a fault at that site.
+SITE_ANSWER_MAX = 8 * 2**20
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,7 @@ class _Outcome:
     site: str
     response: Any = None
     error: GatewayError | GatewayBug | None = None
+    label: str = "ok"  # its gateway_broker_site_requests_total outcome
 
     @property
     def reason(self) -> str:
@@ -65,13 +78,15 @@ class BrokerService(pb_grpc.GatewayServicer):
 
     def __init__(self, config: BrokerConfig, metrics: BrokerMetrics, verifier: Verifier) -> None:
         self.config, self.metrics, self.verifier = config, metrics, verifier
-        self._pool = futures.ThreadPoolExecutor(max_workers=max(4, 4 * len(config.sites)))
         self._proofs = ProofChecker()
-        self._stubs = {s.name: pb_grpc.GatewayStub(open_channel(s.address, s.tls)) for s in config.sites}
+        self._channels = {s.name: open_channel(s.address, s.tls, max_receive=SITE_ANSWER_MAX,
+                                               reconnect_seconds=config.reconnect_seconds) for s in config.sites}
+        self._stubs = {name: pb_grpc.GatewayStub(channel) for name, channel in self._channels.items()}
 
     def close(self) -> None:
-        """Stop the fan-out threads."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Close the channels to the sites, ending any call still in flight."""
+        for channel in self._channels.values():
+            channel.close()
 
     def _authenticate(self, context: grpc.ServicerContext, request: Any, names: Sequence[str]) -> None:
         """Verify the caller's token, and that it holds the token's key, before any work.
@@ -141,11 +156,15 @@ class BrokerService(pb_grpc.GatewayServicer):
             if not request.query_id:
                 raise InvalidQuery("query_id is required through a broker (the gateway client sets one)",
                                    "query_id")
+            shape = request  # what the answers must look like (checked before pooling)
             if request.WhichOneof("body") == "sql":
-                parse_sql(request.sql)  # a caller's SQL mistake is answered once here, not by every site
+                # a caller's SQL mistake is answered once here, not by every site; the sites get the SQL
+                # as the caller signed it
+                shape = pb.QueryRequest(dry_run=request.dry_run,
+                                        structured=to_structured(parse_sql(request.sql)))
         except GatewayError as err:
             context.abort_with_status(err.to_status())
-        outcomes = self._fan("Query", request, context, names)
+        outcomes = self._fan("Query", request, context, names, check=lambda found: _poolable(found, shape))
         answered = [o for o in outcomes if o.response is not None]
         if len(answered) < min(self.config.min_sites, len(names)) or not answered:
             self._abort_missing(outcomes, context, len(answered))
@@ -162,20 +181,25 @@ class BrokerService(pb_grpc.GatewayServicer):
             raise InvalidQuery(f"unknown site(s) {', '.join(unknown)}; this network has: {', '.join(known)}")
         return [n for n in known if n in requested] if requested else known
 
-    def _fan(self, method: str, request: Any, context: grpc.ServicerContext, names: list[str]) -> list[_Outcome]:
+    def _fan(self, method: str, request: Any, context: grpc.ServicerContext, names: list[str],
+             check: Callable[[list[_Outcome]], list[_Outcome]] | None = None) -> list[_Outcome]:
+        """Call ``method`` at each named site; ``check`` may turn answers it cannot use into failures."""
         metadata = [(k, v) for k, v in context.invocation_metadata() if k == "authorization"]
         remaining = context.time_remaining()
         timeout = min(self.config.deadline_seconds, remaining) if remaining is not None else \
             self.config.deadline_seconds
-        calls = {name: self._pool.submit(_call, getattr(self._stubs[name], method), _for_site(request, name),
-                                         metadata, timeout)
+        # asynchronous calls, not a thread each: every call ends by its own deadline however many
+        # queries wait on a silent site, and all of them end when the caller goes
+        calls = {name: getattr(self._stubs[name], method).future(_for_site(request, name), metadata=metadata,
+                                                                  timeout=timeout)
                  for name in names}
-        outcomes = []
-        for name, future in calls.items():
-            outcome = _Outcome(name, *future.result())
-            code = outcome.error.code if outcome.error is not None else None
-            self.metrics.site_requests.labels(name, "ok" if code is None else code.name.lower()).inc()
-            outcomes.append(outcome)
+        if not context.add_callback(lambda: _cancel(calls.values())):
+            _cancel(calls.values())  # the caller had gone already
+        outcomes = [_outcome(name, call) for name, call in calls.items()]
+        if check is not None:
+            outcomes = check(outcomes)
+        for outcome in outcomes:
+            self.metrics.site_requests.labels(outcome.site, outcome.label).inc()
         return outcomes
 
     def _answered_or_abort(self, outcomes: list[_Outcome], context: grpc.ServicerContext) -> list[_Outcome]:
@@ -211,16 +235,31 @@ def _for_site(request: Any, site: str) -> Any:
     return forwarded
 
 
-def _call(method: Callable[..., Any], request: Any, metadata: list[tuple[str, str]],
-          timeout: float) -> tuple[Any, GatewayError | GatewayBug | None]:
+def _outcome(site: str, call: grpc.Future) -> _Outcome:
+    """How one site's call ended (waits for it: each call has its deadline)."""
     try:
-        return method(request, metadata=metadata, timeout=timeout), None
+        return _Outcome(site, call.result())
+    except grpc.FutureCancelledError:
+        return _Outcome(site, error=Unavailable("the call was cancelled: the caller has gone"), label="cancelled")
     except grpc.RpcError as err:
         error = error_from_rpc(err)
         if isinstance(error, ProofRequired):  # the site answers to another name than the broker knows it by
             error = FailedPrecondition(f"the site expects proofs addressed to {', '.join(error.sites)}; the "
                                        "broker's configuration must name it so")
-        return None, error
+        return _Outcome(site, error=error, label=err.code().name.lower())
+
+def _cancel(calls: Iterable[grpc.Future]) -> None:
+    for call in calls:
+        call.cancel()
+
+
+def _poolable(outcomes: list[_Outcome], request: pb.QueryRequest) -> list[_Outcome]:
+    """``outcomes`` with every answer that pooling cannot trust turned into a missing site (invalid_answer)."""
+    problems = invalid_answers([(o.site, o.response) for o in outcomes if o.response is not None], request)
+    for site, problem in problems.items():
+        log.warning("site %s sent an answer that cannot be pooled: %s", site, problem)
+    return [_Outcome(o.site, error=InvalidAnswer(f"its answer cannot be pooled: {problems[o.site]}"),
+                     label="invalid_answer") if o.site in problems else o for o in outcomes]
 
 
 @dataclass
@@ -231,6 +270,7 @@ class RunningBroker:
     port: int
     service: BrokerService
     host: str = "127.0.0.1"
+    workers: futures.Executor | None = None
 
     @property
     def target(self) -> str:
@@ -238,16 +278,18 @@ class RunningBroker:
         return target_of(self.host, self.port)
 
     def stop(self, grace: float = 5.0) -> None:
-        """Stop serving and the fan-out pool."""
+        """Stop serving (in-flight calls get ``grace`` seconds), end the calls to the sites and the worker threads."""
         self.server.stop(grace).wait()
         self.service.close()
+        if self.workers is not None:
+            self.workers.shutdown(wait=False)
 
 
 def build_broker_server(config: BrokerConfig, verifier: Verifier, host: str = "127.0.0.1", port: int = 0,
                         tls: Tls | None = None, metrics: BrokerMetrics | None = None) -> RunningBroker:
     """Start a broker serving gateway.v1 on ``host:port`` (0: any free port)."""
     service = BrokerService(config, metrics or BrokerMetrics(), verifier)
-    server, bound, _health = make_server(service, host, port, tls)
+    server, bound, _health, workers = make_server(service, host, port, tls)
     log.info("broker %s serving on %s:%s for sites %s", config.name, host, bound,
              ", ".join(s.name for s in config.sites))
-    return RunningBroker(server, bound, service, host)
+    return RunningBroker(server, bound, service, host, workers)

@@ -188,8 +188,8 @@ class Pipeline:
             trace: dict[str, object], expired: Callable[[], bool] = lambda: False) -> Answered:
         """Answer one request under one policy snapshot; ``trace`` collects what the audit records.
 
-        ``expired`` tells whether the caller has gone (cancelled, or past its deadline): nothing is
-        charged for an answer nobody can receive.
+        ``expired`` tells whether the caller has gone (cancelled, or past its deadline): the engine
+        stops its statement, and nothing is charged for an answer nobody can receive.
         """
         parsed = parse(request, policy, identity)
         may_query(policy, identity, parsed.dataset)  # before any message can describe the dataset
@@ -218,7 +218,7 @@ class Pipeline:
         if stored is not None:
             return self._replay(stored, query_id, checked.scopes)
         self.ledger.precheck(checked.epsilon, checked.scopes)  # refuse before touching data
-        exact = engine.run(checked.query)  # a failure here has charged nothing
+        exact = engine.run(checked.query, expired)  # a failure here has charged nothing
         rows = release(plan, exact.groups, exact.components, self.noise, policy.suppression.min_count)
         response.rows.extend(rows_to_wire(rows, checked.query.group_by))
         if expired():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent import futures
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from fractions import Fraction
@@ -197,6 +198,7 @@ class RunningSite:
     watcher: PolicyWatcher
     host: str = "127.0.0.1"
     held: StateDir | None = None
+    workers: futures.Executor | None = None
 
     @property
     def target(self) -> str:
@@ -209,6 +211,8 @@ class RunningSite:
             return
         self.watcher.stopped.set()
         self.server.stop(grace).wait()
+        if self.workers is not None:
+            self.workers.shutdown(wait=False)
         self.watcher.close_retired()
         self.state.ledger.close()
         self.state.audit.close()
@@ -240,8 +244,8 @@ def build_site_server(options: SiteOptions, metrics: SiteMetrics | None = None,
                       audit=AuditLog(held.audit), metrics=metrics or SiteMetrics(),
                       verifier=options.verifier, state_dir=options.state_dir, noise=noise or mechanisms.Noise(),
                       allowed_peers=options.allowed_peers)
-    server, port, _health = make_server(SiteService(state), options.host, options.port, options.tls)
+    server, port, _health, workers = make_server(SiteService(state), options.host, options.port, options.tls)
     watcher = PolicyWatcher(state, options.policy, options.reload_interval)
     watcher.start()
     log.info("site %s serving on %s:%s", live.loaded.policy.site, options.host, port)
-    return RunningSite(server, port, state, watcher, options.host, held)
+    return RunningSite(server, port, state, watcher, options.host, held, workers)

@@ -67,6 +67,7 @@ def test_a_good_config_loads_with_tls_paths_relative_to_it(tmp_path: Path) -> No
     config = load_broker_config(path)
     assert (config.name, config.min_sites, [s.name for s in config.sites]) == ("network-broker", 2,
                                                                                ["north", "south"])
+    assert config.reconnect_seconds == 1.0  # a restarted site is reached again within about a second
     tls = config.sites[1].tls
     assert tls is not None and tls.ca == tmp_path / "pki" / "ca.pem" and tls.key == tmp_path / "broker.key"
 
@@ -74,6 +75,8 @@ def test_a_good_config_loads_with_tls_paths_relative_to_it(tmp_path: Path) -> No
 @pytest.mark.parametrize(("text", "expected"), [
     (GOOD.replace("deadline_seconds: 10", "deadline_seconds: 0"),
      ["2: deadline_seconds: Input should be greater than 0"]),
+    (GOOD.replace("min_sites: 2", "min_sites: 2\nreconnect_seconds: 0"),
+     ["4: reconnect_seconds: Input should be greater than 0"]),
     (GOOD.replace("    address: south.example.org:50051\n", "    address: south.example.org:50051\n    port: 1\n"),
      ["9: sites.1.port: Extra inputs are not permitted"]),
     (GOOD.replace("tls: {ca: pki/ca.pem, cert: broker.pem, key: broker.key}", "tls: {ca: pki/ca.pem, colour: x}"),

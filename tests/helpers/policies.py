@@ -62,6 +62,14 @@ def with_epsilon(policy: Policy, **changes: Any) -> Policy:
     return _edited(policy, {"epsilon": _edited(policy.epsilon, changes)})
 
 
+def with_slow_dataset(policy: Policy) -> Policy:
+    """``policy`` with a dataset ``slow``: ``patients`` read from the view ``slow_patients`` (see
+    :func:`tests.helpers.data.slow_copy`), a population of its own."""
+    patients = policy.datasets["patients"]
+    slow = _edited(patients, {"source": _edited(patients.source, {"table": "slow_patients"}), "population": "slow"})
+    return with_policy(policy, datasets={**policy.datasets, "slow": slow})
+
+
 def for_tests(policy: Policy, data: Path) -> Policy:
     """``policy`` with every dataset read from the DuckDB file ``data`` and :data:`TEST_BUDGETS` first."""
     for name, dataset in policy.datasets.items():
