@@ -53,12 +53,13 @@ def start_site(tmp_path: Path, keys: tuple[Path, Path], site_data: Path) -> Iter
 
     def start(noise: mechanisms.Noise | None = None, policy: Path | None = None, state_dir: Path | None = None,
               reload_interval: float = 0.2, metrics: SiteMetrics | None = None, host: str = "127.0.0.1",
-              init: bool = False) -> RunningSite:
+              init: bool = False, rejection_interval: float = 60.0) -> RunningSite:
         folder = tmp_path / f"site{next(numbers)}"  # counted, so a refused start leaves no gap to collide with
         folder.mkdir()
         policy = policy or write_policy(folder, site_data)
         options = SiteOptions(policy, state_dir or folder / "state", Verifier(AuthConfig.from_files([keys[1]])),
-                              host=host, reload_interval=reload_interval, init=init)
+                              host=host, reload_interval=reload_interval, init=init,
+                              rejection_interval=rejection_interval)
         site = build_site_server(options, metrics or SiteMetrics(CollectorRegistry()), noise)
         started.append(site)
         return site
