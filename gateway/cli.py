@@ -144,11 +144,13 @@ def _parser() -> argparse.ArgumentParser:
     diff.set_defaults(run=_policy_diff)
 
     audit = sub.add_parser("audit", help="audit log").add_subparsers(required=True, metavar="ACTION")
-    verify = audit.add_parser("verify", help="check the audit log's hash chain")
-    verify.add_argument("path", type=Path)
+    verify = audit.add_parser("verify", help="check the audit log's hash chain and the ledger's anchors of it")
+    verify.add_argument("path", type=Path, help="the site's state dir, or its audit log file")
+    verify.add_argument("--ledger", type=Path, default=None,
+                        help="the ledger holding the anchors (default: ledger.sqlite beside the audit log)")
     verify.set_defaults(run=_audit_verify)
     tail = audit.add_parser("tail", help="print the last audit records")
-    tail.add_argument("path", type=Path)
+    tail.add_argument("path", type=Path, help="the site's state dir, or its audit log file")
     tail.add_argument("-n", type=int, default=20)
     tail.set_defaults(run=_audit_tail)
     return parser
@@ -431,26 +433,43 @@ def _policy_diff(args: argparse.Namespace) -> int:
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
-    from .audit import verify
+    import sqlite3
 
-    if not args.path.is_file():
-        raise UserError(f"no audit log at {args.path}")
-    result = verify(args.path)
+    from .audit import verify
+    from .ledger import anchors
+
+    path = _audit_log(args.path)
+    ledger = args.ledger if args.ledger is not None else path.parent / "ledger.sqlite"
+    if args.ledger is not None and not ledger.is_file():
+        raise UserError(f"no ledger at {ledger}")
+    checked = ledger.is_file() and ledger.stat().st_size > 0
+    try:
+        result = verify(path, anchors(ledger) if checked else None)
+    except sqlite3.Error as err:
+        raise UserError(f"cannot read the ledger {ledger}: {err}") from None
+    against = (f"{result.anchors} release record(s) match their anchors in {ledger}" if checked else
+               "no ledger beside it: a truncated or recomputed chain cannot be detected (give --ledger)")
     if result.ok:
-        print(f"{args.path}: ok, {result.records} records, chain intact")
+        print(f"{path}: ok, {result.records} records, chain intact; {against}")
         return 0
-    print(f"{args.path}: TAMPERED: {result.problem} ({result.records} records verified before it)", file=sys.stderr)
+    print(f"{path}: TAMPERED: {result.problem} ({result.records} records verified before it)", file=sys.stderr)
     return 1
 
 
 def _audit_tail(args: argparse.Namespace) -> int:
     from .audit import tail
 
-    if not args.path.is_file():
-        raise UserError(f"no audit log at {args.path}")
-    for record in tail(args.path, args.n):
+    for record in tail(_audit_log(args.path), args.n):
         print(json.dumps(record, sort_keys=True))
     return 0
+
+
+def _audit_log(path: Path) -> Path:
+    """The audit log a command names: the file itself, or the one in a state dir."""
+    log_file = path / "audit.jsonl" if path.is_dir() else path
+    if not log_file.is_file():
+        raise UserError(f"no audit log at {log_file}")
+    return log_file
 
 
 if __name__ == "__main__":

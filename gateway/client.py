@@ -117,15 +117,17 @@ class Client:
 
     ``token``: the caller's JWT; ``proof_key``: the private key it is bound to (a
     :class:`~gateway.proof.ProofKey`, PEM bytes or a PEM file's path; default: the file named by
-    ``$GATEWAY_PROOF_KEY``).
+    ``$GATEWAY_PROOF_KEY``). ``sign_for``: the names of the sites the target calls (a site: its own),
+    when known; otherwise the first call learns them (one extra round trip).
     """
 
     def __init__(self, target: str, token: str | None = None, tls: Tls | None = None,
                  timeout: float = 60.0, retries: int = 3,
-                 proof_key: ProofKey | bytes | str | Path | None = None) -> None:
+                 proof_key: ProofKey | bytes | str | Path | None = None, sign_for: Sequence[str] = ()) -> None:
         self.target, self.token, self.timeout, self.retries = target, token, timeout, retries
         self._proof_key = _proof_key(proof_key) if token else None
-        self._sites: set[str] = set()  # names the proofs are addressed to, learned from ProofRequired
+        # names the proofs are addressed to: given (saves the first call's round trip), or learned
+        self._sites: set[str] = set(sign_for)
         self._channel = open_channel(target, tls)
         self._stub = pb_grpc.GatewayStub(self._channel)
 

@@ -219,6 +219,20 @@ class Unavailable(GatewayError):
     code, reason_code = grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE"
 
 
+class AuditUnavailable(Unavailable):
+    """The site cannot write its audit log (disk full or failing), so it releases nothing.
+
+    A site-side refinement of :class:`Unavailable` (it travels as UNAVAILABLE): ``recorded`` says
+    the answer was charged and its audit record is kept, to be written when the disk allows, so
+    the edge must not record the query a second time; a retry with the same query_id receives the
+    answer at no further cost.
+    """
+
+    def __init__(self, message: str, recorded: bool = False) -> None:
+        super().__init__(message)
+        self.recorded = recorded
+
+
 class DeadlineExceeded(GatewayError):
     """The call did not finish in time; retrying with the same query_id is safe."""
 

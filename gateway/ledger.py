@@ -6,6 +6,13 @@ site replicas would implement); :class:`SqliteLedger` is the embedded default (S
 budget of 1 exactly. A charge is made once the noisy answer exists: one transaction checks every
 scope, charges them all and stores the answer with the charge, so a retry with the same query_id
 gets that answer for free. :func:`check_affordable` is the one affordability test.
+
+The same transaction anchors the release's audit record (DESIGN §7: the record is durable
+together with the release): the record is sealed into the audit chain before the commit, its seq,
+hash and text are stored with the charge, and the charge returns once the record is durable in the
+audit log too. A crash in between loses nothing (the audit log restores anchored records it lacks
+from :func:`anchored_records` at start), and :func:`anchors` lets ``gateway audit verify`` see a
+truncated or recomputed chain. A disk that refuses a write is :class:`~.errors.Unavailable`.
 """
 
 from __future__ import annotations
@@ -14,14 +21,16 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
-from .errors import BudgetExhausted, InternalBug
+from .audit import Anchor, AuditLog, Entry, Seal
+from .errors import BudgetExhausted, FailedPrecondition, InternalBug, Unavailable
 
 T = TypeVar("T")
 log = logging.getLogger("gateway.ledger")
@@ -100,11 +109,15 @@ class Ledger(Protocol):
         ...
 
     def charge(self, project: str, query_id: str, canonical_hash: str, epsilon: Fraction,
-               scopes: Sequence[Scope], answer: bytes) -> int:
+               scopes: Sequence[Scope], answer: bytes, record: Mapping[str, object] | None = None) -> int:
         """Atomically check every scope has ``epsilon`` left, charge them all and store ``answer``.
 
-        Durable on return. Raises :class:`BudgetExhausted`, or :class:`QueryIdInUse` when the
-        project already has a charge under ``query_id``.
+        ``record`` is the release's audit record: the same transaction seals it into the audit chain
+        (its ``charge_id`` added) and stores it with the charge. Durable on return, and so is the
+        record. Raises :class:`BudgetExhausted`, :class:`QueryIdInUse` when the project already has
+        a charge under ``query_id``, :class:`~.errors.Unavailable` when storage fails (nothing
+        charged), or :class:`~.errors.AuditUnavailable` with ``recorded`` when the charge is
+        committed but its record is not yet written (the answer must not be released).
         """
         ...
 
@@ -137,6 +150,9 @@ CREATE TABLE IF NOT EXISTS charges (
     owner TEXT NOT NULL,
     answer BLOB,
     created REAL NOT NULL,
+    audit_seq INTEGER,  -- the anchor: the release's audit record, its seq and hash (since version 3)
+    audit_hash TEXT,
+    audit_record TEXT,
     UNIQUE (project, query_id)
 );
 CREATE INDEX IF NOT EXISTS charges_canonical ON charges (project, canonical_hash, status);
@@ -153,7 +169,9 @@ CREATE TABLE IF NOT EXISTS windows (  -- the window in force per scope: it ends 
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-VERSION = 2  # 2: spend per absolute window and population scopes
+VERSION = 3  # 2: spend per absolute window and population scopes; 3: charges anchor their audit records
+LEDGER_UNAVAILABLE = ("the site cannot write its budget ledger (its disk is full or failing); nothing was charged "
+                      "or released; retry later with the same query_id")
 
 
 class QueryIdInUse(Exception):
@@ -161,16 +179,21 @@ class QueryIdInUse(Exception):
 
 
 class SqliteLedger:
-    """The embedded ledger: one SQLite file in WAL mode with full sync."""
+    """The embedded ledger: one SQLite file in WAL mode with full sync.
 
-    def __init__(self, path: Path) -> None:
+    With ``audit``, every charge given a record anchors it in that audit log (see the module).
+    """
+
+    def __init__(self, path: Path, audit: AuditLog | None = None) -> None:
         self.path = path
+        self.audit = audit
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._guard = threading.Lock()
         con = self._conn()
         con.executescript(_SCHEMA)
         _migrate_reserved_charges(con)
+        _add_audit_anchors(con)
         row = con.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
         if row is None:  # a new ledger is current; one with spend and no version was written by 0.1.x
             old = con.execute("SELECT 1 FROM spend LIMIT 1").fetchone() is not None
@@ -179,6 +202,9 @@ class SqliteLedger:
                 con.execute("INSERT INTO meta (key, value) VALUES ('version', ?)", (str(VERSION),))
         else:
             self.version = int(row[0])
+        if self.version > VERSION:
+            raise FailedPrecondition(f"the ledger {path} was written by a newer gateway (ledger version "
+                                     f"{self.version}; this one reads up to {VERSION}); run that version")
         # group commit: one writer thread applies every pending write in one transaction (one fsync)
         self._pending: list[_Write[Any]] = []
         self._wake = threading.Condition()
@@ -209,9 +235,13 @@ class SqliteLedger:
                 con.close()
             self._all.clear()
 
-    def _write(self, apply: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``apply`` in the next group transaction; returns once that transaction is durable."""
-        op: _Write[T] = _Write(apply)
+    def _write(self, apply: Callable[[sqlite3.Connection], T], record: Mapping[str, object] | None = None
+               ) -> _Write[T]:
+        """Run ``apply`` in the next group transaction; returns once that transaction is durable.
+
+        ``apply`` returns a charge id when given a ``record`` to anchor with that charge.
+        """
+        op: _Write[T] = _Write(apply, record if self.audit is not None else None)
         with self._wake:
             if self._closed:
                 raise InternalBug("the ledger is closed")
@@ -220,7 +250,7 @@ class SqliteLedger:
         op.done.wait()
         if op.error is not None:
             raise op.error
-        return op.result  # type: ignore[return-value]
+        return op
 
     def _write_loop(self) -> None:
         while True:
@@ -234,6 +264,8 @@ class SqliteLedger:
 
     def _commit(self, batch: list[_Write[Any]]) -> None:
         con = self._conn()
+        seal: Seal | None = None
+        committed = False
         try:
             con.execute("BEGIN IMMEDIATE")
             for op in batch:  # each write succeeds or fails on its own, inside the shared transaction
@@ -242,25 +274,53 @@ class SqliteLedger:
                     op.result = op.apply(con)
                 except Exception as err:  # handed to the caller of this write
                     con.execute("ROLLBACK TO op")
-                    op.error = err
+                    op.error = _storage_error(err, self.path)
                 con.execute("RELEASE op")
+            seal = self._anchor(con, [op for op in batch if op.error is None and op.record is not None])
             con.execute("COMMIT")
+            committed = True
         except Exception as err:  # the transaction itself failed: nothing in it is durable
-            if con.in_transaction:
-                con.execute("ROLLBACK")
+            try:
+                if con.in_transaction:
+                    con.execute("ROLLBACK")
+            except sqlite3.Error:
+                log.exception("ledger %s: rollback failed", self.path)
             for op in batch:
-                op.error = op.error or err
+                op.error = op.error or _storage_error(err, self.path)
+        finally:
+            if seal is not None:
+                seal.resolve(committed)
         for op in batch:
             op.done.set()
 
+    def _anchor(self, con: sqlite3.Connection, ops: list[_Write[Any]]) -> Seal | None:
+        """Seal the records of this transaction's charges into the audit chain and store each with its charge.
+
+        Sealing comes after every budget check, so only a failed commit can void the records.
+        """
+        if not ops or self.audit is None:
+            return None
+        seal = self.audit.seal([{**(op.record or {}), "charge_id": op.result} for op in ops])
+        try:
+            for op, entry in zip(ops, seal.entries, strict=True):
+                con.execute("UPDATE charges SET audit_seq = ?, audit_hash = ?, audit_record = ? WHERE id = ?",
+                            (entry.seq, entry.hash, entry.text, op.result))
+                op.entry = entry
+        except BaseException:
+            seal.resolve(False)
+            raise
+        return seal
+
     def precheck(self, epsilon: Fraction, scopes: Sequence[Scope]) -> None:
         """See :meth:`Ledger.precheck`."""
-        con = self._conn()
-        for scope in scopes:
-            check_affordable(scope, _state(con, scope), epsilon)
+        with _storage(self.path):
+            con = self._conn()
+            states = [_state(con, scope) for scope in scopes]
+        for scope, state in zip(scopes, states, strict=True):
+            check_affordable(scope, state, epsilon)
 
     def charge(self, project: str, query_id: str, canonical_hash: str, epsilon: Fraction,
-               scopes: Sequence[Scope], answer: bytes) -> int:
+               scopes: Sequence[Scope], answer: bytes, record: Mapping[str, object] | None = None) -> int:
         """See :meth:`Ledger.charge`."""
         if epsilon <= 0:
             raise InternalBug("a charge must be positive")
@@ -288,10 +348,14 @@ class SqliteLedger:
             assert cur.lastrowid is not None
             return cur.lastrowid
 
-        return self._write(apply)
+        op = self._write(apply, record)
+        if op.entry is not None:
+            op.entry.wait()  # the answer may leave only with its audit record
+        assert op.result is not None
+        return op.result
 
     def migrate(self, convert: Callable[[str, int], tuple[str, int, int | None] | None], at: int) -> int:
-        """Migrate a ledger written by 0.1.x (spend per dataset and period index) to version 2.
+        """Migrate a ledger written by 0.1.x (spend per dataset and period index) to the current version.
 
         ``convert(key, period_index)`` gives the new scope key and that period's window [start, end)
         in epoch seconds, or None to leave a row alone (a dataset the policy no longer has). Spend
@@ -314,7 +378,8 @@ class SqliteLedger:
             con.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('version', ?)", (str(VERSION),))
             return moved
 
-        moved = self._write(apply)
+        moved = self._write(apply).result
+        assert moved is not None
         self.version = VERSION
         log.warning("ledger migrated to version %d: %d budget row(s) moved to population scopes and windows",
                     VERSION, moved)
@@ -322,23 +387,26 @@ class SqliteLedger:
 
     def find(self, project: str, query_id: str) -> ChargeRecord | None:
         """See :meth:`Ledger.find`."""
-        row = self._conn().execute(
-            "SELECT id, canonical_hash, epsilon, answer FROM charges WHERE project = ? AND query_id = ?"
-            " AND status = 'released'", (project, query_id)).fetchone()
+        with _storage(self.path):
+            row = self._conn().execute(
+                "SELECT id, canonical_hash, epsilon, answer FROM charges WHERE project = ? AND query_id = ?"
+                " AND status = 'released'", (project, query_id)).fetchone()
         if row is None:
             return None
         return ChargeRecord(row[0], project, query_id, row[1], Fraction(row[2]), bytes(row[3] or b""))
 
     def find_answer(self, project: str, canonical_hash: str) -> bytes | None:
         """See :meth:`Ledger.find_answer`."""
-        row = self._conn().execute(
-            "SELECT answer FROM charges WHERE project = ? AND canonical_hash = ? AND status = 'released'"
-            " ORDER BY id LIMIT 1", (project, canonical_hash)).fetchone()
+        with _storage(self.path):
+            row = self._conn().execute(
+                "SELECT answer FROM charges WHERE project = ? AND canonical_hash = ? AND status = 'released'"
+                " ORDER BY id LIMIT 1", (project, canonical_hash)).fetchone()
         return None if row is None else bytes(row[0])
 
     def state(self, scope: Scope) -> BudgetState:
         """See :meth:`Ledger.state`."""
-        return _state(self._conn(), scope)
+        with _storage(self.path):
+            return _state(self._conn(), scope)
 
     def total_spent(self) -> Fraction:
         """Sum of every charge that still counts (for audits and tests)."""
@@ -361,13 +429,79 @@ def _migrate_reserved_charges(con: sqlite3.Connection) -> None:
 
 
 class _Write(Generic[T]):
-    """One pending write for the group-commit thread."""
+    """One pending write for the group-commit thread (a charge carries the audit record it anchors)."""
 
-    def __init__(self, apply: Callable[[sqlite3.Connection], T]) -> None:
+    def __init__(self, apply: Callable[[sqlite3.Connection], T], record: Mapping[str, object] | None = None) -> None:
         self.apply = apply
+        self.record = record
+        self.entry: Entry | None = None  # the record, once sealed into the audit chain
         self.done = threading.Event()
         self.result: T | None = None
         self.error: Exception | None = None
+
+
+def _add_audit_anchors(con: sqlite3.Connection) -> None:
+    """Migration to version 3: charges anchor their audit records. Idempotent; runs at every open.
+
+    Older charges have no anchor (NULL): their records were written before anchoring existed.
+    """
+    columns = {row[1] for row in con.execute("PRAGMA table_info(charges)")}
+    if "audit_seq" not in columns:
+        con.execute("BEGIN IMMEDIATE")
+        for column, kind in (("audit_seq", "INTEGER"), ("audit_hash", "TEXT"), ("audit_record", "TEXT")):
+            con.execute(f"ALTER TABLE charges ADD COLUMN {column} {kind}")
+        con.execute("UPDATE meta SET value = ? WHERE key = 'version' AND value = '2'", (str(VERSION),))
+        con.execute("COMMIT")
+        log.warning("ledger migrated to version %d: charges now anchor their audit records", VERSION)
+    con.execute("CREATE INDEX IF NOT EXISTS charges_audit ON charges (audit_seq) WHERE audit_seq IS NOT NULL")
+
+
+def anchored_records(path: Path, after: int) -> list[str]:
+    """The audit records anchored in the ledger at ``path`` after seq ``after``, in seq order (see the module)."""
+    con = sqlite3.connect(path)
+    try:
+        if not _has_anchors(con):
+            return []
+        rows = con.execute("SELECT audit_record FROM charges WHERE audit_seq > ? ORDER BY audit_seq",
+                           (after,)).fetchall()
+        return [str(row[0]) for row in rows]
+    finally:
+        con.close()
+
+
+def anchors(path: Path) -> Iterator[Anchor]:
+    """Every anchor in the ledger at ``path`` (read only), in seq order: what ``gateway audit verify`` checks."""
+    con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        if not _has_anchors(con):
+            return
+        for seq, digest, charge_id in con.execute(
+                "SELECT audit_seq, audit_hash, id FROM charges WHERE audit_seq IS NOT NULL ORDER BY audit_seq"):
+            yield Anchor(int(seq), str(digest), int(charge_id))
+    finally:
+        con.close()
+
+
+def _has_anchors(con: sqlite3.Connection) -> bool:
+    return "audit_seq" in {row[1] for row in con.execute("PRAGMA table_info(charges)")}
+
+
+@contextmanager
+def _storage(path: Path) -> Iterator[None]:
+    """Turn a failing disk under the ledger into :class:`~.errors.Unavailable`."""
+    try:
+        yield
+    except Exception as err:
+        raise _storage_error(err, path) from err
+
+
+def _storage_error(err: Exception, path: Path) -> Exception:
+    """The error a caller gets for ``err``: Unavailable when the ledger's storage failed, else ``err`` itself."""
+    if not isinstance(err, OSError | sqlite3.DatabaseError) or isinstance(
+            err, sqlite3.IntegrityError | sqlite3.ProgrammingError | sqlite3.InterfaceError):
+        return err  # the caller's error, or a bug in what we asked of SQLite: not the disk
+    log.error("ledger %s: %s: %s", path, type(err).__name__, err)
+    return Unavailable(LEDGER_UNAVAILABLE)
 
 
 def _in_force(con: sqlite3.Connection, scope: Scope) -> tuple[int, int | None]:

@@ -68,7 +68,7 @@ def start_site(tmp_path: Path, keys: tuple[Path, Path], site_data: Path) -> Iter
     def start(noise: mechanisms.Noise | None = None, policy: Path | None = None, state_dir: Path | None = None,
               reload_interval: float = 0.2, metrics: SiteMetrics | None = None, host: str = "127.0.0.1",
               init: bool = False, name: str | None = None, verifier: Verifier | None = None,
-              port: int = 0) -> RunningSite:
+              port: int = 0, rejection_interval: float = 60.0) -> RunningSite:
         """``name``: the site's name (its policy's ``site``), which a broker must know it by."""
         folder = tmp_path / f"site{next(numbers)}"  # counted, so a refused start leaves no gap to collide with
         folder.mkdir()
@@ -76,8 +76,8 @@ def start_site(tmp_path: Path, keys: tuple[Path, Path], site_data: Path) -> Iter
         if name is not None:
             policy = dump_policy(with_policy(load_policy(policy).policy, site=name), folder / f"{name}.yaml")
         verifier = verifier or Verifier(AuthConfig.from_files([keys[1]]))
-        options = SiteOptions(policy, state_dir or folder / "state", verifier,
-                              host=host, port=port, reload_interval=reload_interval, init=init)
+        options = SiteOptions(policy, state_dir or folder / "state", verifier, host=host, port=port,
+                              reload_interval=reload_interval, init=init, rejection_interval=rejection_interval)
         site = build_site_server(options, metrics or SiteMetrics(CollectorRegistry()), noise)
         started.append(site)
         return site

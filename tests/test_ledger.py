@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import multiprocessing
 import shutil
 import sqlite3
@@ -15,8 +17,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from gateway.errors import BudgetExhausted, InternalBug
-from gateway.ledger import BudgetState, QueryIdInUse, Scope, SqliteLedger, Window
+from gateway.audit import Anchor, AuditLog, tail, verify
+from gateway.errors import BudgetExhausted, FailedPrecondition, InternalBug, Unavailable
+from gateway.ledger import VERSION, BudgetState, QueryIdInUse, Scope, SqliteLedger, Window, anchored_records, anchors
 
 CAP_LABEL = "all projects (dataset-wide cap)"
 
@@ -474,3 +477,139 @@ def test_8_processes_on_one_file_never_overspend(tmp_path: Path) -> None:
         assert rows == (10,)
     finally:
         led.close()
+
+
+# -- the audit anchor ------------------------------------------------------------------------------
+
+def _audited(tmp_path: Path) -> tuple[SqliteLedger, AuditLog]:
+    audit = AuditLog(tmp_path / "audit.jsonl", anchored=lambda seq: anchored_records(tmp_path / "ledger.sqlite", seq))
+    return SqliteLedger(tmp_path / "ledger.sqlite", audit), audit
+
+
+def test_a_charge_anchors_its_audit_record_in_its_transaction(tmp_path: Path) -> None:
+    led, audit = _audited(tmp_path)
+    try:
+        audit.append(event="query", outcome="invalid")
+        charge_id = led.charge("p1", "q1", "h1", Fraction(1, 4), [project_scope()], b"answer",
+                               record={"event": "query", "outcome": "ok", "query_id": "q1"})
+        records = tail(tmp_path / "audit.jsonl")  # durable on return, with the charge
+        assert [r["outcome"] for r in records] == ["invalid", "ok"] and records[1]["charge_id"] == charge_id
+        row = led._conn().execute("SELECT audit_seq, audit_hash, audit_record FROM charges WHERE id = ?",
+                                  (charge_id,)).fetchone()
+        assert row[:2] == (2, records[1]["hash"]) and json.loads(row[2]) == records[1]
+        assert anchored_records(tmp_path / "ledger.sqlite", 1) == [row[2]]
+        assert anchored_records(tmp_path / "ledger.sqlite", 2) == []
+        assert list(anchors(tmp_path / "ledger.sqlite")) == [Anchor(2, records[1]["hash"], charge_id)]
+    finally:
+        led.close()
+        audit.close()
+    assert verify(tmp_path / "audit.jsonl", anchors(tmp_path / "ledger.sqlite")).anchors == 1
+
+
+def test_a_refused_charge_seals_no_record(tmp_path: Path) -> None:
+    led, audit = _audited(tmp_path)
+    try:
+        with pytest.raises(BudgetExhausted):
+            led.charge("p1", "q1", "h1", Fraction(2), [project_scope(limit=1)], b"a", record={"event": "query"})
+        led.charge("p1", "q2", "h2", Fraction(1, 2), [project_scope(limit=1)], b"a", record={"event": "query"})
+        with pytest.raises(QueryIdInUse):
+            led.charge("p1", "q2", "h2", Fraction(1, 2), [project_scope(limit=1)], b"a", record={"event": "query"})
+    finally:
+        led.close()
+        audit.close()
+    assert [r["charge_id"] for r in tail(tmp_path / "audit.jsonl")] == [1]
+
+
+def test_charges_committed_together_are_anchored_in_one_unbroken_chain(tmp_path: Path) -> None:
+    led, audit = _audited(tmp_path)
+    scope = project_scope(limit=Fraction(100))
+    barrier = threading.Barrier(32)
+    errors: list[BaseException] = []
+
+    def work(worker: int) -> None:
+        try:
+            barrier.wait()
+            for i in range(5):
+                if i % 2:
+                    audit.append(event="query", outcome="invalid", worker=worker)
+                led.charge("p1", f"w{worker}-{i}", "h", Fraction(1, 10), [scope], b"a",
+                           record={"event": "query", "outcome": "ok", "worker": worker, "i": i})
+        except BaseException as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    led.close()
+    audit.close()
+    assert errors == []
+    result = verify(tmp_path / "audit.jsonl", anchors(tmp_path / "ledger.sqlite"))
+    assert (result.ok, result.records, result.anchors) == (True, 32 * 7, 32 * 5)
+
+
+_V2_SCHEMA = """
+CREATE TABLE charges (id INTEGER PRIMARY KEY, project TEXT NOT NULL, query_id TEXT NOT NULL,
+    canonical_hash TEXT NOT NULL, epsilon TEXT NOT NULL, scopes TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('reserved', 'released', 'refunded')), owner TEXT NOT NULL, answer BLOB,
+    created REAL NOT NULL, UNIQUE (project, query_id));
+CREATE INDEX charges_canonical ON charges (project, canonical_hash, status);
+CREATE TABLE spend (scope TEXT NOT NULL, period INTEGER NOT NULL, spent TEXT NOT NULL, PRIMARY KEY (scope, period));
+CREATE TABLE windows (scope TEXT PRIMARY KEY, start INTEGER NOT NULL, finish INTEGER);
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT INTO meta VALUES ('version', '2');
+INSERT INTO spend VALUES ('project:p1:ds', 0, '1/4');
+INSERT INTO windows VALUES ('project:p1:ds', 0, 1);
+INSERT INTO charges (project, query_id, canonical_hash, epsilon, scopes, status, owner, answer, created)
+    VALUES ('p1', 'old', 'h-old', '1/4', 'project:p1:ds@0', 'released', '', x'6f6c64', 0);
+"""
+
+
+def test_a_version_2_ledger_is_migrated_to_anchor_audit_records(tmp_path: Path, caplog) -> None:
+    """A ledger as 0.2 wrote it: no anchor columns. Its charges stay, without anchors; new ones are anchored."""
+    path = tmp_path / "ledger.sqlite"
+    raw = sqlite3.connect(path)
+    raw.executescript(_V2_SCHEMA)
+    raw.close()
+    assert anchored_records(path, 0) == [] and list(anchors(path)) == []  # readable before the migration
+    with caplog.at_level(logging.WARNING, logger="gateway.ledger"):
+        led, audit = _audited(tmp_path)
+    try:
+        assert led.version == VERSION == 3
+        assert any("migrated to version 3" in r.getMessage() for r in caplog.records)
+        old = led.find("p1", "old")
+        assert old is not None and old.answer == b"old" and led.state(project_scope()).spent == Fraction(1, 4)
+        led.charge("p1", "new", "h-new", Fraction(1, 4), [project_scope()], b"new", record={"event": "query"})
+        assert [a.charge_id for a in anchors(path)] == [2]
+    finally:
+        led.close()
+        audit.close()
+    again = SqliteLedger(path)  # idempotent
+    assert again.version == 3
+    again.close()
+    assert verify(tmp_path / "audit.jsonl", anchors(path)).anchors == 1
+
+
+def test_a_ledger_written_by_a_newer_version_refuses_to_open(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite"
+    SqliteLedger(path).close()
+    raw = sqlite3.connect(path)
+    raw.execute("UPDATE meta SET value = '99' WHERE key = 'version'")
+    raw.commit()
+    raw.close()
+    with pytest.raises(FailedPrecondition, match=r"ledger .* was written by a newer gateway \(ledger version 99; "
+                                                  r"this one reads up to 3\)"):
+        SqliteLedger(path)
+
+
+def test_a_failing_disk_under_the_ledger_is_unavailable_never_a_bug() -> None:
+    from gateway.ledger import _storage_error
+
+    for err in (sqlite3.OperationalError("database or disk is full"), sqlite3.OperationalError("disk I/O error"),
+                sqlite3.DatabaseError("database disk image is malformed"), OSError(28, "No space left on device")):
+        mapped = _storage_error(err, Path("ledger.sqlite"))
+        assert isinstance(mapped, Unavailable) and "nothing was charged" in mapped.message
+    for err in (sqlite3.IntegrityError("UNIQUE constraint failed"), ValueError("x"), BudgetExhausted(
+            "ds", Fraction(1), Fraction(0))):
+        assert _storage_error(err, Path("ledger.sqlite")) is err

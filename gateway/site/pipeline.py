@@ -5,8 +5,9 @@ query_id, stored answer, read-only precheck) -> engine -> mechanism -> charge ->
 step takes what the one before produced and none reaches back; the policy is read once, by the
 caller, and passed down, so a reload in the middle of a request cannot mix two policies.
 
-The charge comes last: one durable transaction re-checks the budget, charges every scope and
-stores the noisy answer, and only then does the answer leave the process. A query that loses a
+The charge comes last: one durable transaction re-checks the budget, charges every scope, stores
+the noisy answer and anchors the release's audit record (built from ``trace``), and only once that
+record is durable in the audit log too does the answer leave the process. A query that loses a
 race for the last budget is refused, its noisy value discarded unseen.
 
 The gRPC edge (:mod:`.service`) keeps identity, guarding, audit and metrics.
@@ -61,10 +62,14 @@ class Checked:
 
 @dataclass(frozen=True)
 class Answered:
-    """What the pipeline hands the edge: the response and the budgets as they stand after it."""
+    """What the pipeline hands the edge: the response, the budgets as they stand after it.
+
+    ``audited``: its audit record is written already (a fresh release's is, with its charge).
+    """
 
     response: pb.QueryResponse
     budgets: tuple[tuple[Scope, BudgetState], ...] = ()
+    audited: bool = False
 
 
 # -- parse and check --------------------------------------------------------------------------------
@@ -224,15 +229,17 @@ class Pipeline:
         if expired():
             raise DeadlineExceeded("the call ended (deadline or cancel) before its answer was ready; nothing was "
                                    "charged; retry with a longer deadline")
+        record = {**trace, "outcome": "ok", "epsilon_charged": response.epsilon_charged}  # the release's audit record
         try:
             trace["charge_id"] = self.ledger.charge(identity.project, query_id, checked.canonical_hash,
-                                                    checked.epsilon, checked.scopes, response.SerializeToString())
+                                                    checked.epsilon, checked.scopes, response.SerializeToString(),
+                                                    record=record)
         except QueryIdInUse:  # the same query_id was answered concurrently: give that answer
             found = self.ledger.find(identity.project, query_id)
             if found is None or found.canonical_hash != checked.canonical_hash:
                 raise Unavailable(f"query_id {query_id!r} is being answered right now; retry shortly") from None
             return self._replay(found.answer, query_id, checked.scopes)
-        return self._with_budgets(response, checked.scopes)
+        return self._with_budgets(response, checked.scopes, audited=True)
 
     def _stored(self, project: str, query_id: str, checked: Checked) -> bytes | None:
         """A stored answer: to this query_id (a retry), or to the same canonical query (free)."""
@@ -249,11 +256,12 @@ class Pipeline:
         response.query_id, response.cached, response.epsilon_charged = query_id, True, 0.0
         return self._with_budgets(response, scopes)
 
-    def _with_budgets(self, response: pb.QueryResponse, scopes: tuple[Scope, ...]) -> Answered:
+    def _with_budgets(self, response: pb.QueryResponse, scopes: tuple[Scope, ...], audited: bool = False
+                      ) -> Answered:
         budgets = tuple((scope, self.ledger.state(scope)) for scope in scopes)
         # the project's own budget only: a shared cap's remaining would tell what other projects spent
         response.budget_remaining = float(min(state.remaining for scope, state in budgets if not scope.shared))
-        return Answered(response, budgets)
+        return Answered(response, budgets, audited)
 
 
 # -- the other calls --------------------------------------------------------------------------------

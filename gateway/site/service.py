@@ -4,11 +4,17 @@ Every call is authenticated here (token, and with mTLS the peer's certificate na
 then handed to :class:`~.pipeline.Pipeline` with one snapshot of the live policy, and the edge
 records the outcome in the audit log and the metrics. A caller's mistake becomes its rich gRPC
 status; anything else is logged here and answered INTERNAL, with no detail.
+
+No answer or refusal leaves without its durable audit record (a fresh release's is written with
+its charge): when the record cannot be written the call is answered UNAVAILABLE instead. Calls
+without valid credentials are the exception: they are counted per source and recorded at most
+once per interval (:class:`~._rejections.RejectionCounter`), so an outsider cannot fill the disk.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from concurrent import futures
@@ -16,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from fractions import Fraction
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
@@ -27,15 +33,16 @@ from .._server import make_server, target_of
 from .._transport import Tls
 from ..audit import AuditLog
 from ..auth import Identity, Verifier, authorization_header
-from ..errors import INTERNAL_MESSAGE, GatewayError, InternalBug, PermissionDenied
+from ..errors import INTERNAL_MESSAGE, AuditUnavailable, GatewayError, InternalBug, PermissionDenied
 from ..ledger import VERSION as LEDGER_VERSION
-from ..ledger import Ledger, SqliteLedger
+from ..ledger import Ledger, SqliteLedger, anchored_records
 from ..metrics import SiteMetrics
 from ..proof import ProofCarrier, ProofChecker, check_possession
 from ._datasets import dataset_to_wire
+from ._rejections import RejectionCounter
 from ._reload import Live, PolicyWatcher, load_live
 from ._statedir import StateDir, hold_state_dir, readable_ledger
-from .pipeline import Pipeline, legacy_scopes, project_budgets, usable_datasets
+from .pipeline import Answered, Pipeline, legacy_scopes, project_budgets, usable_datasets
 
 log = logging.getLogger("gateway.site")
 T = TypeVar("T")
@@ -54,6 +61,7 @@ class SiteState:
     noise: mechanisms.Noise = field(default_factory=mechanisms.Noise)
     allowed_peers: tuple[str, ...] = ()
     proofs: ProofChecker = field(default_factory=ProofChecker)
+    rejections: RejectionCounter = field(default_factory=RejectionCounter)
 
 
 class SiteService(pb_grpc.GatewayServicer):
@@ -95,38 +103,74 @@ class SiteService(pb_grpc.GatewayServicer):
 
     def Query(self, request: pb.QueryRequest, context: grpc.ServicerContext) -> pb.QueryResponse:
         started = time.perf_counter()
-        record: dict[str, object] = {"event": "query", "dry_run": request.dry_run}
-        dataset = "_unknown"
+        for due in self.state.rejections.due(time.time()):
+            self._record_rejections(due)
         try:
             identity = self._identify(context, request)
-            record.update(subject=identity.subject, project=identity.project, role=identity.role)
-            response = self._query(request, identity, record, context)
-            dataset = response.dataset
-            outcome = "dry_run" if response.dry_run else "cached" if response.cached else "ok"
         except GatewayError as err:
-            outcome = err.outcome
-            dataset = str(record.get("dataset", "_unknown"))
-            record.update(outcome=outcome, status=err.code.name, reason=err.message[:300])
-            self._finish(record, dataset, outcome, started)
-            context.abort_with_status(err.to_status())
+            self._unidentified(context, err, started)
+        record: dict[str, object] = {"event": "query", "dry_run": request.dry_run, "subject": identity.subject,
+                                     "project": identity.project, "role": identity.role}
+        try:
+            answered = self._query(request, identity, record, context)
+        except GatewayError as err:
+            self._refuse(context, record, err, started)
         except Exception:
             log.exception("query failed")
-            record.update(outcome="error", status="INTERNAL")
-            self._finish(record, str(record.get("dataset", "_unknown")), "error", started)
-            context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+            self._refuse(context, record, None, started)
+        response = answered.response
+        outcome = "dry_run" if response.dry_run else "cached" if response.cached else "ok"
         record.update(outcome=outcome, epsilon_charged=response.epsilon_charged)
-        self._finish(record, dataset, outcome, started)
+        if not answered.audited:
+            try:
+                self.state.audit.append(record)
+            except AuditUnavailable as err:  # no answer leaves without its record
+                self._count(response.dataset, err.outcome, started)
+                context.abort_with_status(err.to_status())
+        self._count(response.dataset, outcome, started)
         return response
 
+    def _unidentified(self, context: grpc.ServicerContext, err: GatewayError, started: float) -> NoReturn:
+        """Refuse a call without valid credentials: counted per source in the audit, not recorded one by one."""
+        reason = re.split(r"[:;(]", err.message, maxsplit=1)[0].strip()[:60]
+        for due in self.state.rejections.add(_source(context.peer()), reason, time.time()):
+            self._record_rejections(due)
+        self._count("_unknown", err.outcome, started)
+        context.abort_with_status(err.to_status())
+        raise InternalBug("abort returned")
+
+    def _refuse(self, context: grpc.ServicerContext, record: dict[str, object], err: GatewayError | None,
+                started: float) -> NoReturn:
+        """Record a refusal (``err``; None: a bug, answered INTERNAL) and send it; UNAVAILABLE if unrecorded."""
+        dataset = str(record.get("dataset", "_unknown"))
+        if err is None:
+            record.update(outcome="error", status="INTERNAL")
+            try:
+                self.state.audit.append(record)
+            except AuditUnavailable:
+                log.error("the audit record of an internal error could not be written")
+            self._count(dataset, "error", started)
+            context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+            raise InternalBug("abort returned")
+        record.update(outcome=err.outcome, status=err.code.name, reason=err.message[:300])
+        if not (isinstance(err, AuditUnavailable) and err.recorded):  # else its release record is queued already
+            try:
+                self.state.audit.append(record)
+            except AuditUnavailable as unwritten:
+                err = unwritten
+        self._count(dataset, err.outcome, started)
+        context.abort_with_status(err.to_status())
+        raise InternalBug("abort returned")
+
     def _query(self, request: pb.QueryRequest, identity: Identity, record: dict[str, object],
-               context: grpc.ServicerContext) -> pb.QueryResponse:
+               context: grpc.ServicerContext) -> Answered:
         live = self.state.live  # the one policy snapshot this request sees
         answered = self.pipeline.run(request, identity, live.loaded.policy, live.engine, datetime.now(UTC), record,
                                      expired=lambda: _gone(context))
         for scope, state in answered.budgets[:1]:  # the project's own budget
             population = live.loaded.policy.datasets[scope.dataset].population_name
             self.state.metrics.set_budget(population, identity.project, float(state.limit), float(state.spent))
-        return answered.response
+        return answered
 
     # -- policy and budget helpers --------------------------------------------------------------
 
@@ -141,14 +185,17 @@ class SiteService(pb_grpc.GatewayServicer):
         check_possession(self.state.proofs, identity, request, self.state.live.loaded.policy.site)
         return identity
 
-    def _finish(self, record: dict[str, object], dataset: str, outcome: str, started: float) -> None:
+    def _count(self, dataset: str, outcome: str, started: float) -> None:
         known = dataset if dataset in self.state.live.loaded.policy.datasets else "_unknown"
         self.state.metrics.queries.labels(known, outcome).inc()
         self.state.metrics.duration.labels(known).observe(time.perf_counter() - started)
+
+    def _record_rejections(self, record: dict[str, Any]) -> None:
         try:
-            self.state.audit.append(**record)
-        except (OSError, ValueError):
-            log.exception("audit append failed")
+            self.state.audit.append(record, wait=False)
+        except AuditUnavailable:
+            log.warning("audit log closed: %d rejection(s) without credentials not recorded",
+                        record["unauthenticated_rejections"])
 
 
 def _guarded(context: grpc.ServicerContext, call: Callable[[], T]) -> T:
@@ -161,6 +208,12 @@ def _guarded(context: grpc.ServicerContext, call: Callable[[], T]) -> T:
         log.exception("call failed")
         context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
     raise InternalBug("abort returned")
+
+
+def _source(peer: str) -> str:
+    """Where a call came from, without its port: ``ipv4:10.0.0.7``, ``ipv6:[::1]``, ``unix``."""
+    kind, _, rest = peer.partition(":")
+    return f"{kind}:{rest.rsplit(':', 1)[0]}" if kind in ("ipv4", "ipv6") else kind or "unknown"
 
 
 def _gone(context: grpc.ServicerContext) -> bool:
@@ -186,6 +239,7 @@ class SiteOptions:
     allowed_peers: tuple[str, ...] = ()
     reload_interval: float = 2.0
     init: bool = False  # begin a new ledger although the audit log has a history
+    rejection_interval: float = 60.0  # calls without credentials: at most one audit record per source per interval
 
 
 @dataclass
@@ -215,6 +269,8 @@ class RunningSite:
             self.workers.shutdown(wait=False)
         self.watcher.close_retired()
         self.state.ledger.close()
+        for record in self.state.rejections.drain():
+            self.state.audit.append(record, wait=False)
         self.state.audit.close()
         self.state.live.engine.close()
         if self.held is not None:
@@ -228,22 +284,29 @@ def build_site_server(options: SiteOptions, metrics: SiteMetrics | None = None,
     ``noise`` exists for test fixtures only (e.g. exact answers); the command line never sets it.
     """
     held = hold_state_dir(options.state_dir, options.init)
+    audit: AuditLog | None = None
+    ledger: SqliteLedger | None = None
     try:
         for stale in options.state_dir.glob("engine-*.duckdb*"):
             stale.unlink(missing_ok=True)
         live = load_live(options.policy, options.state_dir)
         with readable_ledger(held.ledger):
-            ledger = SqliteLedger(held.ledger)
+            # the audit log first: it restores release records the ledger anchored and the log lacks
+            audit = AuditLog(held.audit, anchored=lambda seq: anchored_records(held.ledger, seq))
+            ledger = SqliteLedger(held.ledger, audit)
             if ledger.version < LEDGER_VERSION:  # written by 0.1.x: spend per dataset and period index
                 ledger.migrate(legacy_scopes(live.loaded.policy), int(time.time()))
         held.secure()
     except BaseException:
+        if ledger is not None:
+            ledger.close()
+        if audit is not None:
+            audit.close()
         held.release()
         raise
-    state = SiteState(live=live, ledger=ledger,
-                      audit=AuditLog(held.audit), metrics=metrics or SiteMetrics(),
+    state = SiteState(live=live, ledger=ledger, audit=audit, metrics=metrics or SiteMetrics(),
                       verifier=options.verifier, state_dir=options.state_dir, noise=noise or mechanisms.Noise(),
-                      allowed_peers=options.allowed_peers)
+                      allowed_peers=options.allowed_peers, rejections=RejectionCounter(options.rejection_interval))
     server, port, _health, workers = make_server(SiteService(state), options.host, options.port, options.tls)
     watcher = PolicyWatcher(state, options.policy, options.reload_interval)
     watcher.start()

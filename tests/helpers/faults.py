@@ -1,18 +1,22 @@
-"""Faulty sites for the broker's fault tests: raw TCP servers that stay silent or speak garbage, and a
-gRPC site that corrupts a real site's answers. Each is a real server on a loopback port."""
+"""Faults the real components meet: raw TCP servers that stay silent or speak garbage, a gRPC site
+that corrupts a real site's answers (each a real server on a loopback port), and a disk that refuses
+every write."""
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import grpc
 
 from gateway._proto.gateway.v1 import gateway_pb2 as pb
 from gateway._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway._server import make_server, target_of
+from gateway.audit import AuditLog
 from gateway.site import RunningSite
 
 
@@ -120,3 +124,21 @@ class LyingSite:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextmanager
+def full_disk(log: AuditLog) -> Iterator[None]:
+    """Writes to ``log`` fail with ENOSPC, as on a full disk, until the block ends.
+
+    The log's descriptor points at ``/dev/full`` meanwhile: the kernel's own "no space left on
+    device", with the log's code unchanged.
+    """
+    saved = os.dup(log.fileno())
+    full = os.open("/dev/full", os.O_WRONLY)
+    try:
+        os.dup2(full, log.fileno())
+        yield
+    finally:
+        os.dup2(saved, log.fileno())
+        os.close(saved)
+        os.close(full)

@@ -38,8 +38,11 @@ def signed(request: T, token: str, sites: Sequence[str] = ("",), key: ProofKey |
 
 
 def client(server: RunningSite | RunningBroker, token: Callable[..., str], **claims: str) -> Client:
-    """A client of ``server`` without retries, holding ``token(**claims)`` (project, role, subject)."""
-    return Client(server.target, token=token(**claims), retries=0)
+    """A client of ``server`` without retries, holding ``token(**claims)`` (project, role, subject), that
+    knows whom to sign its proofs for (so its first call is no handshake)."""
+    names = ([s.name for s in server.service.config.sites] if isinstance(server, RunningBroker)
+             else [server.state.live.loaded.policy.site])
+    return Client(server.target, token=token(**claims), retries=0, sign_for=names)
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:

@@ -22,7 +22,7 @@ from gateway._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.auth import key_id
 from gateway.client import structured_message
 from gateway.proof import ProofKey
-from tests.helpers.servers import signed
+from tests.helpers.servers import signed, wait_for
 from tests.helpers.tokens import DROP, claims, craft, hs256, load_private, sign, tamper_signature
 
 SITE = "north"
@@ -67,7 +67,7 @@ FORGED: dict[str, Callable[[Any, Path], str]] = {
 @pytest.fixture
 def site(start_site, token):
     """A site that has already charged one query, so that 'no budget moved' is tested against a non-zero spend."""
-    running = start_site(name=SITE)
+    running = start_site(name=SITE, rejection_interval=0)  # every rejection its own audit record
     bearer = token()
     _call(running, signed(pb.QueryRequest(query_id="first", sql=COUNT, epsilon=0.1), bearer, [SITE]), bearer)
     assert running.state.ledger.total_spent() > 0
@@ -91,9 +91,14 @@ def _refused(site, request, bearer: str | None, code: grpc.StatusCode,
     assert err.value.code() == code, details
     assert "Traceback" not in details
     assert site.state.ledger.total_spent() == spent
-    check = audit.verify(site.state.audit.path)
-    assert check.ok and check.records == records + 1
-    assert audit.tail(site.state.audit.path, 1)[0]["status"] == code.name
+    # a refusal without valid credentials is counted per source (here: recorded at once, written behind)
+    wait_for(lambda: audit.verify(site.state.audit.path).records == records + 1)
+    assert audit.verify(site.state.audit.path).ok
+    last = audit.tail(site.state.audit.path, 1)[0]
+    if code == UNAUTHENTICATED:
+        assert last["event"] == "unauthenticated" and last["unauthenticated_rejections"] == 1
+    else:
+        assert last["status"] == code.name
     return details
 
 
