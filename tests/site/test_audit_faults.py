@@ -358,7 +358,7 @@ def test_a_full_disk_is_unavailable_never_internal_charges_nothing_and_the_log_s
     state = tmp_path / "state"
     proc, target = _serve(tmp_path, write_policy(tmp_path, site_data), keys[1], state)
     try:
-        with Client(target, token=token(), retries=0) as c:
+        with Client(target, token=token(), retries=0, sign_for=["north"]) as c:
             c.query(COUNT.format(40), epsilon=0.1, query_id="before")
             size = (state / "audit.jsonl").stat().st_size
             _limit_file_size(proc, size + 100)  # the ledger's WAL is already larger: it fails too
@@ -386,7 +386,7 @@ def test_a_release_charged_when_only_the_log_is_full_survives_kill_9_and_is_serv
     policy = write_policy(tmp_path, site_data)
     proc, target = _serve(tmp_path, policy, keys[1], state)
     try:
-        with Client(target, token=token(), retries=0) as c:
+        with Client(target, token=token(), retries=0, sign_for=["north"]) as c:
             c.query(COUNT.format(40), epsilon=0.1, query_id="before")
             # grow the log past every other file in the state dir, so that a limit just above the log's
             # size leaves the ledger room and refuses only the log
@@ -414,7 +414,7 @@ def test_a_release_charged_when_only_the_log_is_full_survives_kill_9_and_is_serv
     assert len(seqs(state)) == records
     proc, target = _serve(tmp_path, policy, keys[1], state)  # no limit now
     try:
-        with Client(target, token=token(), retries=0) as c:
+        with Client(target, token=token(), retries=0, sign_for=["north"]) as c:
             again = c.query(COUNT.format(50), epsilon=0.1, query_id="kept")
             assert again.cached and again.epsilon_charged == 0 and spent(c) == pytest.approx(0.2)
     finally:

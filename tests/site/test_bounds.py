@@ -18,7 +18,7 @@ from gateway.errors import DeadlineExceeded, InvalidQuery
 from gateway.metrics import SiteMetrics
 from tests.helpers.data import slow_copy
 from tests.helpers.policies import example_policy, with_slow_dataset, write_policy
-from tests.helpers.servers import wait_for
+from tests.helpers.servers import signed, wait_for
 
 NESTED = "SELECT count(*) FROM patients WHERE " + "(" * 400 + "age_at_diagnosis > 1" + ")" * 400
 
@@ -78,9 +78,11 @@ def test_a_statement_whose_caller_gave_up_is_interrupted_and_charges_nothing(sta
     freed = {}
     with grpc.insecure_channel(site.target) as channel:
         stub = pb_grpc.GatewayStub(channel)
-        metadata = [("authorization", f"Bearer {token()}")]
+        bearer = token()
+        metadata = [("authorization", f"Bearer {bearer}")]
         for case in ("deadline", "cancel"):
-            request = pb.QueryRequest(sql=SLOW_SUM, epsilon=0.1, query_id=f"gone-{case}")
+            request = signed(pb.QueryRequest(sql=SLOW_SUM, epsilon=0.1, query_id=f"gone-{case}"), bearer,
+                             [site.state.live.loaded.policy.site])
             before = _ended(registry, "deadline")
             started = time.monotonic()
             call = stub.Query.future(request, metadata=metadata, timeout=0.5 if case == "deadline" else 30)
