@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from gateway import audit
 from gateway.cli import metrics_host
 from gateway.client import Client
 from gateway.errors import InvalidQuery, NotFound, PermissionDenied
@@ -25,6 +26,8 @@ def test_a_project_without_access_learns_no_column_names(start_site, token, sql)
     assert message == "project 'outsider' has no access to dataset 'patients' at this site; ask its privacy officer"
     for name in ("age_at_diagnosis", "bmi", "stage", "survival_months", "primary_site"):
         assert name not in message
+    assert site.state.ledger.total_spent() == 0
+    assert audit.tail(site.state.audit.path, 1)[0]["status"] == "PERMISSION_DENIED"  # the refusal is recorded
 
 
 def test_a_project_without_access_learns_no_dataset_or_template_names(start_site, token) -> None:
@@ -36,6 +39,8 @@ def test_a_project_without_access_learns_no_dataset_or_template_names(start_site
         with pytest.raises(NotFound) as template:
             c.query(template="nope")
         assert "stage_distribution" not in template.value.message
+    assert [r["status"] for r in audit.tail(site.state.audit.path, 2)] == ["NOT_FOUND", "NOT_FOUND"]
+    assert site.state.ledger.total_spent() == 0
     with Client(site.target, token=token(project="patients-only"), retries=0) as c, \
             pytest.raises(NotFound, match=r"^unknown dataset 'nope'; you may query: patients$"):
         c.query("SELECT count(*) FROM nope", epsilon=0.1)
@@ -47,6 +52,8 @@ def test_a_float_literal_on_an_integer_column_is_range_checked(start_site, token
     with Client(site.target, token=token(), retries=0) as c, \
             pytest.raises(InvalidQuery, match="outside the 64-bit integer range"):
         c.query(f"SELECT count(*) FROM patients WHERE diagnosis_year > {value}", epsilon=0.1)
+    assert site.state.ledger.total_spent() == 0
+    assert audit.tail(site.state.audit.path, 1)[0]["status"] == "INVALID_ARGUMENT"
 
 
 @pytest.mark.parametrize(("host", "chosen", "bound"), [
