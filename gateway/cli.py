@@ -142,6 +142,8 @@ def _parser() -> argparse.ArgumentParser:
     diff.add_argument("old", type=Path)
     diff.add_argument("new", type=Path)
     diff.set_defaults(run=_policy_diff)
+    schema = policy.add_parser("schema", help="print the JSON Schema of policy files (reference: docs/policy.md)")
+    schema.set_defaults(run=_policy_schema)
 
     audit = sub.add_parser("audit", help="audit log").add_subparsers(required=True, metavar="ACTION")
     verify = audit.add_parser("verify", help="check the audit log's hash chain and the ledger's anchors of it")
@@ -416,6 +418,13 @@ def _policy_explain(args: argparse.Namespace) -> int:
     except PolicyFileError as err:
         raise UserError("invalid policy:\n" + "\n".join(err.problems)) from None
     print(explain(loaded.policy, args.project, args.role))
+    return 0
+
+
+def _policy_schema(args: argparse.Namespace) -> int:
+    from .policy import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
     return 0
 
 

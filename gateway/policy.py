@@ -49,13 +49,16 @@ Epsilon = Annotated[Fraction, BeforeValidator(to_fraction)]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    # field descriptions come from the docstring under each field: the JSON Schema and docs/policy.md
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True,
+                              use_attribute_docstrings=True)
 
 
 class KeyRange(_Model):
     """An inclusive integer range of public keys, e.g. diagnosis years 2010..2024."""
 
     range: tuple[int, int]
+    """``[low, high]``, both included; at most 10,000 keys."""
 
     @model_validator(mode="after")
     def _ordered(self) -> KeyRange:
@@ -69,12 +72,25 @@ class Column(_Model):
     """A queryable column: its type, what it may be used for, bounds and public keys."""
 
     type: Literal["integer", "float", "string"]
+    """The values' type; checked against the data source's column type at every load."""
     roles: tuple[Literal["filter", "group_by", "aggregate"], ...] = Field(min_length=1)
+    """What queries may do with the column: ``filter`` (in WHERE), ``group_by`` (needs ``keys``),
+    ``aggregate`` (sum, mean, ...: needs ``bounds``, not for strings)."""
     bounds: tuple[float, float] | None = None
+    """``[lower, upper]``: values are clamped into them before aggregating, and the noise is sized
+    from them (never from the data). Wider bounds mean more noise; values outside are clamped."""
     precision: int = Field(default=-1, ge=-1, le=6)
+    """Decimal digits sums keep (values are rounded to them before clamping); -1: 0 for integer
+    columns, 2 for float columns."""
     keys: tuple[int | float | str, ...] | KeyRange | None = None
+    """The public key set of a ``group_by`` column: a list (``[I, II, III, IV]``; quote ``"yes"``/
+    ``"no"``, which YAML reads as booleans) or ``{range: [2010, 2024]}``. Every key appears in a
+    grouped answer, also with a count of zero: keys are public, never taken from the data."""
     other_groups: bool = False
+    """Also release two more groups, ``(missing)`` and ``(other)`` (a value that is not a key),
+    noised like any group; otherwise such rows are in no group."""
     description: str = ""
+    """Shown to researchers by ListDatasets."""
 
     @model_validator(mode="after")
     def _consistent(self) -> Column:
@@ -186,8 +202,12 @@ class Source(_Model):
     """Where a dataset's rows live: a table or view of a DuckDB file, or parquet files."""
 
     database: str | None = None
+    """A DuckDB file; a relative path is resolved from the policy file's folder."""
     table: str | None = Field(default=None, pattern=_NAME)
+    """A table or view in ``database``."""
     parquet: str | None = None
+    """Parquet file(s) instead of a table (a glob such as ``data/*.parquet`` allowed), resolved like
+    ``database``."""
 
     @model_validator(mode="after")
     def _one_kind(self) -> Source:
@@ -206,8 +226,11 @@ class EpsilonLimits(_Model):
     """
 
     default: Epsilon
+    """Epsilon charged when a request gives none (a number or a fraction such as ``1/10``)."""
     max: Epsilon
+    """The largest epsilon one query may spend."""
     min: Epsilon = Fraction(1, 1000)
+    """The smallest epsilon a query may ask for."""
 
     @model_validator(mode="after")
     def _ordered(self) -> EpsilonLimits:
@@ -222,31 +245,51 @@ class Parameter(_Model):
     """A typed template parameter."""
 
     type: Literal["integer", "float", "string", "list[integer]", "list[float]", "list[string]"]
+    """The value's type; a list type goes with ``IN :name``."""
     default: int | float | str | tuple[int | float | str, ...] | None = None
+    """Used when a call gives no value; without one the parameter is required."""
     description: str = ""
+    """Shown to researchers by ListDatasets."""
 
 
 class Template(_Model):
     """A named, approved, parameterised query (``:name`` placeholders in its SQL)."""
 
     sql: str
+    """One supported SELECT with ``:name`` placeholders; checked against the policy when loaded."""
     params: Mapping[str, Parameter] = Field(default_factory=dict)
+    """The placeholders' types and defaults, by name."""
     projects: tuple[str, ...] = ("*",)
+    """Projects that may run the template (shell-style patterns such as ``onc-*``)."""
     description: str = ""
+    """Shown to researchers by ListDatasets."""
 
 
 class Dataset(_Model):
     """One queryable dataset and how each patient's contribution is bounded."""
 
     source: Source
+    """Where the rows are."""
     privacy_unit: str = Field(pattern=_NAME)
+    """The column that identifies a patient (not queryable itself). The guarantee is per value of
+    this column: it must identify patients, which the site cannot check."""
     max_rows_per_unit: int = Field(ge=1, le=1000)
+    """At most this many rows per patient are used (chosen by a keyed hash, the same rows every
+    time); the noise is sized for it. 1 for a table with one row per patient."""
     columns: Mapping[str, Column]
+    """The queryable columns by name; columns not listed cannot be used."""
     aggregates: tuple[str, ...] = ("count", "sum", "mean")
+    """The aggregate kinds allowed on this dataset (``count``, ``sum``, ``mean``, ``variance``,
+    ``stddev``, ...)."""
     epsilon: EpsilonLimits | None = None
+    """Per-query epsilon limits for this dataset (default: the policy's ``epsilon``)."""
     templates_only: bool = False
+    """Only approved templates may query this dataset (no free SQL or structured queries)."""
     population: str | None = Field(default=None, pattern=_NAME)
+    """The population this dataset describes. Datasets of one population hold the same patients and
+    share one budget per project; by default the privacy unit column's name."""
     description: str = ""
+    """Shown to researchers by ListDatasets."""
 
     @property
     def population_name(self) -> str:
@@ -280,10 +323,17 @@ class BudgetRule(_Model):
     """A privacy budget for every project matching ``project`` on the matching datasets."""
 
     project: str
+    """The project claim this rule covers (shell-style pattern, e.g. ``onc-*``). The first matching
+    rule wins; a project no rule matches has no access."""
     datasets: tuple[str, ...] = ("*",)
+    """Datasets the rule grants (patterns); the budget is per population of the matched dataset."""
     epsilon: Epsilon
+    """The project's budget per period on each population, in epsilon."""
     period: str = Field(default="365d", pattern=r"^(never|[1-9][0-9]{0,4}d)$")
+    """``never`` (a lifetime budget) or a number of days such as ``365d``; windows start at
+    ``period_start``. An edit takes effect at the end of the window in force."""
     roles: tuple[str, ...] = ("*",)
+    """Token roles that may spend from this budget (patterns)."""
 
     @model_validator(mode="after")
     def _positive(self) -> BudgetRule:
@@ -309,28 +359,41 @@ class DatasetCap(_Model):
     """
 
     epsilon: Epsilon
+    """The most all projects together may spend on the population per period."""
     period: str = Field(default="365d", pattern=r"^(never|[1-9][0-9]{0,4}d)$")
+    """``never`` or a number of days such as ``365d``."""
 
 
 class Suppression(_Model):
     """Small-cell suppression: estimates of a group whose noisy count is under ``min_count``."""
 
     min_count: int = Field(default=0, ge=0)
+    """Withhold estimates of groups whose noisy count is under this (presentation, not privacy); 0: off."""
 
 
 class Policy(_Model):
     """A site's whole policy (one file)."""
 
     site: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    """The site's name; a broker must know the site by it (callers sign proofs for it)."""
     accounting: Literal["pure"] = "pure"
+    """``pure``: pure epsilon-differential privacy with basic composition."""
     epsilon: EpsilonLimits
+    """Per-query epsilon limits for every dataset without its own."""
     period_start: datetime = datetime(2026, 1, 1, tzinfo=UTC)
+    """Where budget windows are counted from (UTC when no time zone is given)."""
     suppression: Suppression = Suppression()
+    """Small-cell suppression."""
     datasets: Mapping[str, Dataset] = Field(min_length=1)
+    """The datasets researchers may query, by name."""
     budgets: tuple[BudgetRule, ...] = ()
+    """Budget rules in order; the first rule matching a project and dataset applies."""
     population_caps: Mapping[str, DatasetCap] = Field(default_factory=dict)
+    """Caps over all projects together, by population."""
     dataset_caps: Mapping[str, DatasetCap] = Field(default_factory=dict)
+    """Older spelling of caps, by dataset: a dataset's cap caps its whole population."""
     templates: Mapping[str, Template] = Field(default_factory=dict)
+    """Approved, parameterised queries by name."""
 
     @field_validator("period_start", mode="after")
     @classmethod
@@ -376,6 +439,18 @@ class Policy(_Model):
     def budget_rule(self, project: str, dataset: str) -> BudgetRule | None:
         """The first budget rule covering ``project`` on ``dataset`` (None: no access)."""
         return next((r for r in self.budgets if r.matches(project, dataset)), None)
+
+
+SCHEMA_ID = "policy.schema.json"
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of a policy file (``gateway policy schema``; editors validate with it)."""
+    model = {k: v for k, v in Policy.model_json_schema().items() if k not in ("title", "description")}
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA_ID,
+            "title": "Gateway site policy",
+            "description": "A site's privacy policy: its datasets, what each project may ask and spend. "
+                           "Reference: docs/policy.md.", **model}
 
 
 @dataclass(frozen=True)
