@@ -17,7 +17,7 @@ from sqlglot.tokenizer_core import Token
 from .aggregates import BY_SQL_NAME, sql_forms
 from .answers import Scalar
 from .errors import InvalidQuery
-from .query import Aggregate, Filter, Query
+from .query import MAX_FILTERS, Aggregate, Filter, Query
 
 SUPPORTED = (f"supported: SELECT <{' | '.join(sql_forms())}, group-by columns> "
              "FROM <dataset> [WHERE <col> <op> <value> [AND ...]] [GROUP BY <col>, ...]; "
@@ -30,6 +30,10 @@ _FORBIDDEN = (exp.Join, exp.Subquery, exp.Window, exp.Union, exp.Having, exp.Ord
               exp.Distinct, exp.With, exp.Lateral, exp.Offset, exp.Qualify)
 MAX_SQL = 10_000
 MAX_NESTING = 16
+# The deepest tree the supported shape makes: SELECT > WHERE > one AND per filter > parentheses > NOTs >
+# a condition > its column. Deeper trees (a chain of 1,000 ANDs, casts or additions) would exhaust the
+# recursion of the converter and of sqlglot's SQL generator: refused before either walks them.
+MAX_DEPTH = MAX_FILTERS + MAX_NESTING + 16
 _SELECT_PARTS = {"expressions", "from", "from_", "where", "group"}
 
 ParamValue = Scalar | tuple[Scalar, ...]
@@ -57,6 +61,7 @@ def parse_sql(sql: str, params: Mapping[str, ParamValue] | None = None) -> Query
     select = statements[0]
     if not isinstance(select, exp.Select):
         raise InvalidQuery(f"only SELECT is allowed, got {select.key.upper()}; {SUPPORTED}")
+    _check_depth(select)
     _reject_unsupported(select)
     return _Converter(params or {}).convert(select)
 
@@ -76,6 +81,17 @@ def _check_nesting(tokens: list[Token]) -> None:
     if deepest > MAX_NESTING or most_nots > 2:
         raise InvalidQuery(f"the SQL is nested too deeply (at most {MAX_NESTING} parentheses and 2 NOTs in a "
                            f"row); {SUPPORTED}")
+
+
+def _check_depth(root: exp.Expression) -> None:
+    """Refuse a tree deeper than MAX_DEPTH (measured without recursing: the point is not to recurse)."""
+    stack = [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise InvalidQuery(f"the SQL is nested too deeply (an expression more than {MAX_DEPTH} levels deep; "
+                               f"at most {MAX_FILTERS} filters joined by AND); {SUPPORTED}")
+        stack.extend((child, depth + 1) for child in node.iter_expressions())
 
 
 def _first_line(err: Exception) -> str:

@@ -14,13 +14,14 @@ from gateway.errors import DeadlineExceeded, InvalidQuery
 NESTED = "SELECT count(*) FROM patients WHERE " + "(" * 400 + "age_at_diagnosis > 1" + ")" * 400
 NOTS = "SELECT count(*) FROM patients WHERE " + "NOT " * 400 + "age_at_diagnosis IN (1)"
 FILTERS = "SELECT count(*) FROM patients WHERE " + " AND ".join(f"age_at_diagnosis != {i}" for i in range(65))
+CHAIN = "SELECT count(*) FROM patients WHERE " + " AND ".join(["a=1"] * 1200)  # found by the fuzzer
 HUGE = ("SELECT diagnosis_year, age_at_diagnosis, primary_site, count(*), sum(bmi), mean(bmi), variance(bmi), "
         "stddev(bmi) FROM patients GROUP BY diagnosis_year, age_at_diagnosis, primary_site")
 
 
 @pytest.mark.parametrize(("sql", "phrase"), [
     (NESTED, "nested too deeply"), (NOTS, "nested too deeply"), (FILTERS, "65 filters; at most 64"),
-    (HUGE, "the answer would be about"),
+    (CHAIN, "nested too deeply"), (HUGE, "the answer would be about"),
 ])
 def test_oversized_queries_are_refused_and_charge_nothing(start_site, token, sql, phrase, caplog) -> None:
     site = start_site()
@@ -31,10 +32,11 @@ def test_oversized_queries_are_refused_and_charge_nothing(start_site, token, sql
     assert "Traceback" not in caplog.text  # a caller's mistake is no bug
 
 
-def test_the_broker_refuses_deep_nesting_too(start_site, start_broker, token) -> None:
+@pytest.mark.parametrize("sql", [NESTED, CHAIN], ids=["parentheses", "chain"])
+def test_the_broker_refuses_deep_nesting_too(start_site, start_broker, token, sql) -> None:
     broker = start_broker({"s0": start_site(name="s0")})
     with Client(broker.target, token=token(), retries=0) as c, pytest.raises(InvalidQuery, match="nested too deeply"):
-        c.query(NESTED, epsilon=0.1)
+        c.query(sql, epsilon=0.1)
 
 
 class SlowNoise(mechanisms.Noise):
