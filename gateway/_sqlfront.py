@@ -49,7 +49,7 @@ def parse_sql(sql: str, params: Mapping[str, ParamValue] | None = None) -> Query
         raise InvalidQuery(f"cannot parse SQL ({_first_line(err)}); {SUPPORTED}") from None
     if any(token.comments for token in tokens):
         raise InvalidQuery(f"SQL comments are not allowed; {SUPPORTED}")
-    _check_nesting(tokens)  # the parser recurses: refuse deep nesting before it sees the text
+    _check_tokens(tokens)  # the parser recurses: refuse deep nesting before it sees the text
     try:
         statements = [s for s in sqlglot.parse(sql, dialect="duckdb") if s is not None]
     except sqlglot.errors.SqlglotError as err:
@@ -66,11 +66,19 @@ def parse_sql(sql: str, params: Mapping[str, ParamValue] | None = None) -> Query
     return _Converter(params or {}).convert(select)
 
 
-def _check_nesting(tokens: list[Token]) -> None:
-    """Refuse more than MAX_NESTING open parentheses or NOTs in a row (the shape never needs them)."""
+def _check_tokens(tokens: list[Token]) -> None:
+    """Refuse what the parser would recurse on and the shape never needs.
+
+    That is, more than MAX_NESTING open parentheses or two NOTs in a row, and any bracket or brace: a
+    chain of subscripts (``x[1][1]...``) is no nesting in the text, yet the parser recurses once per
+    subscript and takes quadratic time (seconds for a few thousand).
+    """
     depth = deepest = nots = most_nots = 0
     for token in tokens:
         kind = token.token_type
+        if kind in (TokenType.L_BRACKET, TokenType.R_BRACKET, TokenType.L_BRACE, TokenType.R_BRACE):
+            raise InvalidQuery(f"brackets and braces are not supported (a list of values is written (a, b)); "
+                               f"{SUPPORTED}")
         if kind == TokenType.L_PAREN:
             depth += 1
             deepest = max(deepest, depth)

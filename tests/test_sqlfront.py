@@ -326,6 +326,21 @@ def test_long_operator_chains_are_refused_without_recursing(chain: str) -> None:
     assert "nested too deeply" in rejected(f"SELECT count(*) FROM patients WHERE {chain}")
 
 
+@pytest.mark.parametrize("sql", [
+    "SELECT count(*) FROM patients WHERE age_at_diagnosis > 1" + "[1]" * 3000,  # took the parser seconds
+    "SELECT count(*) FROM patients WHERE sex IN ['F', 'M']",
+    "SELECT count(*) FROM patients WHERE sex = {'a': 1}",
+    "SELECT count(*) FROM patients WHERE sex = ']'[1]",
+], ids=["subscripts", "list", "struct", "after a string"])
+def test_brackets_and_braces_are_refused_before_parsing(sql: str) -> None:
+    """Found by the fuzzer: a chain of subscripts kept a site's worker past the caller's 10 s deadline."""
+    assert "brackets and braces are not supported" in rejected(sql[:MAX_SQL])
+
+
+def test_brackets_inside_a_string_are_just_characters() -> None:
+    assert parse_sql("SELECT count(*) FROM patients WHERE sex = '[F]{x}'").filters == (Filter("sex", "=", ("[F]{x}",)),)
+
+
 def test_the_deepest_supported_where_still_parses() -> None:
     """64 filters (the most a query may have), 16 parentheses deep, each with the NOT it may carry."""
     where = "NOT age_at_diagnosis IN (1)"

@@ -14,6 +14,7 @@ from gateway.errors import DeadlineExceeded, InvalidQuery
 NESTED = "SELECT count(*) FROM patients WHERE " + "(" * 400 + "age_at_diagnosis > 1" + ")" * 400
 NOTS = "SELECT count(*) FROM patients WHERE " + "NOT " * 400 + "age_at_diagnosis IN (1)"
 FILTERS = "SELECT count(*) FROM patients WHERE " + " AND ".join(f"age_at_diagnosis != {i}" for i in range(65))
+SUBSCRIPTS = "SELECT count(*) FROM patients WHERE age_at_diagnosis > 1" + "[1]" * 3000  # found by the fuzzer
 CHAIN = "SELECT count(*) FROM patients WHERE " + " AND ".join(["a=1"] * 1200)  # found by the fuzzer
 HUGE = ("SELECT diagnosis_year, age_at_diagnosis, primary_site, count(*), sum(bmi), mean(bmi), variance(bmi), "
         "stddev(bmi) FROM patients GROUP BY diagnosis_year, age_at_diagnosis, primary_site")
@@ -21,7 +22,7 @@ HUGE = ("SELECT diagnosis_year, age_at_diagnosis, primary_site, count(*), sum(bm
 
 @pytest.mark.parametrize(("sql", "phrase"), [
     (NESTED, "nested too deeply"), (NOTS, "nested too deeply"), (FILTERS, "65 filters; at most 64"),
-    (CHAIN, "nested too deeply"), (HUGE, "the answer would be about"),
+    (CHAIN, "nested too deeply"), (SUBSCRIPTS, "brackets and braces"), (HUGE, "the answer would be about"),
 ])
 def test_oversized_queries_are_refused_and_charge_nothing(start_site, token, sql, phrase, caplog) -> None:
     site = start_site()
