@@ -17,7 +17,7 @@ from sqlglot.tokenizer_core import Token
 from .aggregates import BY_SQL_NAME, sql_forms
 from .answers import Scalar
 from .errors import InvalidQuery
-from .query import Aggregate, Cohort, Filter, Query
+from .query import MAX_FILTERS, Aggregate, Cohort, Filter, Query
 
 SUPPORTED = (f"supported: SELECT <{' | '.join(sql_forms())}, group-by columns> "
              "FROM <dataset> [WHERE <col> <op> <value> [AND ...]] [GROUP BY <col>, ...]; "
@@ -31,6 +31,10 @@ _FORBIDDEN = (exp.Join, exp.Subquery, exp.Window, exp.Union, exp.Having, exp.Ord
               exp.Distinct, exp.With, exp.Lateral, exp.Offset, exp.Qualify)
 MAX_SQL = 10_000
 MAX_NESTING = 16
+# The deepest tree the supported shape makes: SELECT > WHERE > one AND per filter > parentheses > NOTs >
+# a condition > its column. Deeper trees (a chain of 1,000 ANDs, casts or additions) would exhaust the
+# recursion of the converter and of sqlglot's SQL generator: refused before either walks them.
+MAX_DEPTH = MAX_FILTERS + MAX_NESTING + 16
 _SELECT_PARTS = {"expressions", "from", "from_", "where", "group"}
 
 ParamValue = Scalar | tuple[Scalar, ...]
@@ -46,7 +50,7 @@ def parse_sql(sql: str, params: Mapping[str, ParamValue] | None = None) -> Query
         raise InvalidQuery(f"cannot parse SQL ({_first_line(err)}); {SUPPORTED}") from None
     if any(token.comments for token in tokens):
         raise InvalidQuery(f"SQL comments are not allowed; {SUPPORTED}")
-    _check_nesting(tokens)  # the parser recurses: refuse deep nesting before it sees the text
+    _check_tokens(tokens)  # the parser recurses: refuse deep nesting before it sees the text
     try:
         statements = [s for s in sqlglot.parse(sql, dialect="duckdb") if s is not None]
     except sqlglot.errors.SqlglotError as err:
@@ -58,15 +62,24 @@ def parse_sql(sql: str, params: Mapping[str, ParamValue] | None = None) -> Query
     select = statements[0]
     if not isinstance(select, exp.Select):
         raise InvalidQuery(f"only SELECT is allowed, got {select.key.upper()}; {SUPPORTED}")
+    _check_depth(select)
     _reject_unsupported(select)
     return _Converter(params or {}).convert(select)
 
 
-def _check_nesting(tokens: list[Token]) -> None:
-    """Refuse more than MAX_NESTING open parentheses or NOTs in a row (the shape never needs them)."""
+def _check_tokens(tokens: list[Token]) -> None:
+    """Refuse what the parser would recurse on and the shape never needs.
+
+    That is, more than MAX_NESTING open parentheses or two NOTs in a row, and any bracket or brace: a
+    chain of subscripts (``x[1][1]...``) is no nesting in the text, yet the parser recurses once per
+    subscript and takes quadratic time (seconds for a few thousand).
+    """
     depth = deepest = nots = most_nots = 0
     for token in tokens:
         kind = token.token_type
+        if kind in (TokenType.L_BRACKET, TokenType.R_BRACKET, TokenType.L_BRACE, TokenType.R_BRACE):
+            raise InvalidQuery(f"brackets and braces are not supported (a list of values is written (a, b)); "
+                               f"{SUPPORTED}")
         if kind == TokenType.L_PAREN:
             depth += 1
             deepest = max(deepest, depth)
@@ -77,6 +90,17 @@ def _check_nesting(tokens: list[Token]) -> None:
     if deepest > MAX_NESTING or most_nots > 2:
         raise InvalidQuery(f"the SQL is nested too deeply (at most {MAX_NESTING} parentheses and 2 NOTs in a "
                            f"row); {SUPPORTED}")
+
+
+def _check_depth(root: exp.Expression) -> None:
+    """Refuse a tree deeper than MAX_DEPTH (measured without recursing: the point is not to recurse)."""
+    stack = [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise InvalidQuery(f"the SQL is nested too deeply (an expression more than {MAX_DEPTH} levels deep; "
+                               f"at most {MAX_FILTERS} filters joined by AND); {SUPPORTED}")
+        stack.extend((child, depth + 1) for child in node.iter_expressions())
 
 
 def _first_line(err: Exception) -> str:

@@ -27,6 +27,16 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 DOMAIN = "gateway"
+MAX_MESSAGE_BYTES = 1024
+"""The most UTF-8 bytes of a message (or an ErrorInfo field) a status carries.
+
+A status travels in trailing metadata, which a gRPC client accepts up to 8 KiB: the message
+percent-encoded in ``grpc-message`` (a non-ASCII byte takes three), and again, with the fields,
+base64-encoded in ``grpc-status-details-bin``. Only a message quoting what a caller sent can be
+longer than this; sent whole, it would reach the caller as a transport RESOURCE_EXHAUSTED instead of
+the error it is.
+"""
+_CUT = " [...] "
 
 
 class GatewayError(Exception):
@@ -60,11 +70,21 @@ class GatewayError(Exception):
         return cls(message)
 
     def to_status(self) -> grpc.Status:
-        """The rich status that carries this error to a caller."""
-        info = error_details_pb2.ErrorInfo(reason=self.reason_code, domain=DOMAIN, metadata=self.fields())
+        """The rich status that carries this error to a caller, its texts :func:`bounded`."""
+        metadata = {key: bounded(value) for key, value in self.fields().items()}
+        info = error_details_pb2.ErrorInfo(reason=self.reason_code, domain=DOMAIN, metadata=metadata)
         details = [_pack(info), *self.extra_details()]
-        return rpc_status.to_status(status_pb2.Status(code=self.code.value[0], message=self.message,
+        return rpc_status.to_status(status_pb2.Status(code=self.code.value[0], message=bounded(self.message),
                                                       details=details))
+
+
+def bounded(text: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+    """``text`` if its UTF-8 takes at most ``limit`` bytes; otherwise its start and its end around ``[...]``."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    keep = (limit - len(_CUT)) // 2
+    return data[:keep].decode(errors="ignore") + _CUT + data[-keep:].decode(errors="ignore")
 
 
 def _pack(message: Message) -> any_pb2.Any:
@@ -86,7 +106,8 @@ class InvalidQuery(GatewayError):
         return {"field": self.field} if self.field else {}
 
     def extra_details(self) -> list[any_pb2.Any]:
-        violation = error_details_pb2.BadRequest.FieldViolation(field=self.field, description=self.message)
+        violation = error_details_pb2.BadRequest.FieldViolation(field=bounded(self.field),
+                                                                description=bounded(self.message))
         return [_pack(error_details_pb2.BadRequest(field_violations=[violation]))]
 
     @classmethod

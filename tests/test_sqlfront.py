@@ -318,6 +318,40 @@ def test_too_long_sql_is_rejected_before_parsing() -> None:
     assert rejected(huge) == "SQL longer than 10000 characters"
 
 
+@pytest.mark.parametrize("chain", [
+    " AND ".join(["a=1"] * 1200),  # a left-deep tree of 1,200 ANDs: the converter recursed
+    "age_at_diagnosis = 1" + "::INTEGER" * 1000,  # 1,000 nested casts: the message quoting them recursed
+    "age_at_diagnosis = 1" + " + 1" * 2000,
+], ids=["and", "cast", "plus"])
+def test_long_operator_chains_are_refused_without_recursing(chain: str) -> None:
+    """Found by the fuzzer (tests/security/test_fuzz.py): these raised RecursionError, INTERNAL at a site."""
+    assert "nested too deeply" in rejected(f"SELECT count(*) FROM patients WHERE {chain}")
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT count(*) FROM patients WHERE age_at_diagnosis > 1" + "[1]" * 3000,  # took the parser seconds
+    "SELECT count(*) FROM patients WHERE sex IN ['F', 'M']",
+    "SELECT count(*) FROM patients WHERE sex = {'a': 1}",
+    "SELECT count(*) FROM patients WHERE sex = ']'[1]",
+], ids=["subscripts", "list", "struct", "after a string"])
+def test_brackets_and_braces_are_refused_before_parsing(sql: str) -> None:
+    """Found by the fuzzer: a chain of subscripts kept a site's worker past the caller's 10 s deadline."""
+    assert "brackets and braces are not supported" in rejected(sql[:MAX_SQL])
+
+
+def test_brackets_inside_a_string_are_just_characters() -> None:
+    assert parse_sql("SELECT count(*) FROM patients WHERE sex = '[F]{x}'").filters == (Filter("sex", "=", ("[F]{x}",)),)
+
+
+def test_the_deepest_supported_where_still_parses() -> None:
+    """64 filters (the most a query may have), 16 parentheses deep, each with the NOT it may carry."""
+    where = "NOT age_at_diagnosis IN (1)"
+    for _ in range(14):
+        where = f"({where} AND NOT age_at_diagnosis IN (1))"
+    where = f"({where})" + " AND NOT age_at_diagnosis IN (1)" * 49
+    assert len(parse_sql(f"SELECT count(*) FROM patients WHERE {where}").filters) == 64
+
+
 def test_no_select_item_is_no_aggregate() -> None:
     # a group-by column alone parses; check_query rejects the empty aggregate list later
     assert parse_sql("SELECT stage FROM patients GROUP BY stage") == q(aggregates=(), group_by=("stage",))

@@ -42,6 +42,7 @@ from ..errors import (
     InvalidQuery,
     ProofRequired,
     Unavailable,
+    bounded,
     error_from_rpc,
 )
 from ..metrics import BrokerMetrics
@@ -220,8 +221,8 @@ class BrokerService(pb_grpc.GatewayServicer):
         listed = "; ".join(f"{o.site}: {o.reason} ({o.message})" for o in failed)
         transient = any(isinstance(e, Unavailable | DeadlineExceeded) for e in errors)
         context.abort(grpc.StatusCode.UNAVAILABLE if transient else grpc.StatusCode.FAILED_PRECONDITION,
-                      f"only {answered} site(s) answered, at least {self.config.min_sites} needed; {listed}"
-                      + ("; retrying with the same query_id is safe" if transient else ""))
+                      bounded(f"only {answered} site(s) answered, at least {self.config.min_sites} needed; {listed}"
+                              + ("; retrying with the same query_id is safe" if transient else "")))
 
 
 def _for_site(request: Any, site: str) -> Any:

@@ -21,12 +21,14 @@ from tests.helpers.policies import example_policy, with_slow_dataset, write_poli
 from tests.helpers.servers import signed, wait_for
 
 NESTED = "SELECT count(*) FROM patients WHERE " + "(" * 400 + "age_at_diagnosis > 1" + ")" * 400
+CHAIN = "SELECT count(*) FROM patients WHERE " + " AND ".join(["a=1"] * 1200)  # found by the fuzzer
 
 
-def test_the_broker_refuses_deep_nesting_too(start_site, start_broker, token) -> None:
+@pytest.mark.parametrize("sql", [NESTED, CHAIN], ids=["parentheses", "chain"])
+def test_the_broker_refuses_deep_nesting_too(start_site, start_broker, token, sql) -> None:
     broker = start_broker({"s0": start_site(name="s0")})
     with Client(broker.target, token=token(), retries=0) as c, pytest.raises(InvalidQuery, match="nested too deeply"):
-        c.query(NESTED, epsilon=0.1)
+        c.query(sql, epsilon=0.1)
 
 
 class SlowNoise(mechanisms.Noise):
