@@ -38,6 +38,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from itertools import takewhile
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ from typing import Any
 from .errors import AuditUnavailable, FailedPrecondition, InternalBug
 
 GENESIS = "0" * 64
-_CHAIN_KEYS = frozenset({"seq", "time", "prev", "hash"})  # the log sets these
+_CHAIN_KEYS = frozenset({"seq", "time", "at", "prev", "hash"})  # the log sets these
 log = logging.getLogger("gateway.audit")
 
 NOT_WRITTEN = ("the site cannot write its audit log (its disk is full or failing), so it answers nothing and "
@@ -57,6 +58,11 @@ KEPT = ("the site could not write the audit record of this answer (its disk is f
 
 class AuditLogError(FailedPrecondition):
     """The audit log cannot be used as it is: an unreadable line, or records the ledger anchors are missing."""
+
+
+def iso_time(timestamp: float) -> str:
+    """A record's time for people: ISO 8601 in UTC, to the millisecond (``2026-11-23T23:20:01.123Z``)."""
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _digest(prev: str, body: Mapping[str, Any]) -> str:
@@ -230,7 +236,8 @@ class AuditLog:
         """Give ``fields`` the next place in the chain (caller holds the lock)."""
         if _CHAIN_KEYS & fields.keys():
             raise InternalBug(f"an audit record may not set {sorted(_CHAIN_KEYS & fields.keys())}")
-        body = {**fields, "seq": self._seq + 1, "time": round(time.time(), 3), "prev": self._prev}
+        now = round(time.time(), 3)
+        body = {**fields, "seq": self._seq + 1, "time": now, "at": iso_time(now), "prev": self._prev}
         digest = _digest(self._prev, body)
         entry = Entry(self._seq + 1, self._prev, digest, json.dumps({**body, "hash": digest}, sort_keys=True),
                       held=held)
@@ -511,6 +518,11 @@ def _chain(lines: Iterable[str]) -> Iterator[tuple[int, int, str]]:
             raise _Broken(count, f"line {number}: record was modified (hash mismatch)")
         prev, count = claimed, count + 1
         yield number, count, claimed
+
+
+def records(path: Path) -> list[dict[str, Any]]:
+    """Every record of an audit log, oldest first."""
+    return list(_records(path))
 
 
 def tail(path: Path, n: int = 20) -> list[dict[str, Any]]:

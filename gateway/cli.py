@@ -153,7 +153,17 @@ def _parser() -> argparse.ArgumentParser:
     verify.set_defaults(run=_audit_verify)
     tail = audit.add_parser("tail", help="print the last audit records")
     tail.add_argument("path", type=Path, help="the site's state dir, or its audit log file")
-    tail.add_argument("-n", type=int, default=20)
+    tail.add_argument("-n", type=int, default=20, help="how many records, the newest last (default: 20)")
+    tail.add_argument("--project", default=None, help="only this project's records")
+    tail.add_argument("--outcome", default=None,
+                      help="only this outcome: ok, cached, dry_run, budget_exhausted, denied, invalid, "
+                           "unauthenticated, error, ... (policy reloads: accepted, refused)")
+    tail.add_argument("--event", default=None, help="only this event: query, policy_reload, unauthenticated, ...")
+    tail.add_argument("--since", default=None, metavar="WHEN",
+                      help="only records at or after WHEN: an ISO date/time (UTC unless it says) or an age such "
+                           "as 24h, 7d")
+    tail.add_argument("--until", default=None, metavar="WHEN", help="only records before WHEN (same forms)")
+    tail.add_argument("--json", action="store_true", help="the records as JSON lines, as stored")
     tail.set_defaults(run=_audit_tail)
     return parser
 
@@ -466,11 +476,58 @@ def _audit_verify(args: argparse.Namespace) -> int:
 
 
 def _audit_tail(args: argparse.Namespace) -> int:
-    from .audit import tail
+    from .audit import records
 
-    for record in tail(_audit_log(args.path), args.n):
-        print(json.dumps(record, sort_keys=True))
+    since, until = _when(args.since), _when(args.until)
+    wanted = [r for r in records(_audit_log(args.path))
+              if (args.project is None or r.get("project") == args.project)
+              and (args.outcome is None or r.get("outcome") == args.outcome)
+              and (args.event is None or r.get("event") == args.event)
+              and (since is None or float(r.get("time", 0)) >= since)
+              and (until is None or float(r.get("time", 0)) < until)]
+    for record in wanted[-args.n:] if args.n > 0 else []:
+        print(json.dumps(record, sort_keys=True) if args.json else _audit_line(record))
     return 0
+
+
+def _when(text: str | None) -> float | None:
+    """``--since`` / ``--until``: an ISO date or time (UTC unless it says), or an age such as 24h or 7d."""
+    if text is None:
+        return None
+    from datetime import UTC, datetime
+
+    from .auth import parse_ttl
+
+    try:
+        return (datetime.now(UTC) - parse_ttl(text)).timestamp()
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise UserError(f"{text!r} is neither an ISO date/time (2026-11-23, 2026-11-23T08:00) nor an age (24h, 7d)"
+                        ) from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+def _audit_line(record: dict[str, Any]) -> str:
+    """One record for an officer's terminal: when, what, who, on what, what it cost, and why."""
+    event = record.get("event", "?")
+    what = record.get("outcome", event)
+    who = f"{record['project']}/{record.get('subject', '?')}" if "project" in record else record.get("source", "")
+    if event == "query":
+        cost = record.get("epsilon_charged", record.get("epsilon_requested"))
+        where = f"{record.get('dataset', '?')} ({record.get('population', '?')})" if "dataset" in record else ""
+        detail = " ".join(str(x) for x in (where, f"epsilon {cost:g}" if isinstance(cost, float | int) else "",
+                                           record.get("reason", ""), record.get("canonical_query", "")) if x)
+    elif event == "policy_reload":
+        detail = record.get("reason") or "; ".join(record.get("changes", [])) or "no change that matters"
+    elif event == "unauthenticated":
+        detail = f"{record.get('unauthenticated_rejections')} call(s): {record.get('reasons', {})}"
+    else:
+        detail = ", ".join(f"{k}={v}" for k, v in record.items() if k not in ("seq", "time", "at", "prev", "hash"))
+    return f"{record.get('at', record.get('time', '?'))}  #{record.get('seq', '?'):<6} {event:<15} {what:<17} " \
+           f"{who:<24} {detail}".rstrip()
 
 
 def _audit_log(path: Path) -> Path:

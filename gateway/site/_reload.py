@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Protocol
 
 from .._engine import Engine, file_stamp
+from ..audit import AuditLog
 from ..errors import GatewayError
 from ..metrics import SiteMetrics
 from ..policy import LoadedPolicy, PolicyFileError, load_policy
+from ..render import diff
 from ..templates import validate_templates
 
 log = logging.getLogger("gateway.site")
@@ -33,6 +35,7 @@ class HasLive(Protocol):
     live: Live
     metrics: SiteMetrics
     state_dir: Path
+    audit: AuditLog
 
 
 def load_live(path: Path, state_dir: Path) -> Live:
@@ -75,6 +78,13 @@ class PolicyWatcher(threading.Thread):
             self._retired.remove(item)
             item[1].close()
 
+    def _record(self, **fields: object) -> None:
+        """A policy reload in the audit trail (the officer's record of what went live, or did not)."""
+        try:
+            self.state.audit.append(event="policy_reload", policy=str(self.path), wait=False, **fields)
+        except GatewayError as err:  # the log is closed or the disk refuses: the reload itself stands
+            log.warning("policy reload not recorded in the audit log: %s", err.message)
+
     def reload(self) -> bool:
         """Try to load the file now; True when the new policy is live."""
         try:
@@ -82,9 +92,11 @@ class PolicyWatcher(threading.Thread):
         except Exception as err:  # any failure keeps the last good policy live
             log.error("policy reload rejected, keeping the last good policy: %s", err)
             self.state.metrics.policy_reloads.labels("rejected").inc()
+            self._record(outcome="refused", reason=str(err).splitlines()[0][:500] if str(err) else type(err).__name__)
             return False
         old, self.state.live = self.state.live, live
         log.info("policy reloaded from %s", self.path)
         self.state.metrics.policy_reloads.labels("ok").inc()
+        self._record(outcome="accepted", changes=diff(old.loaded.policy, live.loaded.policy)[:200])
         self._retired.append((time.monotonic(), old.engine))  # in-flight queries may still use it
         return True

@@ -204,7 +204,8 @@ class Pipeline:
         query = check_query(parsed, policy)
         trace["dataset"] = query.dataset
         checked = check(request, query, identity, policy, now)
-        trace.update(canonical_hash=checked.canonical_hash, epsilon_requested=float(checked.epsilon))
+        trace.update(canonical_hash=checked.canonical_hash, canonical_query=checked.canonical,
+                     population=checked.dataset.population_name, epsilon_requested=float(checked.epsilon))
         _check_answer_size(checked)
         plan = plan_query(checked.query, checked.dataset, checked.epsilon)
         response = pb.QueryResponse(
