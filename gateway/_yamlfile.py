@@ -7,8 +7,10 @@ about. The site policy and the broker configuration both load through it.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -48,10 +50,36 @@ def load_model(path: Path, model: type[M], error: type[ConfigFileError]) -> tupl
         return model.model_validate(data), text
     except ValidationError as err:
         lines = line_index(node)
-        raise error([_describe(path, lines, e) for e in err.errors()]) from err
+        errors = err.errors()
+        # a list too short only because its items failed: the items' errors say what is wrong
+        errors = [e for e in errors if e["type"] != "too_short" or not any(
+            len(o["loc"]) > len(e["loc"]) and o["loc"][:len(e["loc"])] == e["loc"] for o in errors)]
+        described = [_describe(path, lines, e, model) for e in errors]
+        # a union's type errors ("should be a list") beside a real error at the same key are noise
+        at = {text.split(": ", 2)[1] for _, text, kind in described if kind not in _TYPE_ERRORS}
+        kept = [(line, text) for line, text, kind in described
+                if kind not in _TYPE_ERRORS or text.split(": ", 2)[1] not in at]
+        raise error([text for _, text in sorted(dict.fromkeys(kept), key=lambda d: d[0])]) from err
 
 
-def _describe(path: Path, lines: dict[tuple[str, ...], int], error: Any) -> str:
+# What a value of a field with a pattern must look like, in words (pydantic would quote the pattern).
+PATTERN_WORDS = {
+    "period": "never, or a number of days such as 365d",
+    "site": "a name of letters, digits, '.', '_' and '-' (at most 63), starting with a letter or digit",
+    "name": "a name of letters, digits, '.', '_' and '-' (at most 63), starting with a letter or digit",
+}
+IDENTIFIER = "a plain name: letters, digits and _, not starting with a digit"
+BOOLEAN_TRAP = ("YAML reads unquoted yes, no, on, off, true and false as booleans: quote the value "
+                "(e.g. \"no\") if you mean the word")
+
+
+_TYPE_ERRORS = frozenset({"tuple_type", "list_type", "dict_type", "model_type", "model_attributes_type",
+                          "string_type", "int_type", "int_parsing", "float_type", "float_parsing"})
+
+
+def _describe(path: Path, lines: dict[tuple[str, ...], int], error: Any, model: type[BaseModel]
+              ) -> tuple[int, str, str]:
+    """One error as ``file:line: field: reason`` in plain words, its line (to order them) and kind."""
     loc = tuple(str(part) for part in error["loc"])
     # pydantic adds union-branch and type names to loc; keep the part that names the file's keys
     while loc and loc not in lines:
@@ -61,8 +89,91 @@ def _describe(path: Path, lines: dict[tuple[str, ...], int], error: Any) -> str:
         if (*kept, part) in lines or not _is_internal(part):
             kept.append(part)
     field = ".".join(kept) or "(top)"
-    reason = str(error["msg"]).removeprefix("Value error, ")
-    return f"{path}:{lines.get(loc, 1)}: {field}: {reason}"
+    line = lines.get(loc, 1)
+    return line, f"{path}:{line}: {field}: {_reason(error, kept, model)}", str(error["type"])
+
+
+def _reason(error: Any, keys: list[str], model: type[BaseModel]) -> str:  # noqa: PLR0911, PLR0912 (one per kind)
+    kind, given, ctx = error["type"], error.get("input"), error.get("ctx") or {}
+    name = keys[-1] if keys else ""
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):
+        known = sorted(_fields_at(model, keys[:-1]))
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return f"unknown key {name!r}; {hint}known keys here: {', '.join(known)}"
+    if isinstance(given, bool) and kind not in ("bool_type", "bool_parsing"):
+        if "number" in str(error["msg"]) or kind.startswith(("int", "float")):
+            return f"should be a number, not the boolean {str(given).lower()}"
+        return f"got {str(given).lower()}, a boolean: {BOOLEAN_TRAP}"
+    if kind == "missing":
+        return "is required"
+    if kind in ("tuple_type", "list_type"):
+        return "should be a list, e.g. [a, b]"
+    if kind in ("dict_type", "model_type", "model_attributes_type", "mapping_type"):
+        return "should be a mapping of keys (key: value lines, or {key: value})"
+    if kind == "string_type":
+        return "should be text"
+    if kind in ("int_type", "int_parsing", "int_from_float"):
+        return "should be a whole number"
+    if kind in ("float_type", "float_parsing"):
+        return "should be a number"
+    if kind == "string_pattern_mismatch":
+        return f"should be {PATTERN_WORDS.get(name, IDENTIFIER)}; got {given!r}"
+    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        words = {"greater_than_equal": "at least", "greater_than": "more than", "less_than_equal": "at most",
+                 "less_than": "less than"}[kind]
+        bound = next(iter(ctx.values()), "?")
+        bound = f"{bound:g}" if isinstance(bound, int | float) else bound
+        return f"should be {words} {bound}; got {given!r}"
+    if kind == "too_short":
+        return f"should have at least {ctx.get('min_length', 1)} item(s)"
+    if kind == "too_long":
+        return f"should have at most {ctx.get('max_length', '?')} item(s)"
+    if kind == "literal_error":
+        return f"should be {ctx.get('expected', 'one of the allowed values')}; got {given!r}"
+    return str(error["msg"]).removeprefix("Value error, ")
+
+
+def _fields_at(model: type[BaseModel], keys: list[str]) -> set[str]:
+    """The keys a mapping at ``keys`` of the file may hold (the fields of the model found there)."""
+    current: Any = model
+    parts = list(keys)
+    while parts:
+        names = _field_types(current)
+        if names is not None:
+            current = names.get(parts.pop(0))
+            if current is None:
+                return set()
+            continue
+        inner = _model_in(current)
+        if inner is None:
+            return set()
+        if get_origin(current) in (dict, tuple, list) or str(get_origin(current)).endswith("Mapping'>"):
+            parts.pop(0)  # a mapping's key or a list's index
+        current = inner
+    found = _field_types(current if _field_types(current) is not None else _model_in(current))
+    return set(found or ())
+
+
+def _field_types(cls: Any) -> dict[str, Any] | None:
+    """A pydantic model's or a dataclass's fields and their types (None for anything else)."""
+    if isinstance(cls, type) and issubclass(cls, BaseModel):
+        return {name: field.annotation for name, field in cls.model_fields.items()}
+    if isinstance(cls, type) and dataclasses.is_dataclass(cls):
+        hints = get_type_hints(cls)
+        return {f.name: hints.get(f.name) for f in dataclasses.fields(cls)}
+    return None
+
+
+def _model_in(annotation: Any) -> type | None:
+    """The model (pydantic or dataclass) an annotation holds (through Optional, unions, mappings, tuples)."""
+    if _field_types(annotation) is not None:
+        return annotation if isinstance(annotation, type) else None
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def _is_internal(part: str) -> bool:

@@ -80,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=_site_serve)
 
     broker = sub.add_parser("broker", help="broker").add_subparsers(required=True, metavar="ACTION")
+    bcheck = broker.add_parser("check", help="validate broker config files (file:line: field: reason)")
+    bcheck.add_argument("files", type=Path, nargs="+")
+    bcheck.set_defaults(run=_broker_check)
     bserve = broker.add_parser("serve", help="serve a broker in front of the sites in a config file")
     bserve.add_argument("--config", type=Path, required=True)
     bserve.add_argument("--host", default="127.0.0.1")
@@ -130,8 +133,9 @@ def _parser() -> argparse.ArgumentParser:
     budget.set_defaults(run=_budget)
 
     policy = sub.add_parser("policy", help="policy files").add_subparsers(required=True, metavar="ACTION")
-    check = policy.add_parser("check", help="validate policy files")
+    check = policy.add_parser("check", help="validate policy files (every error, then warnings, in line order)")
     check.add_argument("files", type=Path, nargs="+")
+    check.add_argument("--strict", action="store_true", help="fail on warnings too")
     check.set_defaults(run=_policy_check)
     explain = policy.add_parser("explain", help="what a project may do under a policy")
     explain.add_argument("file", type=Path)
@@ -401,21 +405,40 @@ def _budget(args: argparse.Namespace) -> int:
 
 
 def _policy_check(args: argparse.Namespace) -> int:
+    from ._policy_lint import policy_warnings
     from .policy import PolicyFileError, load_policy
     from .templates import validate_templates
 
     failed = False
     for path in args.files:
+        warnings: list[str] = []
         try:
-            problems = validate_templates(load_policy(path))
+            loaded = load_policy(path)
+            problems = validate_templates(loaded)
+            warnings = policy_warnings(loaded)
         except PolicyFileError as err:
             problems = err.problems
-        for line in problems:
+        for line in problems + warnings:
             print(line, file=sys.stderr)
-        if problems:
+        if problems or (warnings and args.strict):
             failed = True
         else:
-            print(f"{path}: ok")
+            print(f"{path}: ok" + (f" ({len(warnings)} warning(s))" if warnings else ""))
+    return 1 if failed else 0
+
+
+def _broker_check(args: argparse.Namespace) -> int:
+    from .broker.config import BrokerConfigError, load_broker_config
+
+    failed = False
+    for path in args.files:
+        try:
+            config = load_broker_config(path)
+        except BrokerConfigError as err:
+            print("\n".join(err.problems), file=sys.stderr)
+            failed = True
+        else:
+            print(f"{path}: ok ({len(config.sites)} site(s): {', '.join(s.name for s in config.sites)})")
     return 1 if failed else 0
 
 

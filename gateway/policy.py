@@ -92,6 +92,17 @@ class Column(_Model):
     description: str = ""
     """Shown to researchers by ListDatasets."""
 
+    @field_validator("keys", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: Any) -> Any:
+        """``keys: [yes, no]`` reads as booleans, which would become the keys 1 and 0."""
+        if isinstance(value, list | tuple):
+            found = [str(k).lower() for k in value if isinstance(k, bool)]
+            if found:
+                raise ValueError(f"key {found[0]} is a boolean: YAML reads unquoted yes, no, on, off, true and "
+                                 "false as booleans; quote the keys you mean as words (e.g. \"no\")")
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> Column:
         if "aggregate" in self.roles:

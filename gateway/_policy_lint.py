@@ -1,0 +1,63 @@
+"""Warnings about a policy that loads but likely does not say what its officer meant.
+
+A budget rule whose dataset pattern matches no dataset grants nothing, silently; a role pattern
+that is a misspelling of a usual role grants nothing to the callers it was meant for. Each warning
+is ``file:line: field: warning: ...``, with a "did you mean" where a name is close to one that
+exists. ``gateway policy check`` prints them (``--strict`` fails on them).
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+
+import yaml
+
+from ._yamlfile import line_index
+from .policy import LoadedPolicy
+
+USUAL_ROLES = ("researcher", "analyst", "officer")
+
+
+def policy_warnings(loaded: LoadedPolicy) -> list[str]:
+    """Every warning about ``loaded``, in line order."""
+    policy = loaded.policy
+    lines = line_index(yaml.compose(loaded.path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader))
+    found: list[tuple[int, str]] = []
+
+    def warn(keys: tuple[str, ...], text: str) -> None:
+        line = lines.get(keys, lines.get(keys[:-1], 1))
+        found.append((line, f"{loaded.path}:{line}: {'.'.join(keys)}: warning: {text}"))
+
+    names = list(policy.datasets)
+    for i, rule in enumerate(policy.budgets):
+        for j, pattern in enumerate(rule.datasets):
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                warn(("budgets", str(i), "datasets", str(j)),
+                     f"{pattern!r} matches no dataset, so this rule grants nothing on it{_close(pattern, names)}; "
+                     f"datasets: {', '.join(names)}")
+        for j, pattern in enumerate(rule.roles):
+            if any(ch in pattern for ch in "*?[") or pattern in USUAL_ROLES:
+                continue
+            close = difflib.get_close_matches(pattern, USUAL_ROLES, n=1, cutoff=0.75)
+            if close:
+                warn(("budgets", str(i), "roles", str(j)),
+                     f"role {pattern!r} looks like a misspelling of {close[0]!r}; a rule applies only to tokens whose "
+                     "role claim matches it exactly")
+        earlier = next((k for k, other in enumerate(policy.budgets[:i]) if other.project == "*"
+                        and other.datasets == ("*",) and other.roles == ("*",)), None)
+        if earlier is not None:
+            warn(("budgets", str(i), "project"),
+                 f"never applies: rule {earlier} (project '*' on every dataset and role) matches first")
+    for name, template in policy.templates.items():
+        for j, pattern in enumerate(template.projects):
+            if pattern != "*" and not any(fnmatch.fnmatchcase(pattern, rule.project) or
+                                          fnmatch.fnmatchcase(rule.project, pattern) for rule in policy.budgets):
+                warn(("templates", name, "projects", str(j)),
+                     f"no budget rule covers project {pattern!r}, so it cannot run this template")
+    return [text for _, text in sorted(found, key=lambda item: item[0])]
+
+
+def _close(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
