@@ -170,7 +170,7 @@ def test_to_fraction_rejects_non_numbers(value: object) -> None:
                                       "        bounds: [0, 1]"),
      ["13: datasets.patients.columns.sex: a string column cannot have the aggregate role"]),
     ("bad_role", BASE.replace("roles: [filter, group_by]", "roles: [filter, sort]"),
-     ["15: datasets.patients.columns.sex.roles.1: Input should be 'filter', 'group_by' or 'aggregate'"]),
+     ["15: datasets.patients.columns.sex.roles.1: Input should be 'filter', 'group_by', 'aggregate' or 'event'"]),
     ("no_roles", BASE.replace("roles: [filter, group_by]", "roles: []"),
      ["15: datasets.patients.columns.sex.roles: Tuple should have at least 1 item after validation, not 0"]),
     ("privacy_unit_is_a_column", BASE.replace("privacy_unit: patient_id", "privacy_unit: sex"),
@@ -398,7 +398,7 @@ def test_validate_templates_reports_each_broken_template(tmp_path: Path) -> None
         "columns usable for filter: age, sex",
         f"{p}:28: templates.uses_or.sql: OR is not supported (use IN for alternatives); "
         "supported: SELECT <count(*) | sum(col) | avg(col) | mean(col) | variance(col) | var_samp(col) | "
-        "stddev(col) | stddev_samp(col), group-by columns> FROM <dataset> "
+        "stddev(col) | stddev_samp(col) | survival(time, event), group-by columns> FROM <dataset> "
         "[WHERE <col> <op> <value> [AND ...]] [GROUP BY <col>, ...]; ops: =, !=, <, <=, >, >=, IN (...), "
         "NOT IN (...), BETWEEN a AND b",
         f"{p}:30: templates.unknown_dataset.sql: unknown dataset 'visits'; this site offers: patients",
@@ -522,7 +522,7 @@ def test_resolve_template_project_not_allowed(templated: LoadedPolicy, project: 
 def test_resolve_unknown_template() -> None:
     with pytest.raises(NotFound) as info:
         resolve_template(NORTH.policy, "nope", {}, "onc-1")
-    assert info.value.message == "unknown template 'nope'; your templates here: mean_age_by_stage, stage_distribution"
+    assert info.value.message == "unknown template 'nope'; your templates here: mean_age_by_stage, stage_distribution, survival_by_stage"
 
 
 def test_resolve_template_on_a_policy_without_templates(tmp_path: Path) -> None:
