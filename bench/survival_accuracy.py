@@ -141,8 +141,10 @@ def main() -> None:
                   f"{r['curve_mean_error']:>10.4f} {r['five_year_error']:>7.4f} {r['exact_median']:>6.0f} "
                   f"{r['median_error']:>7.2f} {r['median_error_p90']:>5.0f} {r['median_reached_differs']:>6.2f} "
                   f"{r['band_coverage']:>5.2f} {r['noise_band_coverage']:>5.2f}")
-    args.out.write_text(json.dumps({"patients_per_site": args.patients, "sites": len(SITES), "draws": args.draws,
-                                    "grid": "monthly, 0..120", "results": results}, indent=2) + "\n")
+    report = {"patients_per_site": args.patients, "sites": len(SITES), "draws": args.draws, "grid": "monthly, 0..120",
+              "results": {eps: {stage: {k: None if math.isnan(v) else v for k, v in r.items()}  # NaN: not reached
+                                for stage, r in stages.items()} for eps, stages in results.items()}}
+    args.out.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     print(f"wrote {args.out}")
 
 
