@@ -522,7 +522,7 @@ def test_resolve_template_project_not_allowed(templated: LoadedPolicy, project: 
 def test_resolve_unknown_template() -> None:
     with pytest.raises(NotFound) as info:
         resolve_template(NORTH.policy, "nope", {}, "onc-1")
-    assert info.value.message == "unknown template 'nope'; your templates here: mean_age_by_stage, stage_distribution, survival_by_stage"
+    assert info.value.message == "unknown template 'nope'; your templates here: mean_age_by_stage, stage_distribution"
 
 
 def test_resolve_template_on_a_policy_without_templates(tmp_path: Path) -> None:

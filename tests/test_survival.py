@@ -38,7 +38,7 @@ from gateway.aggregates import KINDS
 from gateway.demo.synth import synthesize
 from gateway.errors import InvalidQuery, NotFound, PolicyViolation
 from gateway.plot import PlotUnavailable
-from gateway.policy import Bins, Column, load_policy
+from gateway.policy import Bins, Column, Parameter, Template, load_policy
 from gateway.query import check_query
 from gateway.render import query_json, query_table
 from gateway.survival import kaplan_meier
@@ -254,8 +254,12 @@ def test_the_command_line_shows_the_median_and_gives_the_curve_as_json(start_sit
     assert cell["vector"]["ci95_lows"][12] <= cell["vector"]["values"][12] <= cell["vector"]["ci95_highs"][12]
 
 
-def test_an_approved_template_asks_for_survival(start_site, token, site_data) -> None:
-    site = start_site(noise=ExactNoise())
+def test_an_approved_template_asks_for_survival(start_site, token, site_data, tmp_path) -> None:
+    template = Template(sql="SELECT stage, survival(survival_months, death) FROM patients "
+                            "WHERE primary_site IN :sites GROUP BY stage",
+                        params={"sites": Parameter(type="list[string]", default=("lung",))})
+    policy = with_policy(example_policy(), templates={**example_policy().templates, "survival_by_stage": template})
+    site = start_site(noise=ExactNoise(), policy=write_policy(tmp_path, site_data, policy=policy))
     with client(site, token) as c:
         result = c.query(template="survival_by_stage", params={"sites": ["lung", "pancreas"]}, epsilon=1)
     rows = exact(site_data, "SELECT survival_months, death FROM patients "
@@ -302,10 +306,8 @@ def test_rows_with_missing_or_invalid_times_and_events_are_left_out(tmp_path: Pa
 
 # --- refusals -------------------------------------------------------------------------------------------
 
-WITHOUT_SURVIVAL_TEMPLATE = with_policy(example_policy(), templates={
-    name: template for name, template in example_policy().templates.items() if name != "survival_by_stage"})
-NO_SURVIVAL = with_dataset(WITHOUT_SURVIVAL_TEMPLATE, "patients", aggregates=("count", "mean"))
-NO_GRID = with_column(WITHOUT_SURVIVAL_TEMPLATE, "patients", "survival_months", bins=None)
+NO_SURVIVAL = with_dataset(example_policy(), "patients", aggregates=("count", "mean"))
+NO_GRID = with_column(example_policy(), "patients", "survival_months", bins=None)
 
 
 @pytest.mark.parametrize(("policy", "spec", "error", "message"), [
