@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import re
 import secrets
@@ -25,12 +26,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import yaml
 
 from ._yamlfile import line_index
-from .aggregates import ComponentSql, kind_of
+from .aggregates import ComponentSpec, kind_of
 from .answers import Scalar
 from .errors import DeadlineExceeded, FailedPrecondition, Unavailable
 from .policy import MAX_SOURCE_ROWS, MISSING_GROUP, OTHER_GROUP, Column, Dataset, LoadedPolicy
@@ -48,7 +50,9 @@ class SchemaMismatch(FailedPrecondition):
 class ExactResult:
     """Exact aggregates, one vector per component, aligned with ``groups`` (policy key order).
 
-    Components per aggregate: count -> [count]; sum -> [fixed-point sum]; mean -> [sum, count].
+    Components per aggregate: count -> [count]; sum -> [fixed-point sum]; mean -> [sum, count];
+    survival -> [counts]. A component with several values per group (survival's 2m counts) holds
+    them group by group: group g's values are ``vector[g * size:(g + 1) * size]``.
     """
 
     groups: tuple[tuple[Scalar, ...], ...]
@@ -188,17 +192,19 @@ class Engine:
             log.error("query on %s failed: %s", query.dataset, _without_values(err))
             raise FailedPrecondition(f"the site could not run the query on its data ({type(err).__name__}); "
                                      "ask the site operator to check the data source") from err
-        width = sum(len(kind_of(a.function).components) for a in query.aggregates)
+        shapes = [spec.shape(dataset.columns[a.column] if a.column is not None else None)
+                  for a in query.aggregates for spec in kind_of(a.function).components]
         if not query.group_by:
-            return ExactResult(groups, tuple((int(rows[0][i]),) for i in range(width)))
+            return ExactResult(groups, tuple(_dense(rows[0][i], shape) for i, shape in enumerate(shapes)))
         # every group gets a value (zero when absent); rows with non-public keys are dropped here,
         # unless the column releases them as (missing) / (other) groups
         columns = [dataset.columns[c] for c in query.group_by]
         width_keys = sum(2 if c.other_groups else 1 for c in columns)
         found = {_group_key(row[:width_keys], columns): row[width_keys:] for row in rows}
-        zero = (0,) * width
-        ordered = [found.get(key, zero) for key in groups]
-        return ExactResult(groups, tuple(tuple(int(v[i] or 0) for v in ordered) for i in range(width)))
+        absent = (None,) * len(shapes)
+        ordered = [found.get(key, absent) for key in groups]
+        return ExactResult(groups, tuple(tuple(v for values in ordered for v in _dense(values[i], shape))
+                                         for i, shape in enumerate(shapes)))
 
     def _ensure(self, name: str) -> _Prepared:
         dataset = self._loaded.policy.datasets[name]
@@ -297,7 +303,8 @@ class Engine:
             if actual is None:
                 raise SchemaMismatch(f"{where}: the source of dataset {name!r} has no column {column_name!r} "
                                      f"(it has: {', '.join(sorted(types))}); fix the policy or the data")
-            if column is not None and not _type_fits(column.type, actual):
+            if column is not None and not _type_fits(column.type, actual) and not (
+                    "event" in column.roles and actual == "BOOLEAN"):  # an event indicator may be a boolean
                 raise SchemaMismatch(f"{where}: declared {column.type}, but column {column_name!r} of dataset "
                                      f"{name!r} is {actual} in the source; fix the declared type or the data "
                                      "(no query is answered from a mismatched column)")
@@ -316,6 +323,19 @@ def _type_fits(declared: str, actual: str) -> bool:
     if declared == "float":
         return base in _INTEGER_TYPES | _NAN_TYPES | {"DECIMAL"}
     return base == "VARCHAR" or base.startswith("ENUM")
+
+
+def _dense(value: Any, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """One group's exact value of a component: a scalar (NULL is 0), or a vector from a map.
+
+    The map is the ``histogram`` of {index: rows}; absent indexes are 0.
+    """
+    if not shape:
+        return (int(value or 0),)
+    dense = [0] * math.prod(shape)
+    for index, rows in (value or {}).items():
+        dense[int(index)] = int(rows)
+    return tuple(dense)
 
 
 def _check_fits(query: Query, dataset: Dataset, rows: int) -> None:
@@ -418,16 +438,19 @@ def product_of_keys(keys: Sequence[Sequence[Scalar]]) -> tuple[tuple[Scalar, ...
 
 
 def _aggregate_sql(agg: Aggregate, dataset: Dataset, params: list[object]) -> list[str]:
-    column = dataset.columns[agg.column] if agg.column is not None else None
-    return [_component_sql(spec.sql, agg.column, column, params) for spec in kind_of(agg.function).components]
+    return [_component_sql(spec, agg, dataset, params) for spec in kind_of(agg.function).components]
 
 
-def _component_sql(sql: ComponentSql, name: str | None, column: Column | None, params: list[object]) -> str:
+def _component_sql(spec: ComponentSpec, agg: Aggregate, dataset: Dataset, params: list[object]) -> str:
+    sql, name = spec.sql, agg.column
     if sql == "rows":
         return "count(*)"
-    assert name is not None and column is not None
+    assert name is not None
+    column = dataset.columns[name]
     if sql == "values":
         return f"count({quote(name)})"
+    if sql == "survival_bins":
+        return _survival_sql(name, column, agg.more_columns[0], params)
     fixed = _fixed_point(name, column, params)
     if sql == "sum":
         return f"coalesce(sum({fixed}), 0)"
@@ -469,6 +492,60 @@ def _cohort_sql(f: Filter, source: tuple[str, str], params: list[object]) -> str
     conditions = [f"{quote(unit)} IS NOT NULL", *(_filter_sql(g, params) for g in f.cohort.filters)]
     return (f"{quote(f.column)} {f.op.upper()} (SELECT {quote(unit)} FROM {relation} "
             f"WHERE {' AND '.join(conditions)})")
+
+
+def _survival_sql(time_name: str, time: Column, event_name: str, params: list[object]) -> str:
+    """Rows per (outcome, grid time) of the time grid t0 < ... < t[n-1], as a ``histogram`` map per group.
+
+    A time counts at the first grid time at or after it: index i (0 <= i < n) counts rows with event
+    1 in (t[i-1], t[i]] (index 0: every time up to t0); index n + i counts rows with event 0 there;
+    a time past the last grid time is censored there (index 2n - 1), whatever its event. A row whose
+    time is missing, or whose event is missing or neither 0 nor 1, counts nowhere. Each row adds 1
+    to at most one index. Times are compared in fixed point at the column's precision, as sums read
+    them, against the grid's exact integer edges, so no float rounding moves a time across an edge.
+    """
+    edges = time.fixed_grid
+    n = len(edges)
+    event = quote(event_name)
+
+    def fixed() -> str:  # each use binds its own parameters (they are positional)
+        return _fixed_time(time_name, time, edges[0], edges[-1], params)
+
+    def bin_index() -> str:
+        if time.bins is not None and time.bins.regular:
+            start, width = edges[0], edges[1] - edges[0]
+            first = fixed()
+            params.append(start)
+            rest = fixed()
+            params.extend([start + 1, width])  # t in (start + (i-1) width, start + i width] is at index i
+            return f"(CASE WHEN {first} <= ? THEN 0 ELSE ({rest} - ?) // ? + 1 END)"
+        whens = []
+        for i, edge in enumerate(edges[:-1]):
+            whens.append(f"WHEN {fixed()} <= ? THEN {i}")
+            params.append(edge)
+        return f"(CASE {' '.join(whens)} ELSE {n - 1} END)"
+
+    past_end = fixed()
+    params.extend([edges[-1], 2 * n - 1])
+    on_event = bin_index()
+    params.append(n)
+    censored = bin_index()
+    # least/greatest skip NULLs, so a missing time is ruled out before the time is clamped
+    return (f"histogram(CASE WHEN {event} IN (0, 1) AND {quote(time_name)} IS NOT NULL THEN CASE WHEN {past_end} > ? "
+            f"THEN ? WHEN {event} = 1 THEN {on_event} ELSE ? + {censored} END END)")
+
+
+def _fixed_time(name: str, column: Column, start: int, end: int, params: list[object]) -> str:
+    """The time in fixed point, first clamped to one unit around [start, end].
+
+    Clamping keeps every time's bin, and keeps a huge or infinite time inside 64 bits.
+    """
+    unit = column.unit
+    if column.type == "integer" and column.scale_digits == 0:
+        params.extend([start - 1, end + 1])
+        return f"least(greatest({quote(name)}, ?), ?)"
+    params.extend([(start - unit) / unit, (end + unit) / unit, unit])
+    return f"CAST(round(least(greatest(CAST({quote(name)} AS DOUBLE), ?), ?) * ?) AS BIGINT)"
 
 
 def _filter_sql(f: Filter, params: list[object]) -> str:

@@ -7,21 +7,25 @@ adds the noise, with input distance = the L1 sensitivity derived from the policy
 epsilon it is charged, and measurements are built once per (scale) and reused.
 
 Sensitivities, for the add/remove-one-patient neighbouring relation, k = max rows per patient: each
-component of an aggregate kind (:mod:`gateway.aggregates`) declares the most one row adds to it;
-the sensitivity is k times that. For a sum, a row adds its scaled, rounded value clamped as an
-integer to ``Column.fixed_bounds`` [l, u]: at most max(|l|, |u|); for a count, 1. How released
-components become estimates (a mean's ratio, a variance) is the kind's post-processing.
+component of an aggregate kind (:mod:`gateway.aggregates`) declares the most one row adds to it
+(the L1 norm of what it adds, for a vector component); the sensitivity is k times that. For a sum,
+a row adds its scaled, rounded value clamped as an integer to ``Column.fixed_bounds`` [l, u]: at
+most max(|l|, |u|); for a count, 1; for survival's per-bin event and censoring counts, 1 to one of
+them. A component is one measurement over all its values (groups, and bins), so a patient's rows
+spread over several groups or bins still move it by at most the sensitivity in L1. How released
+components become estimates (a mean's ratio, a survival curve) is the kind's post-processing.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
 
-from .aggregates import Kind, kind_of
+from .aggregates import Declared, Kind, kind_of
 from .answers import Estimate, Part, Row, Scalar, discrete_laplace_half_width, discrete_laplace_std
 from .errors import InternalBug, InvalidQuery
 from .policy import Column, Dataset
@@ -42,13 +46,19 @@ _MAX_SCALE = float(1 << 56)
 
 @dataclass(frozen=True)
 class Component:
-    """One noisy integer vector (one value per group), in fixed-point units of 1/``unit``."""
+    """One noisy integer vector (``shape`` values per group), in fixed-point units of 1/``unit``."""
 
     name: str
     sensitivity: int
     epsilon: Fraction
     scale: float
     unit: int
+    shape: tuple[int, ...] = ()
+
+    @property
+    def size(self) -> int:
+        """Values per group."""
+        return math.prod(self.shape)
 
     @property
     def std_error(self) -> float:
@@ -60,9 +70,12 @@ class Component:
         """Half-width of the noise's central 95% interval, in the estimate's units."""
         return discrete_laplace_half_width(self.scale) / self.unit
 
-    def part(self, noisy: float) -> Part:
-        """A released value of this component as a part of its estimate."""
-        return Part(self.name, noisy / self.unit, self.std_error, self.half_width, self.scale / self.unit)
+    def part(self, noisy: Sequence[float]) -> Part:
+        """One group's released values of this component as a part of its estimate."""
+        if not self.shape:
+            return Part(self.name, noisy[0] / self.unit, self.std_error, self.half_width, self.scale / self.unit)
+        return Part(self.name, math.nan, self.std_error, self.half_width, self.scale / self.unit,
+                    tuple(v / self.unit for v in noisy), self.shape)
 
 
 @dataclass(frozen=True)
@@ -72,7 +85,7 @@ class AggregatePlan:
     aggregate: Aggregate
     kind: Kind
     components: tuple[Component, ...]
-    bounds: tuple[float, float] | None
+    declared: Declared
     epsilon: Fraction
 
     def mechanism(self, base: str) -> str:
@@ -105,13 +118,15 @@ def plan_query(query: Query, dataset: Dataset, epsilon: Fraction) -> Plan:
         sensitivities = [k * spec.row_bound(column) for spec in kind.components]
         for spec, sensitivity in zip(kind.components, sensitivities, strict=True):
             _check_noise_fits(agg, spec.name, sensitivity, share * spec.share, epsilon)
-        components = tuple(_component(spec.name, sensitivity, share * spec.share, spec.unit(column))
+        components = tuple(_component(spec.name, sensitivity, share * spec.share, spec.unit(column),
+                                      spec.shape(column))
                            for spec, sensitivity in zip(kind.components, sensitivities, strict=True))
         bounds = None
         if column is not None and column.bounds is not None:
             low, high = column.fixed_bounds
             bounds = (low / column.unit, high / column.unit)
-        plans.append(AggregatePlan(agg, kind, components, bounds, share))
+        edges = column.grid if column is not None else ()
+        plans.append(AggregatePlan(agg, kind, components, Declared(bounds, edges), share))
     return Plan(tuple(plans), epsilon)
 
 
@@ -126,8 +141,8 @@ def _check_noise_fits(agg: Aggregate, name: str, sensitivity: int, epsilon: Frac
                            f"64-bit integers; ask for at least {least:.3g}")
 
 
-def _component(name: str, sensitivity: int, epsilon: Fraction, unit: int) -> Component:
-    return Component(name, sensitivity, epsilon, scale_for(sensitivity, epsilon), unit)
+def _component(name: str, sensitivity: int, epsilon: Fraction, unit: int, shape: tuple[int, ...]) -> Component:
+    return Component(name, sensitivity, epsilon, scale_for(sensitivity, epsilon), unit, shape)
 
 
 @lru_cache(maxsize=4096)
@@ -181,7 +196,7 @@ def release(plan: Plan, groups: tuple[tuple[Scalar, ...], ...], exact: tuple[tup
     for g, keys in enumerate(groups):
         estimates, counts, i = [], [], 0
         for agg in plan.aggregates:
-            parts = {c.name: c.part(noisy[i + j][g]) for j, c in enumerate(agg.components)}
+            parts = {c.name: c.part(noisy[i + j][g * c.size:(g + 1) * c.size]) for j, c in enumerate(agg.components)}
             estimates.append(_estimate(agg, parts, noise.mechanism))
             counts += [p.value for p in parts.values() if p.name == "count"]
             i += len(agg.components)
@@ -196,16 +211,17 @@ def predicted(plan: Plan, groups: tuple[tuple[Scalar, ...], ...]) -> list[Row]:
     estimates = []
     for agg in plan.aggregates:
         first = agg.components[0]
-        std_error, half_width = agg.kind.predict({c.name: c.part(math.nan) for c in agg.components})
+        std_error, half_width = agg.kind.predict({c.name: c.part([math.nan] * c.size) for c in agg.components})
         estimates.append(Estimate(agg.aggregate.label, agg.kind.name, math.nan, std_error, first.scale / first.unit,
                                   math.nan, math.nan, half_width, agg.mechanism("discrete_laplace"), agg.epsilon,
-                                  bounds=agg.bounds))
+                                  bounds=agg.declared.bounds, edges=agg.declared.edges))
     return [Row(keys, tuple(estimates)) for keys in groups]
 
 
 def _estimate(agg: AggregatePlan, parts: dict[str, Part], mechanism: str) -> Estimate:
     first = agg.components[0]
-    value = agg.kind.estimate(parts, agg.bounds, clamp=True)
+    value = agg.kind.estimate(parts, agg.declared, clamp=True)
     return Estimate(agg.aggregate.label, agg.kind.name, value.value, value.std_error, first.scale / first.unit,
                     value.ci_low, value.ci_high, value.half_width, agg.mechanism(mechanism), agg.epsilon,
-                    clamped=value.clamped, parts=tuple(parts.values()), bounds=agg.bounds)
+                    clamped=value.clamped, parts=tuple(parts.values()), bounds=agg.declared.bounds,
+                    vector=value.vector, edges=agg.declared.edges)

@@ -193,8 +193,11 @@ class _Converter:
         else:
             raise InvalidQuery(f"unsupported select item {node.sql()!r}; {SUPPORTED}")
         kind = BY_SQL_NAME.get(name)
-        if kind is None or kind.columns != len(args):
+        if kind is None:
             raise InvalidQuery(f"unsupported select item {node.sql()!r}; {SUPPORTED}")
+        if kind.columns != len(args):
+            raise InvalidQuery(f"unsupported select item {node.sql()!r}: {kind.name} takes {kind.columns} "
+                               f"column(s), e.g. {kind.example}; {SUPPORTED}")
         columns = [self._column(a) for a in args]
         return Aggregate(kind.name, columns[0], tuple(columns[1:]))
 

@@ -90,18 +90,33 @@ def estimate_to_wire(e: Estimate) -> pb.Estimate:
                           noise_scale=e.noise_scale, ci_low=e.ci_low, ci_high=e.ci_high,
                           ci_half_width=e.ci_half_width, suppressed=e.suppressed, clamped=e.clamped,
                           mechanism=e.mechanism, epsilon=float(e.epsilon),
-                          components=[pb.Component(name=p.name, values=[p.value], std_error=p.std_error,
-                                                   ci_half_width=p.half_width, noise_scale=p.noise_scale)
-                                      for p in e.parts])
+                          components=[part_to_wire(p) for p in e.parts], edges=e.edges)
     if e.bounds is not None:
         message.has_bounds, message.lower, message.upper = True, e.bounds[0], e.bounds[1]
+    if e.vector is not None:
+        message.values[:], message.shape[:] = e.vector.values, e.vector.shape
+        message.std_errors[:], message.ci_lows[:], message.ci_highs[:] = (e.vector.std_errors, e.vector.ci_lows,
+                                                                          e.vector.ci_highs)
     return message
 
 
+def part_to_wire(p: Part) -> pb.Component:
+    """One released part as a wire component (a scalar's one value, or a vector's values and shape)."""
+    return pb.Component(name=p.name, values=list(p.values) if p.shape else [p.value], shape=p.shape,
+                        std_error=p.std_error, ci_half_width=p.half_width, noise_scale=p.noise_scale)
+
+
 def parts_from_wire(message: pb.Estimate) -> dict[str, Part]:
-    """The released parts of a (scalar) estimate, by component name."""
-    return {c.name: Part(c.name, c.values[0] if c.values else math.nan, c.std_error, c.ci_half_width,
-                         c.noise_scale) for c in message.components}
+    """The released parts of an estimate, by component name (scalars, or vectors with their shape)."""
+    parts = {}
+    for c in message.components:
+        if c.shape:
+            parts[c.name] = Part(c.name, math.nan, c.std_error, c.ci_half_width, c.noise_scale, tuple(c.values),
+                                 tuple(c.shape))
+        else:
+            parts[c.name] = Part(c.name, c.values[0] if c.values else math.nan, c.std_error, c.ci_half_width,
+                                 c.noise_scale)
+    return parts
 
 
 def bounds_from_wire(message: pb.Estimate) -> tuple[float, float] | None:

@@ -1,10 +1,12 @@
 """The table of aggregate kinds: everything the gateway knows about each kind, in one place.
 
 Each kind declares its check against the policy, the noisy components it releases (what the
-engine computes in SQL, the most one row can add to each — from which the mechanism derives the
-sensitivity — and each component's share of the aggregate's epsilon), how released components
-become an estimate, and how a broker pools them. The SQL front-end, engine, mechanisms, site,
-broker and client all read this table; none of them compares kind names.
+engine computes in SQL, their shape — one value per group, or a vector over a grid the policy
+declares —, the most one row can add to each, as an L1 norm, from which the mechanism derives the
+sensitivity, and each component's share of the aggregate's epsilon), how released components
+become an estimate (a scalar, or a vector such as a survival curve), and how a broker pools them.
+The SQL front-end, engine, mechanisms, site, broker and client all read this table; none of them
+compares kind names.
 
 Free of OpenDP, DuckDB and pydantic (policy types are imported for type checking only), so the
 broker and the client can import it. Adding a kind means adding a class here and to :data:`KINDS`.
@@ -18,8 +20,9 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING, ClassVar, Literal
 
-from .answers import Z95, Part, Value, ratio_estimate, symmetric
-from .errors import InvalidQuery
+from .answers import Z95, Part, Value, Vector, ratio_estimate, symmetric
+from .errors import InvalidQuery, PolicyViolation
+from .survival import kaplan_meier, split_counts
 
 if TYPE_CHECKING:
     from .policy import Column
@@ -27,21 +30,40 @@ if TYPE_CHECKING:
 
 # What the engine knows how to compute per group: rows, non-missing values of the column, the sum
 # of the column's clamped fixed-point values, or the sum of those values, or of their squares, after
-# subtracting the bounds' midpoint (which makes what one row can add about half as large).
-ComponentSql = Literal["rows", "values", "sum", "centered_sum", "centered_squares"]
+# subtracting the bounds' midpoint (which makes what one row can add about half as large); or, over
+# the time column's declared grid, rows with an event per bin and then rows censored per bin.
+ComponentSql = Literal["rows", "values", "sum", "centered_sum", "centered_squares", "survival_bins"]
 
 
 @dataclass(frozen=True)
 class ComponentSpec:
-    """One noisy component of a kind: its name, how the engine computes it, its share of epsilon."""
+    """One noisy component of a kind: its name, how the engine computes it, its share of epsilon.
+
+    A component is one measurement: all its values (over groups, and over bins for a vector) are
+    noised together, with the L1 sensitivity k x :meth:`row_bound`.
+    """
 
     name: str
     sql: ComponentSql
     share: Fraction
 
+    def shape(self, column: Column | None) -> tuple[int, ...]:
+        """Its values per group: () for one; (2, n) for survival's events and censorings at n grid times."""
+        if self.sql == "survival_bins":
+            assert column is not None
+            return (2, len(column.grid))
+        return ()
+
+    def size(self, column: Column | None) -> int:
+        """How many values it has per group."""
+        return math.prod(self.shape(column))
+
     def row_bound(self, column: Column | None) -> int:
-        """The largest |value| one row adds to this component, in fixed-point units."""
-        if self.sql in ("rows", "values"):
+        """The largest L1 norm of what one row adds to this component (in one group), in fixed-point units.
+
+        A row adds 1 to a count, and 1 to exactly one bin of a survival vector.
+        """
+        if self.sql in ("rows", "values", "survival_bins"):
             return 1
         assert column is not None
         if self.sql == "sum":
@@ -51,10 +73,22 @@ class ComponentSpec:
 
     def unit(self, column: Column | None) -> int:
         """Fixed-point units per 1 of the component's value."""
-        if self.sql in ("rows", "values"):
+        if self.sql in ("rows", "values", "survival_bins"):
             return 1
         assert column is not None
         return column.unit ** 2 if self.sql == "centered_squares" else column.unit
+
+
+@dataclass(frozen=True)
+class Declared:
+    """What the policy declares that post-processing uses (public values, never data).
+
+    ``bounds``: the aggregated column's clamping bounds; ``edges``: its grid (survival's times).
+    A site reads them from its policy, a broker from the sites' answers.
+    """
+
+    bounds: tuple[float, float] | None = None
+    edges: tuple[float, ...] = ()
 
 
 class Kind:
@@ -64,11 +98,15 @@ class Kind:
     sql_names: ClassVar[tuple[str, ...]]
     example: ClassVar[str]
     columns: ClassVar[int] = 1
+    # the role each column needs, in order (the first column is the one bounds and grids come from)
+    roles: ClassVar[tuple[str, ...]] = ("aggregate",)
     components: ClassVar[tuple[ComponentSpec, ...]]
     mechanism: ClassVar[str] = "{}"
+    # what an answer's scalar value is, when the kind's main result is a vector (e.g. "median")
+    summary: ClassVar[str] = ""
 
-    def check(self, agg: Aggregate, column_for: Callable[[str], Column]) -> None:
-        """Refuse ``agg`` unless it has this kind's shape; ``column_for`` checks each column's role."""
+    def check(self, agg: Aggregate, column_for: Callable[[str, str], Column]) -> None:
+        """Refuse ``agg`` unless it has this kind's shape; ``column_for(name, role)`` checks a column's role."""
         if self.columns == 0 and agg.columns:
             raise InvalidQuery(f"{self.name} takes no column: use {self.example} (each row of the dataset counts)")
         if len(agg.columns) != self.columns:
@@ -76,16 +114,25 @@ class Kind:
             raise InvalidQuery(f"{self.name} needs {needs}, e.g. {self.example}")
         if agg.params:
             raise InvalidQuery(f"{self.name} takes no parameters, e.g. {self.example}")
-        for name in agg.columns:
-            column_for(name)
+        for name, role in zip(agg.columns, self.roles, strict=False):
+            column_for(name, role)
 
-    def estimate(self, parts: Mapping[str, Part], bounds: tuple[float, float] | None, clamp: bool) -> Value:
+    def estimate(self, parts: Mapping[str, Part], declared: Declared, clamp: bool) -> Value:
         """The estimate that post-processing of the released ``parts`` gives.
 
-        ``bounds`` are the column's clamping bounds; with ``clamp`` the estimate is kept inside
-        what the bounds make possible (a site does; a broker keeps the sites' pooled value).
+        ``declared`` holds the column's clamping bounds and grid; with ``clamp`` the estimate is
+        kept inside what the bounds make possible (a site does; a broker keeps the sites' pooled
+        value).
         """
         raise NotImplementedError
+
+    def vector_doubles(self, column: Column | None) -> int:
+        """How many numbers one group's answer carries beyond a scalar estimate's (for answer sizes)."""
+        return 0
+
+    def note(self, agg: Aggregate, column: Column | None) -> str:
+        """What a reader of an answer with ``agg`` should know about it ('' when nothing)."""
+        return ""
 
     def predict(self, parts: Mapping[str, Part]) -> tuple[float, float]:
         """(std error, 95% half-width) known before running: a single component's; otherwise unknown."""
@@ -105,7 +152,7 @@ class Count(Kind):
     name, sql_names, example, columns = "count", ("count",), "count(*)", 0
     components = (ComponentSpec("count", "rows", Fraction(1)),)
 
-    def estimate(self, parts: Mapping[str, Part], bounds: tuple[float, float] | None, clamp: bool) -> Value:
+    def estimate(self, parts: Mapping[str, Part], declared: Declared, clamp: bool) -> Value:
         part = parts["count"]
         return symmetric(part.value, part.std_error, part.half_width)
 
@@ -116,7 +163,7 @@ class Sum(Kind):
     name, sql_names, example = "sum", ("sum",), "sum(column)"
     components = (ComponentSpec("sum", "sum", Fraction(1)),)
 
-    def estimate(self, parts: Mapping[str, Part], bounds: tuple[float, float] | None, clamp: bool) -> Value:
+    def estimate(self, parts: Mapping[str, Part], declared: Declared, clamp: bool) -> Value:
         part = parts["sum"]
         return symmetric(part.value, part.std_error, part.half_width)
 
@@ -128,9 +175,9 @@ class Mean(Kind):
     components = (ComponentSpec("sum", "sum", Fraction(1, 2)), ComponentSpec("count", "values", Fraction(1, 2)))
     mechanism = "ratio({})"
 
-    def estimate(self, parts: Mapping[str, Part], bounds: tuple[float, float] | None, clamp: bool) -> Value:
+    def estimate(self, parts: Mapping[str, Part], declared: Declared, clamp: bool) -> Value:
         total, count = parts["sum"], parts["count"]
-        low, high = bounds if bounds is not None else (-math.inf, math.inf)
+        low, high = declared.bounds if declared.bounds is not None else (-math.inf, math.inf)
         if count.value >= 1 and not clamp:
             low, high = -math.inf, math.inf
         value, se, clamped = ratio_estimate(total.value, count.value, total.std_error, count.std_error, low, high)
@@ -151,8 +198,8 @@ class Variance(Kind):
                   ComponentSpec("count", "values", Fraction(1, 3)))
     mechanism = "variance({})"
 
-    def estimate(self, parts: Mapping[str, Part], bounds: tuple[float, float] | None, clamp: bool) -> Value:
-        value, se, clamped, top = _variance(parts, bounds)
+    def estimate(self, parts: Mapping[str, Part], declared: Declared, clamp: bool) -> Value:
+        value, se, clamped, top = _variance(parts, declared.bounds)
         return Value(value, se, Z95 * se, max(0.0, value - Z95 * se), min(top, value + Z95 * se), clamped)
 
 
@@ -163,8 +210,8 @@ class StdDev(Kind):
     components = Variance.components
     mechanism = "stddev({})"
 
-    def estimate(self, parts: Mapping[str, Part], bounds: tuple[float, float] | None, clamp: bool) -> Value:
-        variance, se, clamped, top = _variance(parts, bounds)
+    def estimate(self, parts: Mapping[str, Part], declared: Declared, clamp: bool) -> Value:
+        variance, se, clamped, top = _variance(parts, declared.bounds)
         value = math.sqrt(variance)
         # delta method for the standard error; the interval is the variance's, square-rooted
         sd_se = se / (2 * value) if value > 0 else math.sqrt(se)
@@ -189,14 +236,63 @@ def _variance(parts: Mapping[str, Part], bounds: tuple[float, float] | None) -> 
     return value, se, value != raw, top
 
 
-KINDS: dict[str, Kind] = {kind.name: kind for kind in (Count(), Sum(), Mean(), Variance(), StdDev())}
+class Survival(Kind):
+    """Kaplan-Meier survival over the time column's declared grid, with median survival.
+
+    One component, one measurement: per group, the rows with an event at each grid time, then the
+    rows censored there (a time counts at the first grid time at or after it; past the grid's end
+    it is censored there). A row adds 1 to exactly one of those 2n counts, so one patient's k rows
+    move the vector by at most k in L1: the pair needs no split of epsilon. The curve, its band,
+    the numbers at risk and the median are post-processing (:mod:`gateway.survival`); the
+    estimate's value is the median survival time.
+    """
+
+    name, sql_names, example, columns = "survival", ("survival",), "survival(time, event)", 2
+    roles = ("aggregate", "event")
+    components = (ComponentSpec("counts", "survival_bins", Fraction(1)),)
+    mechanism = "kaplan_meier({})"
+    summary = "median"
+
+    def check(self, agg: Aggregate, column_for: Callable[[str, str], Column]) -> None:
+        super().check(agg, column_for)
+        time = column_for(agg.columns[0], "aggregate")
+        if time.bins is None:
+            raise PolicyViolation(agg.columns[0], "survival needs a time grid on its time column, and the policy "
+                                                  "declares none for this column (bins: {width: ..., max: ...}); "
+                                                  "ask the site's privacy officer")
+
+    def estimate(self, parts: Mapping[str, Part], declared: Declared, clamp: bool) -> Value:
+        counts = parts["counts"]
+        events, censored = split_counts(counts.values)
+        curve = kaplan_meier(declared.edges, events, censored, counts.std_error ** 2)
+        vector = Vector(curve.survival, curve.std_error, curve.ci_low, curve.ci_high, (len(curve.times),))
+        return Value(curve.median, math.nan, math.nan, curve.median_low, curve.median_high, curve.clamped, vector)
+
+    def predict(self, parts: Mapping[str, Part]) -> tuple[float, float]:
+        """Unknown before running: the median's accuracy depends on the counts."""
+        return math.nan, math.nan
+
+    def vector_doubles(self, column: Column | None) -> int:
+        assert column is not None
+        times = len(column.grid)
+        return 2 * times + 4 * times + times  # the counts, the curve with its errors and band, the grid
+
+    def note(self, agg: Aggregate, column: Column | None) -> str:
+        assert column is not None
+        time, event = agg.columns
+        return (f"{agg.label}: Kaplan-Meier at the {len(column.grid)} times of the declared grid "
+                f"{column.grid[0]:g}..{column.grid[-1]:g}; each {time} counts at the first grid time at or after it, "
+                f"and past {column.grid[-1]:g} is censored there; rows whose {time} is missing or whose {event} is "
+                "missing or neither 0 nor 1 are left out; the value is the median survival time")
+
+
+KINDS: dict[str, Kind] = {kind.name: kind for kind in (Count(), Sum(), Mean(), Variance(), StdDev(), Survival())}
 BY_SQL_NAME: dict[str, Kind] = {sql: kind for kind in KINDS.values() for sql in kind.sql_names}
 
 
 def sql_forms() -> list[str]:
     """Every SQL spelling of every kind, e.g. ``count(*)``, ``avg(col)``, ``mean(col)``."""
-    return [kind.example if kind.columns == 0 else f"{sql}({', '.join(['col'] * kind.columns)})"
-            for kind in KINDS.values() for sql in kind.sql_names]
+    return [f"{sql}(col)" if kind.columns == 1 else kind.example for kind in KINDS.values() for sql in kind.sql_names]
 
 
 def supported_aggregates() -> str:

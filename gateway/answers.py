@@ -19,7 +19,9 @@ class Part:
     """One released noisy quantity behind an estimate (a count, a sum, ...), in the estimate's units.
 
     ``half_width`` is the half-width of the central 95% interval of its noise: exact for one
-    site's discrete Laplace, a normal approximation once parts are pooled.
+    site's discrete Laplace, a normal approximation once parts are pooled. A vector part (per-bin
+    counts, say) holds its ``values`` row-major with their ``shape``, each with the same noise; its
+    ``value`` is NaN.
     """
 
     name: str
@@ -27,12 +29,36 @@ class Part:
     std_error: float
     half_width: float
     noise_scale: float
+    values: tuple[float, ...] = ()
+    shape: tuple[int, ...] = ()
 
     @staticmethod
     def pooled(parts: list[Part]) -> Part:
-        """Parts of the same name from several sites: values add, noise variances add."""
+        """Parts of the same name from several sites: values add (element by element), noise variances add."""
+        head = parts[0]
         se = math.sqrt(sum(p.std_error ** 2 for p in parts))
-        return Part(parts[0].name, sum(p.value for p in parts), se, Z95 * se, math.nan)
+        if not head.shape:
+            return Part(head.name, sum(p.value for p in parts), se, Z95 * se, math.nan)
+        if any(p.shape != head.shape or len(p.values) != len(head.values) for p in parts):
+            raise ValueError(f"{head.name}: the sites' vectors have different shapes")
+        values = tuple(math.fsum(column) for column in zip(*(p.values for p in parts), strict=True))
+        return Part(head.name, math.nan, se, Z95 * se, math.nan, values, head.shape)
+
+
+@dataclass(frozen=True)
+class Vector:
+    """A vector estimate (a survival curve), element by element: values, std errors, 95% intervals."""
+
+    values: tuple[float, ...]
+    std_errors: tuple[float, ...]
+    ci_lows: tuple[float, ...]
+    ci_highs: tuple[float, ...]
+    shape: tuple[int, ...]
+
+    def withheld(self) -> Vector:
+        """The same shape with every value and interval withheld (NaN)."""
+        nan = (math.nan,) * len(self.values)
+        return Vector(nan, nan, nan, nan, self.shape)
 
 
 @dataclass(frozen=True)
@@ -45,6 +71,7 @@ class Value:
     ci_low: float
     ci_high: float
     clamped: bool = False
+    vector: Vector | None = None
 
 
 @dataclass(frozen=True)
@@ -65,16 +92,19 @@ class Estimate:
     clamped: bool = False
     parts: tuple[Part, ...] = ()
     bounds: tuple[float, float] | None = None
+    vector: Vector | None = None
+    edges: tuple[float, ...] = ()
 
     def withheld(self) -> Estimate:
-        """The same estimate suppressed: its value and interval withheld from display.
+        """The same estimate suppressed: its value, interval and any vector withheld from display.
 
         The released parts are kept: suppression is presentation, not privacy (they are noisy
         already), and a broker needs them to pool the cell with other sites'.
         """
         return Estimate(self.aggregate, self.function, math.nan, self.std_error, self.noise_scale, math.nan,
                         math.nan, self.ci_half_width, self.mechanism, self.epsilon, suppressed=True,
-                        parts=self.parts, bounds=self.bounds)
+                        parts=self.parts, bounds=self.bounds,
+                        vector=self.vector.withheld() if self.vector is not None else None, edges=self.edges)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,13 @@ with the same ``query_id``, so a retry never pays twice.
 Tokens are bound to the caller's proof key, and every call carries a fresh proof of possession per
 site that sees it (:mod:`gateway.proof`): the client signs them, learning the sites' names from the
 first answer that asks for them.
+
+Survival in a few lines (a Kaplan-Meier curve per stage over the grid the policy declares)::
+
+    curves = gw.survival("patients", time="survival_months", event="death", by="stage", epsilon=0.5)
+    print(curves.frame)        # stage, time, survival, ci_low, ci_high, at_risk, events
+    print(curves.medians)      # stage, median, ci_low, ci_high
+    curves.plot("survival.png")   # needs the plot extra: pip install 'gateway[plot]'
 """
 
 from __future__ import annotations
@@ -36,9 +43,10 @@ import polars as pl
 from ._proto.gateway.v1 import gateway_pb2 as pb
 from ._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from ._transport import Tls, open_channel
-from ._wire import to_value
+from ._wire import parts_from_wire, to_value
 from .errors import ProofRequired, Unavailable, error_from_rpc
 from .proof import ANY_SERVER, ProofKey
+from .survival import numbers_at_risk, split_counts
 
 T = TypeVar("T")
 StructuredSpec = Mapping[str, Any]
@@ -96,11 +104,94 @@ class QueryResult:
         return pl.concat(frames, how="diagonal") if frames else pl.DataFrame()
 
 
+class SurvivalResult(QueryResult):
+    """A survival answer: per group, the Kaplan-Meier curve over the policy's time grid and its median.
+
+    :attr:`frame` (also :meth:`to_polars`) has the group columns, then ``time`` (each time of the
+    policy's grid), ``survival``, its pointwise 95% band ``ci_low``/``ci_high`` (Greenwood's variance
+    plus the noise's), and the noisy ``at_risk`` (still at risk just after the grid's previous
+    time) and ``events`` (after the previous time, up to ``time``). :attr:`medians` has the group
+    columns, ``median``, ``ci_low`` and ``ci_high`` (None where the curve or its band does not
+    reach 0.5 on the grid). A suppressed group's values are None.
+    """
+
+    def __init__(self, response: pb.QueryResponse, time: str = "time") -> None:
+        super().__init__(response)
+        self.time = time
+
+    @property
+    def group_by(self) -> list[str]:
+        """The group columns."""
+        return list(self.response.group_by)
+
+    @property
+    def frame(self) -> pl.DataFrame:
+        """One row per group and grid time (see the class docstring)."""
+        records = []
+        for row in self.response.rows:
+            keys, e = _keys(row), row.estimates[0]
+            bins = len(e.edges)
+            nothing: list[float | None] = [None] * bins  # a dry run, or a withheld cell
+            at_risk, events = nothing, nothing
+            counts = parts_from_wire(e).get("counts")
+            if counts is not None and not e.suppressed:
+                risk, deaths, _ = numbers_at_risk(*split_counts(counts.values))
+                at_risk, events = list(risk), list(deaths)
+            values = [[_finite(v) for v in vector] if len(vector) == bins else nothing
+                      for vector in (e.values, e.ci_lows, e.ci_highs)]
+            records += [{**keys, "time": time, "survival": values[0][i], "ci_low": values[1][i],
+                         "ci_high": values[2][i], "at_risk": at_risk[i], "events": events[i]}
+                        for i, time in enumerate(e.edges)]
+        schema = _key_schema(self.response) | dict.fromkeys(
+            ("time", "survival", "ci_low", "ci_high", "at_risk", "events"), pl.Float64)
+        return pl.DataFrame(records, schema=schema)
+
+    @property
+    def medians(self) -> pl.DataFrame:
+        """Median survival per group with its 95% interval."""
+        records = [{**_keys(row), "median": _finite(row.estimates[0].value), "ci_low": _finite(row.estimates[0].ci_low),
+                    "ci_high": _finite(row.estimates[0].ci_high)} for row in self.response.rows]
+        schema = _key_schema(self.response) | dict.fromkeys(("median", "ci_low", "ci_high"), pl.Float64)
+        return pl.DataFrame(records, schema=schema)
+
+    def to_polars(self) -> pl.DataFrame:
+        """The curves: :attr:`frame`."""
+        return self.frame
+
+    def plot(self, path: str | Path, title: str | None = None) -> Path:
+        """Write the curves as a PNG (one per group, shaded bands, numbers at risk); returns ``path``.
+
+        Needs matplotlib: ``pip install 'gateway[plot]'``.
+        """
+        from .plot import survival_plot
+
+        if not self.response.rows or not self.response.rows[0].estimates[0].edges:
+            raise ValueError("this answer holds no curve to plot (a dry run?)")
+        head = self.response.rows[0].estimates[0]
+        return survival_plot(self.frame, self.medians, self.group_by, head.edges[0], Path(path),
+                             title or head.aggregate, self.time)
+
+
+def _keys(row: pb.ResultRow) -> dict[str, Any]:
+    return {k.column: getattr(k.value, k.value.WhichOneof("kind") or "string_value") for k in row.keys}
+
+
+def _key_schema(response: pb.QueryResponse) -> dict[str, Any]:
+    """Polars types of the group columns, from the first row's keys (strings when there are none)."""
+    kinds = {"int_value": pl.Int64, "double_value": pl.Float64, "bool_value": pl.Boolean}
+    first = response.rows[0].keys if response.rows else []
+    return {k.column: kinds.get(k.value.WhichOneof("kind") or "", pl.Utf8) for k in first} or {
+        column: pl.Utf8 for column in response.group_by}
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
 def _frame(group_by: Sequence[str], rows: Sequence[pb.ResultRow]) -> pl.DataFrame:
     records = []
     for row in rows:
-        record: dict[str, Any] = {k.column: getattr(k.value, k.value.WhichOneof("kind") or "string_value")
-                                  for k in row.keys}
+        record: dict[str, Any] = _keys(row)
         for e in row.estimates:
             record[e.aggregate] = None if math.isnan(e.value) else e.value
             record[f"{e.aggregate}_std_error"] = e.std_error
@@ -186,6 +277,20 @@ class Client:
             request.structured.CopyFrom(structured_message(structured))
         return QueryResult(self._call(self._stub.Query, request))
 
+    def survival(self, dataset: str, *, time: str, event: str, by: str | Sequence[str] | None = None,
+                 epsilon: float = 0.0, filters: Sequence[tuple[str, str, Any]] = (), dry_run: bool = False,
+                 query_id: str | None = None, sites: Sequence[str] = ()) -> SurvivalResult:
+        """Kaplan-Meier survival of ``dataset`` over the policy's time grid on ``time``, per group of ``by``.
+
+        ``event`` is the event column (1: the event, 0: censored). Its SQL form is
+        ``SELECT stage, survival(time, event) FROM dataset GROUP BY stage``.
+        """
+        group_by = [by] if isinstance(by, str) else list(by or ())
+        spec = {"dataset": dataset, "aggregates": [("survival", time, event)], "group_by": group_by,
+                "filters": list(filters)}
+        return SurvivalResult(self.query(structured=spec, epsilon=epsilon, dry_run=dry_run, query_id=query_id,
+                                         sites=sites).response, time)
+
     def _call(self, method: Callable[..., T], request: Any) -> T:
         metadata = [("authorization", f"Bearer {self.token}")] if self.token else []
         attempt, learned = 0, False
@@ -220,11 +325,15 @@ def _proof_key(given: ProofKey | bytes | str | Path | None) -> ProofKey:
 
 
 def structured_message(spec: StructuredSpec) -> pb.StructuredQuery:
-    """Build a structured query message from a plain mapping (see :meth:`Client.query`)."""
+    """Build a structured query message from a plain mapping (see :meth:`Client.query`).
+
+    An aggregate is a kind's name (``"count"``) or a tuple of the name and its columns
+    (``("mean", "age")``, ``("survival", "survival_months", "death")``).
+    """
     message = pb.StructuredQuery(dataset=spec["dataset"], group_by=list(spec.get("group_by", ())))
     for agg in spec.get("aggregates", ()):
-        function, column = (agg, "") if isinstance(agg, str) else agg
-        message.aggregates.add(function=function, column=column)
+        function, *columns = (agg,) if isinstance(agg, str) else agg
+        message.aggregates.add(function=function, column=columns[0] if columns else "", more_columns=columns[1:])
     for f in spec.get("filters", ()):
         message.filters.append(_filter_message(*f))
     return message

@@ -46,6 +46,8 @@ def to_fraction(value: Any) -> Fraction:
 
 
 Epsilon = Annotated[Fraction, BeforeValidator(to_fraction)]
+Exact = Annotated[Fraction, BeforeValidator(to_fraction)]  # a number read as the decimal it is written as
+MAX_BINS = 1000
 
 
 class _Model(BaseModel):
@@ -68,14 +70,73 @@ class KeyRange(_Model):
         return self
 
 
+class Bins(_Model):
+    """A grid the officer declares on a numeric column: edges t0 < t1 < ... < tm.
+
+    Regular (``width`` up to ``max``, from ``min``, default 0: ``{width: 1, max: 120}`` is monthly
+    to ten years) or explicit ``edges: [t0, t1, ..., tm]``; at most 1000 bins. Survival uses it as
+    its time grid: a time counts at the first edge at or after it (the bins are (-inf, t0], (t0, t1],
+    ..., (t[m-1], tm]) and the curve is reported at every edge. Declared by the officer, never taken
+    from data.
+    """
+
+    width: Exact | None = None
+    """The width of each bin of a regular grid (in the column's units)."""
+    max: Exact | None = None
+    """The last edge of a regular grid (a whole number of widths after ``min``)."""
+    min: Exact | None = None
+    """The first edge of a regular grid (default 0)."""
+    edges: tuple[Exact, ...] | None = None
+    """An explicit grid instead: at least two numbers, strictly increasing."""
+
+    @model_validator(mode="after")
+    def _one_form(self) -> Bins:
+        if self.edges is not None:
+            if (self.width, self.max, self.min) != (None, None, None):
+                raise ValueError("give either edges: [t0, t1, ...] or width and max (with an optional min)")
+            if len(self.edges) < 2 or any(b <= a for a, b in zip(self.edges, self.edges[1:], strict=False)):
+                raise ValueError("edges must be at least two numbers, strictly increasing")
+        else:
+            if self.width is None or self.max is None:
+                raise ValueError("give width and max (e.g. {width: 1, max: 120}), or edges: [t0, t1, ...]")
+            if self.width <= 0 or self.max <= self.start:
+                raise ValueError("need width > 0 and max > min")
+            if (self.max - self.start) % self.width:
+                raise ValueError(f"max - min ({float(self.max - self.start):g}) is not a whole number of widths "
+                                 f"({float(self.width):g})")
+        if len(self.exact_edges) - 1 > MAX_BINS:
+            raise ValueError(f"{len(self.exact_edges) - 1} bins; at most {MAX_BINS} are allowed")
+        return self
+
+    @property
+    def start(self) -> Fraction:
+        """t0: where the grid starts."""
+        return self.edges[0] if self.edges is not None else self.min or Fraction(0)
+
+    @property
+    def exact_edges(self) -> tuple[Fraction, ...]:
+        """Every edge t0 < t1 < ... < tm, exactly."""
+        if self.edges is not None:
+            return self.edges
+        assert self.width is not None and self.max is not None
+        count = int((self.max - self.start) // self.width)
+        return tuple(self.start + i * self.width for i in range(count + 1))
+
+    @property
+    def regular(self) -> bool:
+        """Whether every bin has the same width."""
+        return self.edges is None
+
+
 class Column(_Model):
-    """A queryable column: its type, what it may be used for, bounds and public keys."""
+    """A queryable column: its type, what it may be used for, bounds, public keys and grid."""
 
     type: Literal["integer", "float", "string"]
     """The values' type; checked against the data source's column type at every load."""
-    roles: tuple[Literal["filter", "group_by", "aggregate"], ...] = Field(min_length=1)
+    roles: tuple[Literal["filter", "group_by", "aggregate", "event"], ...] = Field(min_length=1)
     """What queries may do with the column: ``filter`` (in WHERE), ``group_by`` (needs ``keys``),
-    ``aggregate`` (sum, mean, ...: needs ``bounds``, not for strings)."""
+    ``aggregate`` (sum, mean, ...: needs ``bounds``, not for strings), ``event`` (the 0/1 event of a
+    survival analysis: an integer column)."""
     bounds: tuple[float, float] | None = None
     """``[lower, upper]``: values are clamped into them before aggregating, and the noise is sized
     from them (never from the data). Wider bounds mean more noise; values outside are clamped."""
@@ -89,6 +150,9 @@ class Column(_Model):
     other_groups: bool = False
     """Also release two more groups, ``(missing)`` and ``(other)`` (a value that is not a key),
     noised like any group; otherwise such rows are in no group."""
+    bins: Bins | None = None
+    """The time grid of a survival analysis on this column (``{width: 1, max: 120}`` or ``{edges:
+    [...]}``), declared by the officer, never taken from the data."""
     description: str = ""
     """Shown to researchers by ListDatasets."""
 
@@ -110,8 +174,13 @@ class Column(_Model):
                 raise ValueError("a string column cannot have the aggregate role")
             if self.bounds is None:
                 raise ValueError("an aggregate column needs bounds: [lower, upper]")
+        if "event" in self.roles and self.type != "integer":
+            raise ValueError("an event column (the event role) must be an integer column: 1 for the event "
+                             "(e.g. death), 0 for censored")
         if self.bounds is not None:
             self._check_bounds(self.bounds)
+        if self.bins is not None:
+            self._check_bins(self.bins)
         if "group_by" in self.roles and not self.public_keys:
             raise ValueError("a group_by column needs its public keys (keys: [...] or keys: {range: [a, b]})")
         for key in self.public_keys:
@@ -156,6 +225,30 @@ class Column(_Model):
             raise ValueError(f"bounds [{low:g}, {high:g}] at precision {digits} are too large: sums over a "
                              f"table of up to 2^31 rows could overflow 64-bit integers; narrow the bounds "
                              f"or lower precision (|bound| x 10^precision must be at most 2^31)")
+
+    def _check_bins(self, bins: Bins) -> None:
+        if "aggregate" not in self.roles:
+            raise ValueError("bins apply to a column with the aggregate role (e.g. survival's time column)")
+        for edge in bins.exact_edges:
+            fixed = edge * self.unit
+            if fixed.denominator != 1:
+                raise ValueError(f"bin edge {float(edge):g} is not a multiple of {10.0 ** -self.scale_digits:g} "
+                                 f"(precision {self.scale_digits}); round the grid or raise precision")
+            if abs(fixed) >= MAX_FIXED_BOUND:
+                raise ValueError(f"bin edge {float(edge):g} at precision {self.scale_digits} is too large "
+                                 "(|edge| x 10^precision must be under 2^31)")
+
+    @property
+    def grid(self) -> tuple[float, ...]:
+        """The declared bins' edges t0 < t1 < ... < tm (empty without bins)."""
+        return tuple(float(e) for e in self.bins.exact_edges) if self.bins is not None else ()
+
+    @property
+    def fixed_grid(self) -> tuple[int, ...]:
+        """:attr:`grid` in fixed-point units of 1/:attr:`unit` (exact integers: the policy checks it)."""
+        if self.bins is None:
+            return ()
+        return tuple(int(e * self.unit) for e in self.bins.exact_edges)
 
     @property
     def scale_digits(self) -> int:

@@ -196,7 +196,7 @@ def _check_aggregate(agg: Aggregate, dataset: Dataset, name: str) -> None:
     if agg.function not in dataset.aggregates:
         allowed = ", ".join(dataset.aggregates)
         raise PolicyViolation("aggregate", f"{agg.function!r} is not allowed on {name!r}; allowed: {allowed}")
-    kind_of(agg.function).check(agg, lambda column: _column(dataset, column, "aggregate", name))
+    kind_of(agg.function).check(agg, lambda column, role: _column(dataset, column, role, name))
 
 
 def _column(dataset: Dataset, name: str, role: str, dataset_name: str) -> Column:
@@ -206,8 +206,13 @@ def _column(dataset: Dataset, name: str, role: str, dataset_name: str) -> Column
         raise InvalidQuery(f"unknown column {name!r} in dataset {dataset_name!r}; "
                            f"columns usable for {role}: {known or 'none'}")
     if role not in column.roles:
-        raise PolicyViolation(name, f"column may not be used for {role} (its roles: {', '.join(column.roles)})")
+        hint = _ROLE_HINTS.get(role, "")
+        raise PolicyViolation(name, f"column may not be used for {role} (its roles: {', '.join(column.roles)}){hint}")
     return column
+
+
+_ROLE_HINTS = {"event": "; an event column is one the policy declares with the event role: an integer, 1 for the "
+                        "event and 0 for censored"}
 
 
 def _check_filter(f: Filter, dataset: Dataset, name: str) -> Filter:

@@ -7,6 +7,7 @@ from fractions import Fraction
 from typing import Any
 
 from ._proto.gateway.v1 import gateway_pb2 as pb
+from .aggregates import KINDS
 from .guarantee import describe as describe_guarantee
 from .policy import Policy
 
@@ -29,6 +30,11 @@ def query_json(response: pb.QueryResponse) -> dict[str, Any]:
             item[e.aggregate] = {"value": _num(e.value), "std_error": _num(e.std_error),
                                  "ci95": [_num(e.ci_low), _num(e.ci_high)], "noise_scale": _num(e.noise_scale),
                                  "suppressed": e.suppressed, "clamped": e.clamped}
+            if e.shape:  # a vector estimate (a survival curve at the grid's times)
+                item[e.aggregate]["vector"] = {
+                    "edges": list(e.edges), "shape": list(e.shape), "values": [_num(v) for v in e.values],
+                    "std_errors": [_num(v) for v in e.std_errors], "ci95_lows": [_num(v) for v in e.ci_lows],
+                    "ci95_highs": [_num(v) for v in e.ci_highs]}
         rows.append(item)
     out: dict[str, Any] = {"query_id": response.query_id, "dataset": response.dataset,
                            "group_by": list(response.group_by), "aggregates": list(response.aggregates),
@@ -74,6 +80,12 @@ def _cell(e: pb.Estimate, dry_run: bool) -> str:
         return f"noise scale {e.noise_scale:.4g}"
     if e.suppressed:
         return "suppressed (small cell)"
+    kind = KINDS.get(e.function)
+    if kind is not None and kind.summary:  # a vector kind whose value summarises it, e.g. a median
+        low = "-" if math.isnan(e.ci_low) else f"{e.ci_low:g}"
+        high = "not reached" if math.isnan(e.ci_high) else f"{e.ci_high:g}"
+        value = "not reached" if math.isnan(e.value) else f"{e.value:g}"
+        return f"{kind.summary} {value} [{low}, {high}]"
     digits = 0 if e.aggregate == "count" else 2
     return f"{e.value:.{digits}f} [{e.ci_low:.{digits}f}, {e.ci_high:.{digits}f}]"
 
@@ -116,6 +128,7 @@ def explain(policy: Policy, project: str, role: str) -> str:
                      f"{dataset.max_rows_per_unit} row(s)" + ("; templates only" if dataset.templates_only else ""))
         for cname, col in dataset.columns.items():
             extra = f" bounds [{col.bounds[0]:g}, {col.bounds[1]:g}]" if col.bounds else ""
+            extra += f" grid {col.grid[0]:g}..{col.grid[-1]:g} ({len(col.grid)} times)" if col.grid else ""
             keys = f" {len(col.public_keys)} public keys" if col.public_keys else ""
             lines.append(f"  - {cname} ({col.type}): {', '.join(col.roles)}{extra}{keys}")
         count_scale = dataset.max_rows_per_unit / float(limits.default)

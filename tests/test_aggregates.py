@@ -10,7 +10,7 @@ from fractions import Fraction
 import pytest
 
 from gateway._sqlfront import parse_sql
-from gateway.aggregates import KINDS, kind_of
+from gateway.aggregates import KINDS, Declared, kind_of
 from gateway.answers import Part
 from gateway.client import Client
 from gateway.errors import InvalidQuery, PermissionDenied
@@ -34,14 +34,15 @@ def test_every_kind_spends_exactly_its_share_of_epsilon(kind) -> None:
 @pytest.mark.parametrize("kind", KINDS.values(), ids=list(KINDS))
 def test_every_sql_spelling_parses_to_its_kind(kind) -> None:
     for sql_name in kind.sql_names:
-        arg = "*" if kind.columns == 0 else "bmi"
+        arg = "*" if kind.columns == 0 else ", ".join(["bmi"] * kind.columns)
         query = parse_sql(f"SELECT {sql_name}({arg}) FROM patients")
         assert query.aggregates[0].function == kind.name
 
 
 def test_unknown_kind_names_what_is_supported() -> None:
     with pytest.raises(InvalidQuery, match=r"unknown aggregate 'median'; supported: count, sum\(column\), "
-                                           r"mean\(column\), variance\(column\) or stddev\(column\)"):
+                                           r"mean\(column\), variance\(column\), stddev\(column\) or "
+                                           r"survival\(time, event\)"):
         kind_of("median")
 
 
@@ -52,23 +53,23 @@ def _parts(**values: tuple[float, float]) -> dict[str, Part]:
 def test_variance_post_processing_is_the_sample_variance_of_the_parts() -> None:
     data = [3.0, 5.0, 8.0, 13.0]
     parts = _parts(sum=(sum(data), 0.0), sum_squares=(sum(x * x for x in data), 0.0), count=(4.0, 0.0))
-    value = KINDS["variance"].estimate(parts, (0.0, 20.0), clamp=True)
+    value = KINDS["variance"].estimate(parts, Declared((0.0, 20.0)), clamp=True)
     assert value.value == pytest.approx(statistics.variance(data))
     assert value.std_error == 0.0
-    sd = KINDS["stddev"].estimate(parts, (0.0, 20.0), clamp=True)
+    sd = KINDS["stddev"].estimate(parts, Declared((0.0, 20.0)), clamp=True)
     assert sd.value == pytest.approx(statistics.stdev(data))
 
 
 def test_variance_is_kept_within_what_the_bounds_allow() -> None:
     # noise can make the raw estimate negative or larger than ((U - L) / 2)^2: both are clamped and flagged
     negative = KINDS["variance"].estimate(_parts(sum=(100.0, 5.0), sum_squares=(400.0, 50.0), count=(20.0, 1.0)),
-                                          (0.0, 10.0), clamp=True)
+                                          Declared((0.0, 10.0)), clamp=True)
     assert negative.value == 0.0 and negative.clamped and negative.ci_low == 0.0
     huge = KINDS["variance"].estimate(_parts(sum=(0.0, 5.0), sum_squares=(1e6, 50.0), count=(20.0, 1.0)),
-                                      (0.0, 10.0), clamp=True)
+                                      Declared((0.0, 10.0)), clamp=True)
     assert huge.value == 25.0 and huge.clamped and huge.ci_high == 25.0
     nothing = KINDS["stddev"].estimate(_parts(sum=(0.0, 5.0), sum_squares=(0.0, 50.0), count=(0.4, 1.0)),
-                                       (0.0, 10.0), clamp=True)
+                                       Declared((0.0, 10.0)), clamp=True)
     assert nothing.clamped and 0.0 <= nothing.ci_low <= nothing.value <= nothing.ci_high <= 5.0
 
 
@@ -78,7 +79,7 @@ def test_pooling_adds_parts_and_their_noise_variances() -> None:
     pooled = KINDS["mean"].pool([a, b])
     assert (pooled["sum"].value, pooled["sum"].std_error) == (30.0, 5.0)
     assert (pooled["count"].value, pooled["count"].std_error) == (5.0, 5.0)
-    assert KINDS["mean"].estimate(pooled, (0.0, 100.0), clamp=False).value == 6.0
+    assert KINDS["mean"].estimate(pooled, Declared((0.0, 100.0)), clamp=False).value == 6.0
 
 
 # --- through a site and a broker ---------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from concurrent import futures
+from decimal import ROUND_HALF_UP, Decimal
 from fractions import Fraction
 
 import duckdb
@@ -23,7 +24,7 @@ from gateway import _mechanisms as mechanisms
 from gateway._engine import Engine, build_sql, quote
 from gateway.aggregates import KINDS, Kind
 from gateway.errors import Unavailable
-from gateway.policy import MAX_FIXED_BOUND, Column, Dataset, Source, load_policy
+from gateway.policy import MAX_FIXED_BOUND, Bins, Column, Dataset, Source, load_policy
 from gateway.query import Aggregate, Query
 from tests.helpers.data import exact, slow_copy
 from tests.helpers.policies import example_policy, with_column, with_slow_dataset, write_policy
@@ -173,3 +174,82 @@ def test_closing_the_engine_stops_its_running_statement(tmp_path, site_data) -> 
         with pytest.raises(Unavailable, match="stopped the query"):
             running.result(timeout=10)
     assert closing < 1.0  # the statement alone takes seconds
+
+
+# --- survival: each row adds 1 to one grid time's count, the one the policy's grid documents ----------------
+
+EVENTS = (1, 0, None, 2, -1)
+
+
+@st.composite
+def time_columns(draw: st.DrawFn) -> Column:
+    """A time column with a grid: regular or explicit edges, at the column's precision, anywhere."""
+    kind = draw(st.sampled_from(["integer", "float"]))
+    precision = draw(st.integers(-1, 3)) if kind == "float" else draw(st.sampled_from([-1, 0, 1]))
+    unit = 10 ** (precision if precision >= 0 else (0 if kind == "integer" else 2))
+    start = draw(st.integers(-500, 500))
+    if draw(st.booleans()):
+        width, count = draw(st.integers(1, 60)), draw(st.integers(1, 40))
+        bins = Bins(min=Fraction(start, unit), width=Fraction(width, unit), max=Fraction(start + width * count, unit))
+    else:
+        steps = draw(st.lists(st.integers(1, 60), min_size=1, max_size=30))
+        edges = [start + sum(steps[:i]) for i in range(len(steps) + 1)]
+        bins = Bins(edges=tuple(Fraction(e, unit) for e in edges))
+    low, high = float(bins.exact_edges[0]) - 1, float(bins.exact_edges[-1]) + 1
+    return Column(type=kind, roles=("aggregate",), bounds=(low, high), precision=precision, bins=bins)
+
+
+def _times(column: Column) -> list[float | None]:
+    """At, just around and half a unit around every grid time, far outside the grid, and missing."""
+    unit = column.unit
+    values: list[float | None] = [e + d / unit for e in column.grid for d in (-1, -0.5, -0.25, 0, 0.25, 0.5, 1)]
+    values += [column.grid[0] - 1e6, column.grid[-1] + 1e6, 1e15, -1e15, None]
+    if column.type == "integer":
+        return [None if v is None else float(round(v)) for v in values]
+    return [*values, math.inf, -math.inf]
+
+
+def _fixed(value: float, column: Column) -> int:
+    """The time as the engine compares it: clamped near the grid, scaled, rounded half away from zero."""
+    low, high = column.grid[0] - 1, column.grid[-1] + 1
+    clamped = min(max(value, low), high)
+    return int(Decimal(clamped * column.unit).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def _expected_index(value: float | None, event: int | None, column: Column) -> int | None:
+    """The documented rule: the first grid time at or after the time; past the end, censored there."""
+    if value is None or event not in (0, 1):
+        return None
+    edges, n = column.fixed_grid, len(column.grid)
+    fixed = _fixed(value, column)
+    if fixed > edges[-1]:
+        return 2 * n - 1
+    i = next(i for i, edge in enumerate(edges) if fixed <= edge)
+    return i if event == 1 else n + i
+
+
+@pytest.mark.slow
+@settings(max_examples=120, deadline=None)
+@given(time_columns())
+def test_each_survival_row_adds_one_to_its_documented_count_and_nothing_else(column: Column) -> None:
+    """Per row, the L1 norm of what it adds to the survival vector is at most the kind's row bound (1),
+    exactly 1 for a row with a time and an event of 0 or 1, at the index the grid's rule gives."""
+    (spec,) = KINDS["survival"].components
+    times = _times(column)
+    rows = [(i, t, EVENTS[i % len(EVENTS)]) for i, t in enumerate(times)]
+    dataset = Dataset(source=Source(database="x.duckdb", table="t"), privacy_unit="pid", max_rows_per_unit=1,
+                      columns={"t": column, "e": Column(type="integer", roles=("event",)),
+                               "i": Column(type="integer", roles=("group_by",), keys=tuple(range(len(rows))))})
+    sql, params, _ = build_sql(Query("d", (Aggregate("survival", "t", ("e",)),), group_by=("i",)), dataset, "t")
+    con = duckdb.connect()
+    con.execute(f"CREATE TABLE t (i BIGINT, pid BIGINT, t {'BIGINT' if column.type == 'integer' else 'DOUBLE'}, "
+                "e BIGINT)")
+    con.executemany("INSERT INTO t VALUES (?, ?, ?, ?)",
+                    [(i, i, None if t is None else (int(t) if column.type == "integer" else t), e)
+                     for i, t, e in rows])
+    got = {row[0]: row[1] or {} for row in con.execute(sql, params).fetchall()}
+    for i, t, e in rows:
+        added = got.get(i, {})
+        assert sum(abs(v) for v in added.values()) <= spec.row_bound(column)
+        expected = _expected_index(t, e, column)
+        assert added == ({} if expected is None else {expected: 1}), (t, e, column.grid)

@@ -132,7 +132,7 @@ def test_to_fraction_rejects_non_numbers(value: object) -> None:
      ["22: bogus: unknown key 'bogus'; known keys here: accounting, budgets, dataset_caps, "
       "datasets, epsilon, period_start, population_caps, site, suppression, templates"]),
     ("extra_column", BASE.replace("        keys: [F, M]\n", "        keys: [F, M]\n        colour: red\n"),
-     ["17: datasets.patients.columns.sex.colour: unknown key 'colour'; known keys here: bounds, description, "
+     ["17: datasets.patients.columns.sex.colour: unknown key 'colour'; known keys here: bins, bounds, description, "
       "keys, other_groups, precision, roles, type"]),
     ("extra_source", BASE.replace("      table: patients\n", "      table: patients\n      schema: main\n"),
      ["10: datasets.patients.source.schema: unknown key 'schema'; known keys here: database, parquet, table"]),
@@ -174,7 +174,8 @@ def test_to_fraction_rejects_non_numbers(value: object) -> None:
                                       "        bounds: [0, 1]"),
      ["13: datasets.patients.columns.sex: a string column cannot have the aggregate role"]),
     ("bad_role", BASE.replace("roles: [filter, group_by]", "roles: [filter, sort]"),
-     ["15: datasets.patients.columns.sex.roles.1: should be 'filter', 'group_by' or 'aggregate'; got 'sort'"]),
+     ["15: datasets.patients.columns.sex.roles.1: should be 'filter', 'group_by', 'aggregate' or 'event'; "
+      "got 'sort'"]),
     ("no_roles", BASE.replace("roles: [filter, group_by]", "roles: []"),
      ["15: datasets.patients.columns.sex.roles: should have at least 1 item(s)"]),
     ("privacy_unit_is_a_column", BASE.replace("privacy_unit: patient_id", "privacy_unit: sex"),
@@ -227,7 +228,7 @@ def test_a_directory_is_not_a_policy(tmp_path: Path) -> None:
 # regression: _is_internal used to drop every loc part starting with 'int', 'float' or 'str'
 @pytest.mark.parametrize(("column", "text_change", "expected"), [
     ("strength", ("        bounds: [18, 99]\n", "        bounds: [18, 99]\n        colour: x\n"),
-     "21: datasets.patients.columns.strength.colour: unknown key 'colour'; known keys here: bounds, description, "
+     "21: datasets.patients.columns.strength.colour: unknown key 'colour'; known keys here: bins, bounds, description, "
      "keys, other_groups, precision, roles, type"),
     ("intervention", ("bounds: [18, 99]", "bounds: [99, 18]"),
      "17: datasets.patients.columns.intervention: bounds must be [lower, upper] with lower < upper"),
@@ -405,7 +406,7 @@ def test_validate_templates_reports_each_broken_template(tmp_path: Path) -> None
         "columns usable for filter: age, sex",
         f"{p}:28: templates.uses_or.sql: OR is not supported (use IN for alternatives); "
         "supported: SELECT <count(*) | sum(col) | avg(col) | mean(col) | variance(col) | var_samp(col) | "
-        "stddev(col) | stddev_samp(col), group-by columns> FROM <dataset> "
+        "stddev(col) | stddev_samp(col) | survival(time, event), group-by columns> FROM <dataset> "
         "[WHERE <col> <op> <value> [AND ...]] [GROUP BY <col>, ...]; ops: =, !=, <, <=, >, >=, IN (...), "
         "NOT IN (...), BETWEEN a AND b; cohorts: <patient id> [NOT] IN (SELECT <patient id> FROM <dataset> "
         "[WHERE <conditions>])",

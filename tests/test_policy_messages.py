@@ -57,7 +57,7 @@ def test_every_mistake_at_once_in_line_order_in_plain_words(tmp_path: Path) -> N
         "10: datasets.patients.columns.sex.keys: key false is a boolean: YAML reads unquoted yes, no, on, off, true "
         "and false as booleans; quote the keys you mean as words (e.g. \"no\")",
         "11: datasets.patients.columns.age.bound: unknown key 'bound'; did you mean 'bounds'? known keys here: "
-        "bounds, description, keys, other_groups, precision, roles, type",
+        "bins, bounds, description, keys, other_groups, precision, roles, type",
         "15: budgets.0.period: should be never, or a number of days such as 365d; got '30 days'",
     ]
 

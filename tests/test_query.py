@@ -21,7 +21,7 @@ from tests.helpers.policies import example_policy, with_column, with_dataset
 NORTH = example_policy("north")
 HALF = Fraction(1, 2)
 COUNT = Aggregate("count")
-PATIENT_FILTER_COLUMNS = ("age_at_diagnosis, diagnosis_year, primary_site, sex, stage, survival_months, "
+PATIENT_FILTER_COLUMNS = ("age_at_diagnosis, death, diagnosis_year, primary_site, sex, stage, survival_months, "
                           "vital_status")
 FLOAT_FILTER = with_column(NORTH, "patients", "bmi", roles=("filter", "aggregate"))  # a float column to filter on
 
@@ -115,8 +115,8 @@ def test_unknown_aggregate_function() -> None:
     ((COUNT, COUNT), "an aggregate is repeated; ask for each aggregate once"),
     ((Aggregate("mean", "bmi"), COUNT, Aggregate("mean", "bmi")),
      "an aggregate is repeated; ask for each aggregate once"),
-    ((), "a query needs at least one aggregate: count, sum(column), mean(column), variance(column) or "
-         "stddev(column)"),
+    ((), "a query needs at least one aggregate: count, sum(column), mean(column), variance(column), "
+         "stddev(column) or survival(time, event)"),
 ])
 def test_aggregate_shape(aggregates: tuple[Aggregate, ...], message: str) -> None:
     assert invalid(patients(aggregates=aggregates)) == message

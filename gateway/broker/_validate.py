@@ -159,11 +159,29 @@ def _check_estimate(e: pb.Estimate, dry_run: bool) -> None:
     if names != wanted:
         raise InvalidAnswer(f"it releases components {names}, not {wanted}")
     for c in e.components:
-        if len(c.values) != 1:  # every kind in the table releases scalars
-            raise InvalidAnswer(f"component {c.name} has {len(c.values)} values, not one")
-        _number(f"component {c.name}", c.values[0])
+        # a scalar, or a vector over a policy-declared grid (e.g. survival's events and censorings)
+        expected = math.prod(c.shape) if c.shape else 1
+        if not 1 <= expected <= MAX_VECTOR or len(c.values) != expected:
+            raise InvalidAnswer(f"component {c.name} has {len(c.values)} values for its shape {list(c.shape)}")
+        for value in c.values:
+            _number(f"component {c.name}", value)
         _number(f"component {c.name}'s std_error", c.std_error, nonnegative=True)
         _number(f"component {c.name}'s ci_half_width", c.ci_half_width, nonnegative=True)
+    _check_vector(e)
+
+
+def _check_vector(e: pb.Estimate) -> None:
+    """A vector estimate's values, standard errors and intervals: as many as its shape says, each a number."""
+    values = math.prod(e.shape) if e.shape else 0
+    for name in ("values", "std_errors", "ci_lows", "ci_highs"):
+        items = getattr(e, name)
+        if len(items) not in (0, values) or len(items) > MAX_VECTOR:
+            raise InvalidAnswer(f"its {name} hold {len(items)} numbers for its shape {list(e.shape)}")
+        for value in items:
+            _number(f"one of its {name}", value, nonnegative=name == "std_errors", unknown=True)
+
+
+MAX_VECTOR = 4096  # a vector estimate's values: a grid of at most 1000 bins, two vectors of it, with room
 
 
 def _number(what: str, value: float, nonnegative: bool = False, unknown: bool = False) -> None:

@@ -1,9 +1,12 @@
 """Pooling the sites' noisy answers: pure functions of released values (no I/O, no OpenDP).
 
-Each estimate's released parts add over the sites (and so do their noise variances); the kind's
-own post-processing, from the table of aggregate kinds, turns the pooled parts into the estimate
-(a mean: the ratio of pooled sums and counts with a delta-method interval). Dataset descriptions
-from several sites are merged with a line for every declaration on which they differ.
+Each estimate's released parts add over the sites (and so do their noise variances), vectors
+element by element; the kind's own post-processing, from the table of aggregate kinds, turns the
+pooled parts into the estimate (a mean: the ratio of pooled sums and counts with a delta-method
+interval; survival: the Kaplan-Meier curve of the pooled counts). Vectors over a grid pool only
+when every site declares the same grid; otherwise the pooled cell is withheld with a note and each
+site's answer stands. Dataset descriptions from several sites are merged with a line for every
+declaration on which they differ.
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ import math
 from collections.abc import Sequence
 
 from .._proto.gateway.v1 import gateway_pb2 as pb
-from .._wire import bounds_from_wire, parts_from_wire
-from ..aggregates import kind_of
+from .._wire import bounds_from_wire, part_to_wire, parts_from_wire
+from ..aggregates import Declared, kind_of
 from ..answers import Z95
 
 
@@ -37,10 +40,11 @@ def _describe(ds: pb.Dataset) -> dict[str, str]:
         out[f"column {col.name}"] = f"{col.type} ({', '.join(col.roles)})"
         if col.has_bounds:
             out[f"column {col.name} bounds"] = f"[{col.lower:g}, {col.upper:g}]"
+        if col.bins:
+            out[f"column {col.name} bins"] = _grid(col.bins)
         if col.public_keys:
             keys = [getattr(k, k.WhichOneof("kind") or "string_value") for k in col.public_keys]
-            digest = hashlib.sha256(repr(keys).encode()).hexdigest()[:8]
-            out[f"column {col.name} keys"] = f"{len(keys)} keys ({keys[0]}..{keys[-1]}, #{digest})"
+            out[f"column {col.name} keys"] = f"{len(keys)} keys ({keys[0]}..{keys[-1]}, #{_digest(keys)})"
     return out
 
 
@@ -60,14 +64,41 @@ def pool(answered: Sequence[tuple[str, pb.QueryResponse]], served_by: str) -> pb
         out.site_answers.add(site=site, rows=[_as_shown(row) for row in r.rows], epsilon_charged=r.epsilon_charged,
                              cached=r.cached, budget_remaining=r.budget_remaining)
     by_site = [{_key(row): row for row in r.rows} for _, r in answered]
+    differing = _differing_grids(answered)
     for row in first.rows:
         # a group is pooled over the sites that have it as a public key (policies may differ)
         cells = [rows[_key(row)] for rows in by_site if _key(row) in rows]
-        estimates = [_pool_estimate([c.estimates[j] for c in cells], first.dry_run) for j in range(len(row.estimates))]
+        estimates = [_suppressed(cells[0].estimates[j]) if j in differing else
+                     _pool_estimate([c.estimates[j] for c in cells], first.dry_run) for j in range(len(row.estimates))]
         if not first.dry_run and _small(estimates, out.suppression_min_count):
             estimates = [_suppressed(e) for e in estimates]
         out.rows.add(keys=row.keys, estimates=estimates)
+    out.notes.extend(f"{label}: the sites declare different grids ({'; '.join(grids)}), so their counts cannot "
+                     "be added: the pooled values are withheld; see each site's answer"
+                     for label, grids in differing.values())
     return out
+
+
+def _differing_grids(answered: Sequence[tuple[str, pb.QueryResponse]]) -> dict[int, tuple[str, list[str]]]:
+    """Aggregates (by position) whose grid differs between sites: their label and each site's grid."""
+    grids: dict[int, dict[str, tuple[float, ...]]] = {}
+    labels: dict[int, str] = {}
+    for site, response in answered:
+        for row in response.rows[:1]:
+            for j, e in enumerate(row.estimates):
+                grids.setdefault(j, {})[site] = tuple(e.edges)
+                labels[j] = e.aggregate
+    return {j: (labels[j], [f"{site} {_grid(edges)}" for site, edges in by_site.items()])
+            for j, by_site in grids.items() if len(set(by_site.values())) > 1}
+
+
+def _grid(edges: Sequence[float]) -> str:
+    """A grid as a reader compares it: '0..120 (121 times, #digest)', or '(none)'."""
+    return f"{edges[0]:g}..{edges[-1]:g} ({len(edges)} times, #{_digest(list(edges))})" if edges else "(none)"
+
+
+def _digest(values: object) -> str:
+    return hashlib.sha256(repr(values).encode()).hexdigest()[:8]
 
 
 def _small(estimates: list[pb.Estimate], threshold: int) -> bool:
@@ -85,6 +116,8 @@ def _suppressed(e: pb.Estimate) -> pb.Estimate:
     out.value = out.ci_low = out.ci_high = math.nan
     out.suppressed, out.clamped = True, False
     del out.components[:]
+    nan = [math.nan] * len(out.values)
+    out.values[:], out.ci_lows[:], out.ci_highs[:] = nan, nan, nan
     return out
 
 
@@ -107,7 +140,7 @@ def _pool_estimate(parts: list[pb.Estimate], dry_run: bool) -> pb.Estimate:
     kind = kind_of(head.function)
     out = pb.Estimate(aggregate=head.aggregate, function=head.function, mechanism=f"pooled({head.mechanism})",
                       epsilon=head.epsilon, noise_scale=math.nan, has_bounds=head.has_bounds, lower=head.lower,
-                      upper=head.upper)
+                      upper=head.upper, edges=head.edges)
     if dry_run:
         out.value = out.ci_low = out.ci_high = math.nan
         out.std_error = math.sqrt(sum(p.std_error ** 2 for p in parts))
@@ -119,10 +152,12 @@ def _pool_estimate(parts: list[pb.Estimate], dry_run: bool) -> pb.Estimate:
         return out
     pooled = kind.pool([parts_from_wire(p) for p in parts])
     # the broker keeps the pooled value as the sites' parts give it (no clamping into the bounds)
-    value = kind.estimate(pooled, bounds_from_wire(head), clamp=False)
+    value = kind.estimate(pooled, Declared(bounds_from_wire(head), tuple(head.edges)), clamp=False)
     out.value, out.std_error, out.clamped = value.value, value.std_error, value.clamped
     out.ci_half_width, out.ci_low, out.ci_high = value.half_width, value.ci_low, value.ci_high
-    out.components.extend(pb.Component(name=p.name, values=[p.value], std_error=p.std_error,
-                                       ci_half_width=p.half_width, noise_scale=p.noise_scale)
-                          for p in pooled.values())
+    if value.vector is not None:
+        vector = value.vector
+        out.values[:], out.shape[:], out.std_errors[:] = vector.values, vector.shape, vector.std_errors
+        out.ci_lows[:], out.ci_highs[:] = vector.ci_lows, vector.ci_highs
+    out.components.extend(part_to_wire(p) for p in pooled.values())
     return out

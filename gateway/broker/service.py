@@ -6,7 +6,8 @@ deadline, forwarding the caller's bearer token, the request as the caller signed
 site can check its proof; ``query_id`` included, so a retry never charges a site twice) and to
 each site only the proof of possession addressed to it. It pools the noisy answers:
 counts and sums add with their variances; a mean is the ratio of the pooled noisy sums and
-counts with a delta-method interval. It sees no row and holds no budget.
+counts with a delta-method interval; survival counts add time by time and the curve is drawn from
+their sums. It sees no row and holds no budget.
 
 Faults at a site cost the broker nothing but that site's answer: each call ends by its deadline
 (a site that accepts connections and never answers is missing with reason ``deadline``), all

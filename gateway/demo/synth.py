@@ -17,7 +17,10 @@ created) containing exactly two tables:
     ``vital_status VARCHAR`` in {'alive','deceased'};
     ``survival_months INTEGER`` in 0..180 (months to death or last follow-up;
     follow-up never extends past the end of 2025);
-    ``bmi DOUBLE`` in 15..50, rounded to 1 decimal.
+    ``bmi DOUBLE`` in 15..50, rounded to 1 decimal;
+    ``death INTEGER`` 1 when the patient died at ``survival_months`` (``vital_status``
+    'deceased'), 0 when censored there (alive at last follow-up): the event indicator of
+    a survival analysis. Censoring is loss to follow-up or the end of 2025.
 
 ``treatments`` (several rows per patient, heavy tail: ~1% have 20..40 rows)
     ``treatment_id BIGINT`` unique, 1..T;
@@ -268,6 +271,7 @@ def _patients_frame(c: _Cohort) -> pl.DataFrame:
             _labels("vital_status", VITAL_STATUSES, c.deceased.astype(np.int64)),
             pl.Series("survival_months", c.survival.astype(np.int32)),
             pl.Series("bmi", c.bmi.astype(np.float64)),
+            pl.Series("death", c.deceased.astype(np.int32)),
         ]
     )
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import signal
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+import polars as pl
 
 from ..client import Client
 from ..errors import GatewayError
@@ -68,11 +71,12 @@ def _tour(client: Client) -> None:
           "SELECT stage, count(*), mean(age_at_diagnosis) FROM patients GROUP BY stage", 0.5)
     _step(client, "4. Treatment episodes and mean cost by type (each patient counts at most 5 rows):",
           "SELECT treatment_type, count(*), mean(cost_usd) FROM treatments GROUP BY treatment_type", 0.5)
-    _step(client, "5. Question 2 asked again: the stored answers, at no cost:", sql, 0.3)
-    _say("\n6. Pricing a question before asking it (dry run, nothing charged):")
+    _survival(client)
+    _step(client, "6. Question 2 asked again: the stored answers, at no cost:", sql, 0.3)
+    _say("\n7. Pricing a question before asking it (dry run, nothing charged):")
     _say(_indent(query_table(client.query("SELECT sex, count(*) FROM patients WHERE diagnosis_year >= 2020 "
                                           "GROUP BY sex", epsilon=1, dry_run=True).response)))
-    _say("\n7. Spending the rest of the budget until a question is refused:")
+    _say("\n8. Spending the rest of the budget until a question is refused:")
     try:
         for year in range(2010, 2025):
             question = (f"SELECT vital_status, count(*) FROM patients WHERE diagnosis_year = {year} "
@@ -81,8 +85,33 @@ def _tour(client: Client) -> None:
             _say(f"   {question}: charged 1 at every site")
     except GatewayError as err:
         _say(f"   refused ({err.code.name}): {err.message[:300]}")
-    _say("\n8. The project's remaining budget at every site:")
+    _say("\n9. The project's remaining budget at every site:")
     _say(_indent(budget_table(client.budget())))
+
+
+def _survival(client: Client) -> None:
+    """Kaplan-Meier survival by stage over the policies' monthly grid, pooled over the sites."""
+    _say("\n5. Survival by stage, pooled over all sites (Kaplan-Meier from noisy deaths and censorings per "
+         "month):\n   client.survival('patients', time='survival_months', event='death', by='stage', epsilon=0.5)")
+    curves = client.survival("patients", time="survival_months", event="death", by="stage", epsilon=0.5)
+    at = curves.frame.filter(pl.col("time").is_in([12.0, 60.0]))
+    _say("   stage  median months [95% CI]   1-year survival      5-year survival")
+    for row in curves.medians.iter_rows(named=True):
+        years = [r for r in at.iter_rows(named=True) if r["stage"] == row["stage"]]
+        cells = [f"{r['survival']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]" for r in years]
+        _say(f"   {row['stage']:<6} {_months(row['median'], row['ci_low'], row['ci_high']):<25} "
+             + "  ".join(f"{c:<19}" for c in cells))
+    if importlib.util.find_spec("matplotlib") is None:
+        return  # the picture needs the plot extra; the table says it all without it
+    path = curves.plot(Path(tempfile.gettempdir()) / "gateway-demo-survival-by-stage.png",
+                       title="Survival by stage, pooled over the sites (epsilon 0.5)")
+    _say(f"   curves with 95% bands and numbers at risk: {path}")
+
+
+def _months(median: float | None, low: float | None, high: float | None) -> str:
+    if median is None:
+        return "not reached"
+    return f"{median:g} [{'-' if low is None else f'{low:g}'}, {'not reached' if high is None else f'{high:g}'}]"
 
 
 def _keep_running(network: LocalNetwork, token: str) -> None:

@@ -14,7 +14,7 @@ def dataset_to_wire(name: str, dataset: Dataset, policy: Policy) -> pb.Dataset:
     columns = []
     for cname, col in dataset.columns.items():
         message = pb.Column(name=cname, type=col.type, roles=list(col.roles), description=col.description,
-                            public_keys=[to_value(k) for k in col.group_keys])
+                            public_keys=[to_value(k) for k in col.group_keys], bins=col.grid)
         if col.bounds is not None:
             message.has_bounds, message.lower, message.upper = True, col.bounds[0], col.bounds[1]
         columns.append(message)

@@ -27,6 +27,7 @@ from .._mechanisms import Noise, plan_query, predicted, release
 from .._proto.gateway.v1 import gateway_pb2 as pb
 from .._sqlfront import parse_sql
 from .._wire import from_structured, rows_to_wire, to_scalar
+from ..aggregates import kind_of
 from ..auth import Identity
 from ..errors import (
     DeadlineExceeded,
@@ -45,6 +46,7 @@ from ..templates import resolve_template
 QUERY_ID_MAX = 128
 # what one estimate (with its released components) and one group key take on the wire, at most
 ESTIMATE_BYTES, KEY_BYTES = 300, 48
+DOUBLE_BYTES = 8  # each further number of a vector estimate (packed repeated double)
 MAX_ANSWER_BYTES = 3 * 2**20
 
 
@@ -108,11 +110,14 @@ def access_rule(policy: Policy, identity: Identity, dataset: str) -> BudgetRule:
 def _check_answer_size(checked: Checked) -> None:
     """Refuse, before any work, an answer too large to deliver (gRPC messages stop at 4 MiB)."""
     groups = math.prod(len(checked.dataset.columns[c].group_keys) for c in checked.query.group_by)
-    size = groups * (len(checked.query.aggregates) * ESTIMATE_BYTES + len(checked.query.group_by) * KEY_BYTES)
+    per_group = sum(ESTIMATE_BYTES + DOUBLE_BYTES * kind_of(a.function).vector_doubles(
+        checked.dataset.columns[a.column] if a.column is not None else None) for a in checked.query.aggregates)
+    size = groups * (per_group + len(checked.query.group_by) * KEY_BYTES)
     if size > MAX_ANSWER_BYTES:
         raise InvalidQuery(f"the answer would be about {size / 2**20:.1f} MiB ({groups} groups x "
                            f"{len(checked.query.aggregates)} aggregates), over the {MAX_ANSWER_BYTES / 2**20:.0f} MiB "
-                           "a site sends; group by fewer columns or ask for fewer aggregates")
+                           "a site sends; group by fewer columns or ask for fewer aggregates (or, for a "
+                           "vector such as a survival curve, ask the privacy officer for a coarser grid)")
 
 
 def may_query(policy: Policy, identity: Identity, dataset: str) -> BudgetRule:
@@ -327,12 +332,14 @@ def legacy_scopes(policy: Policy) -> Callable[[str, int], tuple[str, int, int | 
 
 
 def notes_for(query: Query, dataset: Dataset) -> list[str]:
-    """What a reader of the answer should know about its groups."""
+    """What a reader of the answer should know about its groups and aggregates."""
+    notes = [note for agg in query.aggregates if (note := kind_of(agg.function).note(
+        agg, dataset.columns[agg.column] if agg.column is not None else None))]
     excluding = [c for c in query.group_by if not dataset.columns[c].other_groups]
     if not excluding:
-        return []
+        return notes
     return [f"rows whose {' or '.join(excluding)} is missing or not one of its public keys are in no group "
-            "(not counted here)"]
+            "(not counted here)", *notes]
 
 
 def valid_query_id(raw: str) -> str:

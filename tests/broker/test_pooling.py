@@ -129,6 +129,45 @@ def test_a_pooled_count_under_one_gives_a_mean_of_the_bounds_midpoint() -> None:
     assert got.clamped
 
 
+# --- survival: vectors over a grid --------------------------------------------------------------------
+
+GRID = (0.0, 12.0, 24.0)
+
+
+def survival(events: list[float], censored: list[float], std_error: float, grid: tuple[float, ...] = GRID,
+             suppressed: bool = False) -> pb.Estimate:
+    """One site's survival estimate, released as its vector of counts (events, then censorings)."""
+    return pb.Estimate(aggregate="survival(t, e)", function="survival", mechanism="kaplan_meier(discrete_laplace)",
+                       epsilon=0.5, edges=grid, shape=[len(grid)], values=[math.nan] * len(grid),
+                       suppressed=suppressed,
+                       components=[pb.Component(name="counts", values=events + censored, shape=[2, len(grid)],
+                                                std_error=std_error, ci_half_width=Z95 * std_error,
+                                                noise_scale=std_error / math.sqrt(2))])
+
+
+def test_survival_vectors_add_element_by_element_and_the_curve_is_the_pooled_counts() -> None:
+    # 100 patients in all: at 12 months 10 of 100 die (S 0.9), then 40 are censored; at 24 months
+    # 25 of the 50 left die (S 0.45), 25 are censored at the grid's end
+    got = pooled_cell(survival([0, 6, 10], [0, 30, 10], 3.0), survival([0, 4, 15], [0, 10, 15], 4.0))
+    [component] = got.components
+    assert (list(component.values), list(component.shape)) == ([0, 10, 25, 0, 40, 25], [2, 3])
+    assert component.std_error == 5.0
+    assert list(got.values) == pytest.approx([1.0, 0.9, 0.45])
+    assert list(got.shape) == [3] and list(got.edges) == list(GRID)
+    assert all(low <= s <= high for low, s, high in zip(got.ci_lows, got.values, got.ci_highs, strict=True))
+    assert got.value == 24 and got.mechanism == "pooled(kaplan_meier(discrete_laplace))"
+
+
+def test_sites_on_different_grids_are_withheld_with_a_note() -> None:
+    answered = [("s0", answer(row(survival([0, 6, 10], [0, 30, 10], 3.0)))),
+                ("s1", answer(row(survival([1, 2, 3, 4], [0, 0, 0, 9], 3.0, grid=(0.0, 6.0, 12.0, 24.0)))))]
+    pooled = pool(answered, "broker")
+    got = pooled.rows[0].estimates[0]
+    assert got.suppressed and not got.components and all(math.isnan(v) for v in got.values)
+    assert pooled.notes[-1].startswith("survival(t, e): the sites declare different grids (s0 0..24 (3 times, ")
+    assert [len(a.rows[0].estimates[0].components) for a in pooled.site_answers] == [1, 1]
+
+
 def _spread_parts(values: list[float], center: float) -> dict[str, tuple[float, float]]:
     """Exact variance parts of ``values`` (sums taken about ``center``, as the sites do; no noise)."""
     return {"sum": (sum(v - center for v in values), 0.0),

@@ -96,7 +96,7 @@ CASES: dict[str, tuple[Callable[[pb.QueryResponse], None], str]] = {
     "a component too many": (lambda r: r.rows[0].estimates[0].components.append(_component("sum", 1, 1)),
                              "it releases components ['count', 'sum'], not ['count']"),
     "two values in a component": (lambda r: r.rows[0].estimates[0].components[0].values.append(1.0),
-                                  "component count has 2 values, not one"),
+                                  "component count has 2 values for its shape []"),
     "an unknown kind": (_set("rows.0.estimates.0.function", "median"), "unknown aggregate kind 'median'"),
     "kinds that differ by row": (_set("rows.1.estimates.0.function", "sum"), "kinds differ from the first row's"),
     "a lost estimate": (lambda r: r.rows[1].estimates.pop(), "row 2: its estimates are ['count']"),

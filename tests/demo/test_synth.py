@@ -22,6 +22,7 @@ PATIENT_SCHEMA = [
     ("vital_status", "VARCHAR"),
     ("survival_months", "INTEGER"),
     ("bmi", "DOUBLE"),
+    ("death", "INTEGER"),
 ]
 TREATMENT_SCHEMA = [
     ("treatment_id", "BIGINT"),
@@ -58,6 +59,7 @@ RANGES = {
     ("patients", "diagnosis_year"): (2010, 2024),
     ("patients", "survival_months"): (0, 180),
     ("patients", "bmi"): (15, 50),
+    ("patients", "death"): (0, 1),
     ("treatments", "days_from_diagnosis"): (0, 1800),
     ("treatments", "cost_usd"): (100, 250_000),
     ("treatments", "cycles"): (1, 12),
@@ -211,6 +213,19 @@ def test_clinical_plausibility(north: tuple[SynthSummary, Query]) -> None:
     # Follow-up cannot run past the end of 2025.
     late = q("SELECT max(survival_months) FROM patients WHERE diagnosis_year = 2024")
     assert late[0][0] <= 24
+
+
+def test_death_is_the_event_of_vital_status_with_a_realistic_censoring_pattern(
+    north: tuple[SynthSummary, Query],
+) -> None:
+    _, q = north
+    assert q("SELECT count(*) FROM patients WHERE death <> (vital_status = 'deceased')::INT") == [(0,)]
+    [(died, late_censored, early_censored)] = q(
+        "SELECT avg(death), avg((death = 0 AND diagnosis_year <= 2012)::INT), "
+        "avg((death = 0 AND survival_months < 12)::INT) FROM patients"
+    )
+    assert 0.3 < died < 0.8  # both outcomes are common
+    assert late_censored > 0 and early_censored > 0  # administrative censoring and loss to follow-up
 
 
 def test_heavy_tail_of_treatment_rows(north: tuple[SynthSummary, Query]) -> None:

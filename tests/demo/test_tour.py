@@ -14,3 +14,7 @@ def test_demo_runs_and_exits_zero():
     out = result.stdout
     assert "Patients per stage" in out and "stored answer, no charge" in out
     assert "refused (RESOURCE_EXHAUSTED)" in out and "remaining budget" in out
+    # survival by stage, pooled: a row of medians and 1- and 5-year survival per stage, and the picture
+    survival = out[out.index("5. Survival by stage"):out.index("6. Question 2")]
+    assert [line.split()[0] for line in survival.splitlines()[3:7]] == ["I", "II", "III", "IV"]
+    assert "gateway-demo-survival-by-stage.png" in survival

@@ -13,17 +13,22 @@ the declared bounds: the bound itself, a quarter and half a unit past it (a roun
 past it, infinity. Which bound is worst depends on the aggregate (a sum's largest |value| is at one
 end, a centred sum's at the other), so there are two D': the patient at the low or the high
 bound of ``x``; :meth:`Neighbours.worst` keeps the one farther from D in the plan's own metric.
+``x`` is also a time with a grid, and ``e`` an event (0 or 1; ordinary patients also have missing
+and invalid ones), so survival(x, e) is audited on the same patients: each of the extra patient's
+rows counts, at or past the grid's ends.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import textwrap
 from fractions import Fraction
 from pathlib import Path
 from typing import Literal
 
 import duckdb
+import yaml
 
 from gateway._engine import Engine
 from gateway._mechanisms import Component, Noise, Plan, plan_query, release
@@ -42,8 +47,9 @@ SEED = b"audit-17"
 COLUMNS = """\
     columns:
       g: {type: integer, roles: [group_by, filter], keys: [1, 2, 3]}
-      x: {type: float, roles: [aggregate], bounds: [-2.5, 1.25], precision: 0}
+      x: {type: float, roles: [aggregate], bounds: [-2.5, 1.25], precision: 0, bins: {edges: [-2, -1, 0, 1]}}
       z: {type: float, roles: [aggregate], bounds: [0, 2.5], precision: 0}
+      e: {type: integer, roles: [event]}
 """
 POLICY = f"""\
 site: audit
@@ -61,6 +67,8 @@ datasets:
     max_rows_per_unit: {K}
     aggregates: [{", ".join(KINDS)}]
 {COLUMNS}"""
+X_COLUMN = Column.model_validate(yaml.safe_load(textwrap.dedent(COLUMNS))["columns"]["x"])
+"""Column ``x`` as both tables declare it (a kind's vector shape comes from its grid)."""
 # The old engine clamped the float to the declared bounds, then rounded (DuckDB: half away from zero).
 OLD_RULE_SUM = ("SELECT coalesce(sum(CAST(round(least(greatest(CAST(z AS DOUBLE), ?), ?) * ?) AS BIGINT)), 0) "
                 "FROM patients")
@@ -130,7 +138,7 @@ class Neighbours:
         return recorder.calls
 
 
-Row = tuple[int, int, float | None, float | None]
+Row = tuple[int, int, float | None, float | None, int | None]
 
 
 def _background(rng: random.Random) -> dict[str, list[Row]]:
@@ -144,8 +152,11 @@ def _background(rng: random.Random) -> dict[str, list[Row]]:
             return None
         return rng.choice((-2.5, 1.5, 2.5)) if roll < 0.2 else round(rng.uniform(low, high), 2)
 
-    patients = [(pid, rng.choice((1, 2, 4)), value(-4, 3), value(-1, 4)) for pid in range(1, 241)]
-    visits = [(pid, rng.choice((1, 2, 3, 4)), value(-4, 3), value(-1, 4))
+    def event() -> int | None:
+        return rng.choice((0, 1, 1, None, 2))
+
+    patients = [(pid, rng.choice((1, 2, 4)), value(-4, 3), value(-1, 4), event()) for pid in range(1, 241)]
+    visits = [(pid, rng.choice((1, 2, 3, 4)), value(-4, 3), value(-1, 4), event())
               for pid in range(1, 151) for _ in range(rng.randint(1, 2 * K))]
     return {"patients": patients, "visits": visits}
 
@@ -162,13 +173,13 @@ def _with_patient(base: dict[str, list[Row]], policy: Policy, side: Side) -> dic
     """D' = D plus the extra patient: one row in ``patients``, K + 2 in ``visits`` (bounding keeps K)."""
     columns = policy.datasets["patients"].columns
     xs, zs = _outward(columns["x"], side), _outward(columns["z"], "high")
-    groups = (3, 1, 2, 3, 1)
-    extra = [(PATIENT, groups[i], xs[i], zs[i]) for i in range(K + 2)]
+    groups, events = (3, 1, 2, 3, 1), (1, 0, 1, 1, 0)
+    extra = [(PATIENT, groups[i], xs[i], zs[i], events[i]) for i in range(K + 2)]
     return {"patients": [*base["patients"], extra[0]], "visits": [*base["visits"], *extra]}
 
 
 def _write(path: Path, tables: dict[str, list[Row]]) -> None:
     with duckdb.connect(str(path)) as con:
         for table, rows in tables.items():
-            con.execute(f"CREATE TABLE {table} (pid BIGINT, g BIGINT, x DOUBLE, z DOUBLE)")
-            con.executemany(f"INSERT INTO {table} VALUES (?, ?, ?, ?)", rows)
+            con.execute(f"CREATE TABLE {table} (pid BIGINT, g BIGINT, x DOUBLE, z DOUBLE, e BIGINT)")
+            con.executemany(f"INSERT INTO {table} VALUES (?, ?, ?, ?, ?)", rows)

@@ -36,7 +36,7 @@ import pytest
 
 from gateway.aggregates import KINDS
 from tests.privacy.audit import HEADER, LowerBound, Released, audit, noise_scaled_by
-from tests.privacy.neighbours import K, Neighbours
+from tests.privacy.neighbours import X_COLUMN, K, Neighbours
 
 EPSILON = Fraction(1)
 N = 20_000
@@ -54,22 +54,30 @@ CASES = [pytest.param(kind, form, id=f"{kind}-{form}") for form in FORMS for kin
 
 
 def slow(kind: str, form: str = "") -> list[pytest.MarkDecorator]:
-    """Releases of several components sample the most (up to 3 groups x 3 components): 1-4 s each.
+    """Releases of several components sample the most (up to 3 groups x 3 components): 1-4 s each;
+    a vector over a grid (survival: 2 x 5 counts per group) 2 s ungrouped, 6 s grouped.
 
-    The inner loop (``-m "not slow"``) keeps count and sum in every form and both planted bugs on
-    count and sum; CI runs them all.
+    The inner loop (``-m "not slow"``) keeps count and sum in every form, survival on the table of
+    one row per patient, and both planted bugs on count and sum; CI runs them all.
     """
-    return [pytest.mark.slow] if len(KINDS[kind].components) > 1 else []
+    several = len(KINDS[kind].components) > 1
+    vector = any(spec.shape(X_COLUMN) for spec in KINDS[kind].components)
+    return [pytest.mark.slow] if several or (vector and form != "per-patient") else []
 
 
 AUDITED = [pytest.param(kind, form, id=f"{kind}-{form}", marks=slow(kind, form)) for form in FORMS for kind in KINDS]
 Audited = Callable[[str, str], list[LowerBound]]
 
 
+AUDIT_COLUMNS = {"aggregate": "x", "event": "e"}  # the audit tables' column for each role a kind needs
+
+
 def aggregate_sql(kind: str) -> str:
-    """The kind over column ``x`` (or its own example when it takes no column)."""
+    """The kind over the audit columns its roles need (``x``, the event ``e``), or its own example."""
     spec = KINDS[kind]
-    return spec.example if spec.columns == 0 else f"{kind}({', '.join(['x'] * spec.columns)})"
+    if spec.columns == 0:
+        return spec.example
+    return f"{kind}({', '.join(AUDIT_COLUMNS[role] for role in spec.roles)})"
 
 
 def single_component(kind: str) -> bool:

@@ -433,7 +433,9 @@ def _literal(dataset: str, column: str) -> st.SearchStrategy[str]:
     if spec.type == "string":
         fitting = st.sampled_from(spec.public_keys).map(str).map(_quoted)
     else:
-        low, high = spec.bounds or (min(map(float, spec.public_keys)), max(map(float, spec.public_keys)))
+        # a column with neither bounds nor keys (e.g. survival's 0/1 event): small integers
+        low, high = spec.bounds or ((min(map(float, spec.public_keys)), max(map(float, spec.public_keys)))
+                                    if spec.public_keys else (0.0, 1.0))
         fitting = st.integers(int(low) - 3, int(high) + 3).map(str)
         if spec.type == "float":
             fitting = st.one_of(fitting, st.floats(low - 3, high + 3).map(repr))

@@ -33,7 +33,7 @@ class ListDatasetsRequest(_message.Message):
     def __init__(self, proofs: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Column(_message.Message):
-    __slots__ = ("name", "type", "roles", "has_bounds", "lower", "upper", "public_keys", "description")
+    __slots__ = ("name", "type", "roles", "has_bounds", "lower", "upper", "public_keys", "description", "bins")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     ROLES_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class Column(_message.Message):
     UPPER_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEYS_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    BINS_FIELD_NUMBER: _ClassVar[int]
     name: str
     type: str
     roles: _containers.RepeatedScalarFieldContainer[str]
@@ -50,7 +51,8 @@ class Column(_message.Message):
     upper: float
     public_keys: _containers.RepeatedCompositeFieldContainer[Value]
     description: str
-    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., has_bounds: _Optional[bool] = ..., lower: _Optional[float] = ..., upper: _Optional[float] = ..., public_keys: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., description: _Optional[str] = ...) -> None: ...
+    bins: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., has_bounds: _Optional[bool] = ..., lower: _Optional[float] = ..., upper: _Optional[float] = ..., public_keys: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., description: _Optional[str] = ..., bins: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class TemplateParameter(_message.Message):
     __slots__ = ("name", "type", "required")
@@ -206,7 +208,7 @@ class QueryRequest(_message.Message):
     def __init__(self, query_id: _Optional[str] = ..., structured: _Optional[_Union[StructuredQuery, _Mapping]] = ..., sql: _Optional[str] = ..., template: _Optional[_Union[TemplateCall, _Mapping]] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., dry_run: _Optional[bool] = ..., sites: _Optional[_Iterable[str]] = ..., proofs: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Estimate(_message.Message):
-    __slots__ = ("aggregate", "value", "std_error", "noise_scale", "ci_low", "ci_high", "suppressed", "clamped", "mechanism", "epsilon", "ci_half_width", "function", "components", "has_bounds", "lower", "upper", "values", "shape", "std_errors", "ci_lows", "ci_highs")
+    __slots__ = ("aggregate", "value", "std_error", "noise_scale", "ci_low", "ci_high", "suppressed", "clamped", "mechanism", "epsilon", "ci_half_width", "function", "components", "has_bounds", "lower", "upper", "values", "shape", "std_errors", "ci_lows", "ci_highs", "edges")
     AGGREGATE_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     STD_ERROR_FIELD_NUMBER: _ClassVar[int]
@@ -228,6 +230,7 @@ class Estimate(_message.Message):
     STD_ERRORS_FIELD_NUMBER: _ClassVar[int]
     CI_LOWS_FIELD_NUMBER: _ClassVar[int]
     CI_HIGHS_FIELD_NUMBER: _ClassVar[int]
+    EDGES_FIELD_NUMBER: _ClassVar[int]
     aggregate: str
     value: float
     std_error: float
@@ -249,7 +252,8 @@ class Estimate(_message.Message):
     std_errors: _containers.RepeatedScalarFieldContainer[float]
     ci_lows: _containers.RepeatedScalarFieldContainer[float]
     ci_highs: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, aggregate: _Optional[str] = ..., value: _Optional[float] = ..., std_error: _Optional[float] = ..., noise_scale: _Optional[float] = ..., ci_low: _Optional[float] = ..., ci_high: _Optional[float] = ..., suppressed: _Optional[bool] = ..., clamped: _Optional[bool] = ..., mechanism: _Optional[str] = ..., epsilon: _Optional[float] = ..., ci_half_width: _Optional[float] = ..., function: _Optional[str] = ..., components: _Optional[_Iterable[_Union[Component, _Mapping]]] = ..., has_bounds: _Optional[bool] = ..., lower: _Optional[float] = ..., upper: _Optional[float] = ..., values: _Optional[_Iterable[float]] = ..., shape: _Optional[_Iterable[int]] = ..., std_errors: _Optional[_Iterable[float]] = ..., ci_lows: _Optional[_Iterable[float]] = ..., ci_highs: _Optional[_Iterable[float]] = ...) -> None: ...
+    edges: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, aggregate: _Optional[str] = ..., value: _Optional[float] = ..., std_error: _Optional[float] = ..., noise_scale: _Optional[float] = ..., ci_low: _Optional[float] = ..., ci_high: _Optional[float] = ..., suppressed: _Optional[bool] = ..., clamped: _Optional[bool] = ..., mechanism: _Optional[str] = ..., epsilon: _Optional[float] = ..., ci_half_width: _Optional[float] = ..., function: _Optional[str] = ..., components: _Optional[_Iterable[_Union[Component, _Mapping]]] = ..., has_bounds: _Optional[bool] = ..., lower: _Optional[float] = ..., upper: _Optional[float] = ..., values: _Optional[_Iterable[float]] = ..., shape: _Optional[_Iterable[int]] = ..., std_errors: _Optional[_Iterable[float]] = ..., ci_lows: _Optional[_Iterable[float]] = ..., ci_highs: _Optional[_Iterable[float]] = ..., edges: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Component(_message.Message):
     __slots__ = ("name", "values", "shape", "std_error", "ci_half_width", "noise_scale")
