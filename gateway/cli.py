@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--sites", type=int, default=4, help="number of sites (1-4; default 4)")
     demo.add_argument("--patients", type=int, default=20_000, help="patients per site (default 20000)")
     demo.add_argument("--keep-running", action="store_true", help="leave the network up and print how to query it")
+    demo.add_argument("--tls", action="store_true",
+                      help="run over TLS on DEVELOPMENT certificates: the sites require the broker's client "
+                           "certificate (mTLS)")
     demo.set_defaults(run=_demo)
 
     data = sub.add_parser("data", help="synthetic data").add_subparsers(required=True, metavar="ACTION")
@@ -149,6 +152,38 @@ def _parser() -> argparse.ArgumentParser:
     schema = policy.add_parser("schema", help="print the JSON Schema of policy files (reference: docs/policy.md)")
     schema.set_defaults(run=_policy_schema)
 
+    certs = sub.add_parser("certs", help="DEVELOPMENT certificates").add_subparsers(required=True, metavar="ACTION")
+    devcerts = certs.add_parser("dev", help="write a DEVELOPMENT-ONLY CA and certificates for the sites and broker",
+                                description="Write a DEVELOPMENT-ONLY CA certificate and, for each site and the "
+                                            "broker, a certificate (common name and DNS name: the name given; also "
+                                            "localhost and 127.0.0.1) and its key (0600). Not for production.")
+    devcerts.add_argument("--out", type=Path, required=True, help="folder to write to (existing files are kept: "
+                                                                  "the command refuses to replace them)")
+    devcerts.add_argument("--sites", default="north,south,east,west", metavar="NAME,...",
+                          help="site host names (default: north,south,east,west)")
+    devcerts.add_argument("--broker", default="broker", metavar="NAME",
+                          help="the broker's name: its certificate's common name, for the sites' --allow-peer "
+                               "(default: broker)")
+    devcerts.add_argument("--days", type=int, default=90, help="validity in days (default 90)")
+    devcerts.set_defaults(run=_certs_dev)
+
+    health = sub.add_parser("health", help="ask a site's or broker's gRPC health service; exit 0 when serving",
+                            description="One gRPC health check (grpc.health.v1), as container health checks and "
+                                        "probes run it. Flags default to $GATEWAY_HEALTH_TARGET, "
+                                        "$GATEWAY_HEALTH_CA, $GATEWAY_HEALTH_CERT, $GATEWAY_HEALTH_KEY and "
+                                        "$GATEWAY_HEALTH_SERVER_NAME.")
+    health.add_argument("--target", default=None, metavar="HOST:PORT",
+                        help="the server (default: $GATEWAY_HEALTH_TARGET, else 127.0.0.1:50051)")
+    health.add_argument("--ca", type=Path, default=None, help="CA certificate for TLS (default: $GATEWAY_HEALTH_CA)")
+    health.add_argument("--cert", type=Path, default=None,
+                        help="client certificate, for a server that requires one (default: $GATEWAY_HEALTH_CERT)")
+    health.add_argument("--key", type=Path, default=None, help="its key (default: $GATEWAY_HEALTH_KEY)")
+    health.add_argument("--server-name", default=None,
+                        help="the name expected in the server's certificate (default: $GATEWAY_HEALTH_SERVER_NAME, "
+                             "else the target's host)")
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    health.set_defaults(run=_health)
+
     audit = sub.add_parser("audit", help="audit log").add_subparsers(required=True, metavar="ACTION")
     verify = audit.add_parser("verify", help="check the audit log's hash chain and the ledger's anchors of it")
     verify.add_argument("path", type=Path, help="the site's state dir, or its audit log file")
@@ -207,7 +242,7 @@ def _demo(args: argparse.Namespace) -> int:
         raise UserError("--sites must be 1 to 4")
     if not 100 <= args.patients <= 10_000_000:
         raise UserError("--patients must be 100 to 10000000")
-    return run_demo(args.sites, args.patients, args.keep_running)
+    return run_demo(args.sites, args.patients, args.keep_running, tls=args.tls)
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -472,6 +507,57 @@ def _policy_diff(args: argparse.Namespace) -> int:
     lines = diff(old.policy, new.policy)
     print("\n".join(lines) if lines else "no differences")
     return 0
+
+
+def _certs_dev(args: argparse.Namespace) -> int:
+    from .demo.certs import make_dev_certs
+
+    sites = [n.strip() for n in args.sites.split(",") if n.strip()]
+    if not sites:
+        raise UserError("--sites needs at least one name")
+    if not 1 <= args.days <= 825:
+        raise UserError("--days must be 1 to 825")
+    try:
+        certs = make_dev_certs(args.out, [*sites, args.broker], days=args.days)
+    except FileExistsError as err:
+        raise UserError(str(err)) from None
+    print(f"DEVELOPMENT-ONLY certificates (not for production) in {certs.folder}, valid until "
+          f"{certs.not_after:%Y-%m-%d}:")
+    print(f"  development CA (trust it: --client-ca at the sites, tls ca at the broker, --ca at clients): {certs.ca}")
+    for name in sites:
+        print(f"  site {name}: {certs.cert(name)} and its key {certs.key(name)}")
+    print(f"  broker {args.broker} (its client certificate for the sites, and its server certificate): "
+          f"{certs.cert(args.broker)} and its key {certs.key(args.broker)}")
+    print(f"A site requiring the broker's certificate: --tls-cert {certs.cert(sites[0])} --tls-key "
+          f"{certs.key(sites[0])} --client-ca {certs.ca} --allow-peer {args.broker}")
+    return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    from grpc import RpcError
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from ._transport import Tls, open_channel
+
+    env = os.environ
+    target = args.target or env.get("GATEWAY_HEALTH_TARGET") or "127.0.0.1:50051"
+    ca, cert, key = (given or (Path(env[name]) if env.get(name) else None) for given, name in
+                     ((args.ca, "GATEWAY_HEALTH_CA"), (args.cert, "GATEWAY_HEALTH_CERT"),
+                      (args.key, "GATEWAY_HEALTH_KEY")))
+    if (cert is None) != (key is None):
+        raise UserError("--cert and --key go together")
+    if cert is not None and ca is None:
+        raise UserError("--cert needs --ca (a client certificate is presented over TLS only)")
+    tls = Tls(ca, cert, key, args.server_name or env.get("GATEWAY_HEALTH_SERVER_NAME")) if ca else None
+    with open_channel(target, tls) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=args.timeout)
+        except RpcError as err:
+            print(f"{target}: not healthy: {err.code().name}: {err.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{target}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def _audit_verify(args: argparse.Namespace) -> int:

@@ -32,7 +32,8 @@ def test_every_command_has_help():
     for args in (["--help"], ["demo", "--help"], ["data", "synth", "--help"], ["site", "serve", "--help"],
                  ["token", "keygen", "--help"], ["token", "mint", "--help"], ["query", "--help"],
                  ["budget", "--help"], ["policy", "check", "--help"], ["policy", "explain", "--help"],
-                 ["policy", "diff", "--help"], ["audit", "verify", "--help"], ["audit", "tail", "--help"]):
+                 ["policy", "diff", "--help"], ["audit", "verify", "--help"], ["audit", "tail", "--help"],
+                 ["certs", "dev", "--help"], ["health", "--help"]):
         result = run_cli(*args)
         assert result.returncode == 0, (args, result.stderr)
         assert "usage:" in result.stdout

@@ -22,22 +22,28 @@ def _say(text: str = "") -> None:
     print(text, flush=True)
 
 
-def run_demo(n_sites: int, patients: int, keep_running: bool) -> int:
-    """Start the network (each site and the broker in its own process), run the tour; returns the exit code."""
+def run_demo(n_sites: int, patients: int, keep_running: bool, tls: bool = False) -> int:
+    """Start the network (each site and the broker in its own process), run the tour; returns the exit code.
+
+    ``tls``: on development certificates, TLS to the broker and mTLS from the broker to every site.
+    """
     started = time.perf_counter()
     signal.signal(signal.SIGTERM, _exit_on_signal)  # SIGTERM, like Ctrl-C, stops the child processes too
     work = Path(tempfile.mkdtemp(prefix="gateway-demo-"))
     network: LocalNetwork | None = None
     try:
-        network = start_network(work, n_sites, patients)
+        network = start_network(work, n_sites, patients, tls=tls)
         assert network.broker is not None
-        _say(f"Demo network on loopback (plaintext, development only): {n_sites} site gateway(s) with {patients} "
+        transport = ("TLS on DEVELOPMENT certificates, the sites accepting only the broker's client certificate"
+                     if tls else "plaintext, development only")
+        _say(f"Demo network on loopback ({transport}): {n_sites} site gateway(s) with {patients} "
              f"synthetic patients each and a broker, ready in {time.perf_counter() - started:.1f}s")
         for name, site in network.sites.items():
             _say(f"  site {name:<6} {site.target}")
         _say(f"  broker       {network.broker.target}")
         token = network.token()
-        with Client(network.broker.target, token=token, proof_key=network.proof_key) as client:
+        with Client(network.broker.target, token=token, proof_key=network.proof_key,
+                    tls=network.client_tls) as client:
             _tour(client)
         if keep_running:
             _keep_running(network, token)
@@ -117,13 +123,15 @@ def _months(median: float | None, low: float | None, high: float | None) -> str:
 def _keep_running(network: LocalNetwork, token: str) -> None:
     assert network.broker is not None
     target = network.broker.target
+    ca = f" --ca {network.certs.ca}" if network.certs else ""
+    tls = f", tls=Tls(Path('{network.certs.ca}'))" if network.certs else ""
     _say("\nThe network stays up. A DEVELOPMENT token for project 'demo' (budget 3 per site, mostly spent by the "
          f"tour) and one for 'onc-demo' (budget 10), bound to the proof key this demo made:\n"
          f"  export GATEWAY_TOKEN={network.token('onc-demo')}\n  export GATEWAY_PROOF_KEY={network.proof_key}")
-    _say(f"  gateway query --target {target} --sql 'SELECT stage, count(*) FROM patients GROUP BY stage'")
-    _say(f"  gateway budget --target {target}")
-    _say(f"  python -c \"from gateway.client import Client; import os; "
-         f"print(Client('{target}', token=os.environ['GATEWAY_TOKEN']).query("
+    _say(f"  gateway query --target {target}{ca} --sql 'SELECT stage, count(*) FROM patients GROUP BY stage'")
+    _say(f"  gateway budget --target {target}{ca}")
+    _say(f"  python -c \"from gateway.client import Client, Tls; from pathlib import Path; import os; "
+         f"print(Client('{target}', token=os.environ['GATEWAY_TOKEN']{tls}).query("
          "'SELECT sex, count(*) FROM patients GROUP BY sex').to_polars())\"")
     _say("Press Ctrl-C to stop.")
     stop = threading.Event()
