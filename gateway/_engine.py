@@ -246,11 +246,40 @@ class Engine:
         if attached is not None:
             self._con.execute(f"DETACH {attached[0]}")
         if not path.is_file():
+            # the operator learns the path and the rule from the log; a caller only that data is missing
+            log.error("data source %s of the policy %s is missing (a relative database path is resolved from "
+                      "the policy file's folder)", path, self._loaded.path)
             raise FailedPrecondition(f"data source {path.name} is missing; ask the site operator")
         alias = f"src{next(self._aliases)}"
         self._con.execute(f"ATTACH '{str(path).replace(chr(39), chr(39) * 2)}' AS {alias} (READ_ONLY)")
         self._attached[path] = (alias, stamp)
         return f"{alias}.{quote(source.table)}"
+
+    def check_sources(self) -> list[str]:
+        """For the operator: every dataset's source read and its columns checked against the policy's types.
+
+        Without building anything: one problem per line, naming the file (with the path it resolved
+        to) or the column; empty when every source matches.
+        """
+        problems = []
+        for name, dataset in self._loaded.policy.datasets.items():
+            target = dataset.source.database or dataset.source.parquet or ""
+            resolved = self._loaded.resolve(target)
+            if dataset.source.database is not None and not resolved.is_file():
+                problems.append(f"{self._loaded.path}: datasets.{name}.source.database: {resolved} does not exist "
+                                f"({target!r} is resolved from the policy file's folder)")
+                continue
+            try:
+                source = self._source(dataset)
+                types = dict(self._con.execute(f"SELECT column_name, column_type FROM (DESCRIBE SELECT * FROM "
+                                               f"{source})").fetchall())
+                self._check_schema(name, dataset, types)
+            except SchemaMismatch as err:
+                problems.append(err.message)
+            except (FailedPrecondition, duckdb.Error) as err:
+                problems.append(f"{self._loaded.path}: datasets.{name}.source: cannot read {resolved} "
+                                f"({_without_values(err) if isinstance(err, duckdb.Error) else err})")
+        return problems
 
     def _materialise(self, name: str, dataset: Dataset, fingerprint: tuple[object, ...]) -> _Prepared:
         try:

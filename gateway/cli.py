@@ -139,6 +139,8 @@ def _parser() -> argparse.ArgumentParser:
     check = policy.add_parser("check", help="validate policy files (every error, then warnings, in line order)")
     check.add_argument("files", type=Path, nargs="+")
     check.add_argument("--strict", action="store_true", help="fail on warnings too")
+    check.add_argument("--data", action="store_true",
+                       help="also read each dataset's source: tables and columns exist with the declared types")
     check.set_defaults(run=_policy_check)
     explain = policy.add_parser("explain", help="what a project may do under a policy")
     explain.add_argument("file", type=Path)
@@ -149,6 +151,11 @@ def _parser() -> argparse.ArgumentParser:
     diff.add_argument("old", type=Path)
     diff.add_argument("new", type=Path)
     diff.set_defaults(run=_policy_diff)
+    init = policy.add_parser("init", help="write a commented policy skeleton from a table's schema (no values read)")
+    init.add_argument("--source", type=Path, required=True, help="a DuckDB file, or parquet file(s)")
+    init.add_argument("--table", default=None, help="the table or view in a DuckDB file")
+    init.add_argument("--out", type=Path, default=None, help="write here (default: print); refuses to overwrite")
+    init.set_defaults(run=_policy_init)
     schema = policy.add_parser("schema", help="print the JSON Schema of policy files (reference: docs/policy.md)")
     schema.set_defaults(run=_policy_schema)
 
@@ -451,6 +458,8 @@ def _policy_check(args: argparse.Namespace) -> int:
             loaded = load_policy(path)
             problems = validate_templates(loaded)
             warnings = policy_warnings(loaded)
+            if args.data and not problems:
+                problems = _check_data(loaded)
         except PolicyFileError as err:
             problems = err.problems
         for line in problems + warnings:
@@ -460,6 +469,38 @@ def _policy_check(args: argparse.Namespace) -> int:
         else:
             print(f"{path}: ok" + (f" ({len(warnings)} warning(s))" if warnings else ""))
     return 1 if failed else 0
+
+
+def _check_data(loaded: Any) -> list[str]:
+    import tempfile
+
+    from ._engine import Engine
+
+    with tempfile.TemporaryDirectory() as work:
+        engine = Engine(loaded, Path(work))
+        try:
+            return engine.check_sources()
+        finally:
+            engine.close()
+
+
+def _policy_init(args: argparse.Namespace) -> int:
+    from ._policy_init import skeleton
+
+    if args.source.suffix != ".parquet" and "*" not in args.source.name and args.table is None:
+        raise UserError("--table is needed for a DuckDB file (parquet files need none)")
+    try:
+        text = skeleton(args.source, args.table, args.out.parent if args.out else Path.cwd())
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if args.out is None:
+        print(text, end="")
+        return 0
+    if args.out.exists():
+        raise UserError(f"{args.out} exists; choose another --out")
+    args.out.write_text(text)
+    print(f"wrote {args.out}: complete every CHANGE-ME, then run gateway policy check --data {args.out}")
+    return 0
 
 
 def _broker_check(args: argparse.Namespace) -> int:

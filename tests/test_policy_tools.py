@@ -1,0 +1,63 @@
+"""An operator's tools for bringing their own data: `gateway policy init` writes a skeleton from a
+table's schema (names and types only, no values), and `gateway policy check --data` reads the real
+source and says, naming the path, what does not match."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import duckdb
+
+from tests.helpers.cli import run_cli
+from tests.helpers.policies import example_policy, with_column, write_policy
+
+
+def test_init_writes_a_skeleton_that_checks_once_completed(tmp_path: Path, site_data: Path) -> None:
+    out = tmp_path / "policies" / "mine.yaml"
+    out.parent.mkdir()
+    made = run_cli("policy", "init", "--source", str(site_data), "--table", "patients", "--out", str(out))
+    assert made.returncode == 0, made.stderr
+    text = out.read_text()
+    assert text.startswith("# yaml-language-server: $schema=policy.schema.json\n")
+    assert "(candidates: patient_id)" in text
+    assert f"database: {os.path.relpath(site_data, out.parent)}," in text  # resolved from the policy's folder
+    assert not re.search(r"^\s+(bounds|keys):", text, re.M)  # nothing proposed from the data's values
+    with duckdb.connect(str(site_data), read_only=True) as con:
+        stages = [row[0] for row in con.execute("SELECT DISTINCT stage FROM patients").fetchall()]
+    assert not any(f"'{s}'" in text or f" {s}," in text for s in stages)
+    assert run_cli("policy", "check", str(out)).returncode == 1  # CHANGE-ME is not a policy yet
+    completed = (text.replace("site: CHANGE-ME", "site: mine")
+                 .replace("privacy_unit: CHANGE-ME", "privacy_unit: patient_id")
+                 .replace("project: CHANGE-ME", "project: onc-*"))
+    completed = re.sub(r"      patient_id:\n(        .*\n)+?(?=      \w)", "", completed)
+    out.write_text(completed)
+    checked = run_cli("policy", "check", "--data", str(out))
+    assert checked.returncode == 0, checked.stderr
+    assert run_cli("policy", "init", "--source", str(site_data), "--table", "patients",
+                   "--out", str(out)).returncode == 2  # never overwrites
+
+
+def test_check_data_names_the_path_it_tried_and_the_rule(tmp_path: Path, site_data: Path) -> None:
+    policy = write_policy(tmp_path, tmp_path / "nowhere" / "north.duckdb")
+    result = run_cli("policy", "check", "--data", str(policy))
+    assert result.returncode == 1
+    assert f"{tmp_path / 'nowhere' / 'north.duckdb'} does not exist" in result.stderr
+    assert "resolved from the policy file's folder" in result.stderr and "Traceback" not in result.stderr
+    assert run_cli("policy", "check", str(policy)).returncode == 0  # without --data the file alone is fine
+
+
+def test_check_data_finds_a_declared_type_the_data_does_not_have(tmp_path: Path, site_data: Path) -> None:
+    wrong = with_column(example_policy(), "patients", "sex", type="integer", keys=(1, 2))
+    policy = write_policy(tmp_path, site_data, policy=wrong)
+    result = run_cli("policy", "check", "--data", str(policy))
+    assert result.returncode == 1
+    assert "declared integer, but column 'sex' of dataset 'patients' is VARCHAR" in result.stderr
+
+
+def test_init_refuses_what_it_cannot_read(tmp_path: Path) -> None:
+    missing = run_cli("policy", "init", "--source", str(tmp_path / "none.duckdb"), "--table", "t")
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    no_table = run_cli("policy", "init", "--source", str(tmp_path / "x.duckdb"))
+    assert no_table.returncode == 2 and "--table is needed" in no_table.stderr
