@@ -8,6 +8,7 @@ says. These tests give it answers whose pooled values are easy to work out on pa
 from __future__ import annotations
 
 import math
+import random
 import statistics
 
 import pytest
@@ -112,13 +113,14 @@ def test_a_pooled_mean_is_the_ratio_of_pooled_sums_and_counts() -> None:
     assert [c.std_error for c in got.components] == pytest.approx([sum_se, count_se])
 
 
-def test_a_pooled_mean_outside_its_bounds_is_kept_as_the_parts_give_it() -> None:
-    # each site clamps its own mean; the broker reports what the pooled parts say, flagging nothing
+def test_a_pooled_mean_outside_its_bounds_is_clamped_into_them_with_its_interval() -> None:
+    # pooled parts that say 120 for an age bounded by [18, 99]: the mean is 99, flagged, and the
+    # interval (around 120 before clamping) is cut at the bound where the true mean must lie
     a = estimate("mean", bounds=AGE, sum=(1150, 10.0), count=(10, 1.0))
     b = estimate("mean", bounds=AGE, sum=(1250, 10.0), count=(10, 1.0))
     got = pooled_cell(a, b)
-    assert got.value == 120 and not got.clamped
-    assert got.ci_high > AGE[1]
+    assert got.value == AGE[1] and got.clamped
+    assert AGE[0] <= got.ci_low <= got.ci_high == AGE[1]
 
 
 def test_a_pooled_count_under_one_gives_a_mean_of_the_bounds_midpoint() -> None:
@@ -318,3 +320,15 @@ def test_different_aggregates_rows_and_epsilon_are_reported() -> None:
 def test_a_column_one_site_lacks_is_reported_absent_there() -> None:
     differences = dataset_differences({"a": dataset(), "b": dataset(with_bmi=False)})
     assert differences == ["column bmi: a float (aggregate); b absent", "column bmi bounds: a [15, 50]; b absent"]
+
+
+def test_noisy_pooled_means_always_lie_within_the_bounds() -> None:
+    """At a small epsilon the pooled noisy sum over the pooled noisy count can say anything (once, an
+    age of 4,622 years); the answer stays inside [18, 99], and so does its interval."""
+    rng = random.Random(11)
+    for _ in range(300):
+        parts = [estimate("mean", bounds=AGE, sum=(rng.gauss(600, 400), 400.0), count=(rng.gauss(10, 8), 8.0))
+                 for _ in range(4)]
+        got = pooled_cell(*parts)
+        assert AGE[0] <= got.value <= AGE[1]
+        assert AGE[0] <= got.ci_low <= got.value <= got.ci_high <= AGE[1]
