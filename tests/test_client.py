@@ -30,7 +30,8 @@ def test_unreachable_broker_is_typed(token):
 
 
 def test_the_client_loads_no_server_machinery() -> None:
-    code = ("import sys, gateway.client, gateway.aggregates, gateway.answers, gateway.survival, gateway.plot\n"
+    code = ("import sys, gateway.client, gateway.aio, gateway.results, gateway.aggregates, gateway.answers, "
+            "gateway.survival, gateway.plot\n"
             "heavy = ['opendp', 'duckdb', 'sqlglot', 'pydantic', 'yaml', 'gateway.policy', 'gateway._mechanisms',\n"
             "         'matplotlib']  # matplotlib only when a picture is drawn\n"
             "print(','.join(m for m in heavy if m in sys.modules))")
