@@ -143,7 +143,7 @@ class QueryResult:
                            f"{name}_ci_low": _finite(e.ci_low), f"{name}_ci_high": _finite(e.ci_high),
                            f"{name}_suppressed": e.suppressed}
             records.append(record)
-        return pl.DataFrame(records, schema=schema)
+        return pl.DataFrame(records, schema=schema, strict=False)  # mixed keys become text
 
     def _long(self, rows: Sequence[pb.ResultRow]) -> pl.DataFrame:
         names = self.names
@@ -154,7 +154,7 @@ class QueryResult:
                                       "ci_high": _finite(e.ci_high), "suppressed": e.suppressed,
                                       "clamped": e.clamped}
                    for row in rows for e in row.estimates]
-        return pl.DataFrame(records, schema=schema)
+        return pl.DataFrame(records, schema=schema, strict=False)  # mixed keys become text
 
     def _keys(self, row: pb.ResultRow) -> dict[str, Any]:
         names = self.names
@@ -216,7 +216,7 @@ class SurvivalResult(QueryResult):
                         for i, time in enumerate(e.edges)]
         schema = self._key_schema() | dict.fromkeys(
             ("time", "survival", "ci_low", "ci_high", "at_risk", "events"), pl.Float64)
-        return pl.DataFrame(records, schema=schema)
+        return pl.DataFrame(records, schema=schema, strict=False)  # mixed keys become text
 
     @property
     def medians(self) -> pl.DataFrame:
@@ -225,7 +225,7 @@ class SurvivalResult(QueryResult):
                     "ci_low": _finite(row.estimates[0].ci_low), "ci_high": _finite(row.estimates[0].ci_high)}
                    for row in self.response.rows]
         schema = self._key_schema() | dict.fromkeys(("median", "ci_low", "ci_high"), pl.Float64)
-        return pl.DataFrame(records, schema=schema)
+        return pl.DataFrame(records, schema=schema, strict=False)  # mixed keys become text
 
     def to_polars(self) -> pl.DataFrame:
         """The curves: :attr:`frame`."""
@@ -337,11 +337,19 @@ def _keys(row: pb.ResultRow) -> dict[str, Any]:
 
 
 def _key_schema(response: pb.QueryResponse) -> dict[str, Any]:
-    """Polars types of the group columns, from the first row's keys (strings when there are none)."""
+    """Polars types of the group columns, from every row's keys (pooled and per site).
+
+    A column whose keys are of one kind gets that type; mixed kinds (e.g. years and a policy's
+    "(missing)" group) are text; no rows: text.
+    """
     kinds = {"int_value": pl.Int64, "double_value": pl.Float64, "bool_value": pl.Boolean}
-    first = response.rows[0].keys if response.rows else []
-    return {k.column: kinds.get(k.value.WhichOneof("kind") or "", pl.Utf8) for k in first} or {
-        column: pl.Utf8 for column in response.group_by}
+    seen: dict[str, set[str]] = {column: set() for column in response.group_by}
+    rows = [*response.rows, *(row for answer in response.site_answers for row in answer.rows)]
+    for row in rows:
+        for k in row.keys:
+            seen.setdefault(k.column, set()).add(k.value.WhichOneof("kind") or "")
+    return {column: kinds.get(next(iter(found)), pl.Utf8) if len(found) == 1 else pl.Utf8
+            for column, found in seen.items()}
 
 
 def _finite(value: float) -> float | None:
