@@ -151,20 +151,31 @@ class _Converter:
     def convert(self, select: exp.Select) -> Query:
         dataset = self._dataset(select)
         group_by = tuple(self._column(e) for e in (select.args.get("group") or exp.Group()).expressions)
-        aggregates = []
+        aggregates, names, shown = [], [], []
         for selected in select.expressions:
             item = selected.this if isinstance(selected, exp.Alias) else selected
             if isinstance(item, exp.Column):
-                if self._column(item) not in group_by:
+                name = self._column(item)
+                if name not in group_by:
                     raise InvalidQuery(f"column {item.sql()!r} in SELECT must be in GROUP BY; {SUPPORTED}")
-                continue
-            aggregates.append(self._aggregate(item))
+            else:
+                aggregates.append(self._aggregate(item))
+                name = aggregates[-1].label
+            alias = str(selected.alias) if isinstance(selected, exp.Alias) else ""
+            if alias and alias != name:
+                names.append((name, alias))
+            shown.append(alias or name)
+        shown += [c for c in group_by if c not in {n for n, _ in names} | set(shown)]
+        aliases = {alias for _, alias in names}  # a repeat without aliases is check_query's to refuse
+        twice = sorted({n for n in shown if shown.count(n) > 1 and n in aliases})
+        if twice:
+            raise InvalidQuery(f"the output name {twice[0]!r} is used twice; give each column its own AS name")
         where = select.args.get("where")
         filters = self._filters(where.this) if where is not None else []
         unused = set(self.params) - self.used
         if unused:
             raise InvalidQuery(f"parameters not used by the query: {', '.join(sorted(unused))}")
-        return Query(dataset, tuple(aggregates), group_by, tuple(filters))
+        return Query(dataset, tuple(aggregates), group_by, tuple(filters), tuple(names))
 
     def _dataset(self, select: exp.Select) -> str:
         source = select.args.get("from_") or select.args.get("from")

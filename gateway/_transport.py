@@ -59,6 +59,22 @@ def open_channel(target: str, tls: Tls | None = None, *, max_receive: int = MAX_
     two minutes, so a server that was down for ten seconds is reached again only seconds after it
     is back, and one down for a minute up to a minute after.
     """
+    options, creds = _channel_args(tls, max_receive, reconnect_seconds)
+    if creds is None:
+        return grpc.insecure_channel(target, options=options)
+    return grpc.secure_channel(target, creds, options=options)
+
+
+def open_aio_channel(target: str, tls: Tls | None = None, *, max_receive: int = MAX_RECEIVE) -> grpc.aio.Channel:
+    """:func:`open_channel` for asyncio (``grpc.aio``), with the same options and credentials."""
+    options, creds = _channel_args(tls, max_receive, None)
+    if creds is None:
+        return grpc.aio.insecure_channel(target, options=options)
+    return grpc.aio.secure_channel(target, creds, options=options)
+
+
+def _channel_args(tls: Tls | None, max_receive: int, reconnect_seconds: float | None
+                  ) -> tuple[list[tuple[str, int | str]], grpc.ChannelCredentials | None]:
     options: list[tuple[str, int | str]] = [("grpc.max_receive_message_length", max_receive)]
     if reconnect_seconds is not None:
         longest = max(1, round(reconnect_seconds * 1000))
@@ -67,11 +83,11 @@ def open_channel(target: str, tls: Tls | None = None, *, max_receive: int = MAX_
         options += [("grpc.initial_reconnect_backoff_ms", min(longest, 250)),
                     ("grpc.max_reconnect_backoff_ms", longest)]
     if tls is None:
-        return grpc.insecure_channel(target, options=options)
+        return options, None
     creds = grpc.ssl_channel_credentials(_read(tls.ca), _read(tls.key), _read(tls.cert))
     if tls.server_name:
         options.append(("grpc.ssl_target_name_override", tls.server_name))
-    return grpc.secure_channel(target, creds, options=options)
+    return options, creds
 
 
 def server_credentials(tls: Tls) -> grpc.ServerCredentials:

@@ -9,7 +9,9 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +128,8 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("--dry-run", action="store_true")
     query.add_argument("--query-id", default=None)
     query.add_argument("--site", action="append", default=[], help="broker only: ask this site (repeatable)")
+    query.add_argument("--require-all-sites", action="store_true",
+                       help="broker only: fail (exit 1) when any site is missing from the answer, instead of warning")
     query.add_argument("--json", action="store_true")
     query.set_defaults(run=_query)
 
@@ -425,12 +429,18 @@ def _number(text: str) -> Any:
 
 
 def _query(args: argparse.Namespace) -> int:
+    from .errors import MissingSitesWarning
     from .render import query_json, query_table
 
-    with _client(args) as client:
+    with _client(args) as client, warnings.catch_warnings():
+        warnings.simplefilter("ignore", MissingSitesWarning)  # said below, in one line of our own
         result = client.query(args.sql, template=args.template, params=_params(args.param) or None,
-                              epsilon=args.epsilon, dry_run=args.dry_run, query_id=args.query_id, sites=args.site)
+                              epsilon=args.epsilon, dry_run=args.dry_run, query_id=args.query_id, sites=args.site,
+                              require_all_sites=args.require_all_sites)
     print(json.dumps(query_json(result.response), allow_nan=False) if args.json else query_table(result.response))
+    if result.missing_sites:
+        print(f"warning: the answer lacks site(s) {', '.join(result.missing_sites)}: pooled from "
+              f"{', '.join(result.sites)} only (--require-all-sites refuses such answers)", file=sys.stderr)
     return 0
 
 
@@ -438,12 +448,18 @@ def _budget(args: argparse.Namespace) -> int:
     with _client(args) as client:
         frame = client.budget(args.dataset)
     if args.json:
-        print(json.dumps({"budgets": frame.to_dicts()}))
+        print(json.dumps({"budgets": frame.to_dicts()}, default=_rfc3339))
     else:
         from .render import budget_table
 
         print(budget_table(frame))
     return 0
+
+
+def _rfc3339(value: Any) -> str:
+    if not isinstance(value, datetime):
+        raise TypeError(f"cannot write {type(value).__name__} as JSON")
+    return value.isoformat().replace("+00:00", "Z")
 
 
 def _policy_check(args: argparse.Namespace) -> int:

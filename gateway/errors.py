@@ -276,6 +276,38 @@ class InvalidAnswer(GatewayError):
     code, reason_code = grpc.StatusCode.FAILED_PRECONDITION, "INVALID_ANSWER"
 
 
+class IncompleteAnswer(GatewayError):
+    """The caller required every site (``require_all_sites``) and some did not answer.
+
+    Raised by the client, never sent by a server. The sites that answered did charge for their
+    answers: ``result`` holds the pooled answer anyway, and calling again with the same
+    ``query_id`` pays nothing at those sites and asks the missing ones again. ``missing`` maps each
+    missing site to why it is missing.
+    """
+
+    code, reason_code = grpc.StatusCode.FAILED_PRECONDITION, "INCOMPLETE_ANSWER"
+
+    def __init__(self, message: str, missing: Mapping[str, str] | None = None, query_id: str = "",
+                 result: object = None) -> None:
+        super().__init__(message)
+        self.missing, self.query_id, self.result = dict(missing or {}), query_id, result
+
+
+class GatewayWarning(UserWarning):
+    """Root of the warnings the client gives about an answer it returns (filter them by this class)."""
+
+
+class MissingSitesWarning(GatewayWarning):
+    """A pooled answer lacks some sites: it describes fewer patients than the network holds.
+
+    ``missing`` maps each missing site to why (e.g. its budget ran out, or it was down).
+    """
+
+    def __init__(self, message: str, missing: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.missing = dict(missing or {})
+
+
 class GatewayBug(Exception):
     """Root of "this is a bug" errors: a broken internal assumption, never the caller's doing."""
 

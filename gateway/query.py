@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import TYPE_CHECKING
 
@@ -100,10 +100,14 @@ class Query:
     aggregates: tuple[Aggregate, ...]
     group_by: tuple[str, ...] = ()
     filters: tuple[Filter, ...] = ()
+    # The caller's names for output columns (SQL ``AS``): an aggregate's label or a group column,
+    # and its alias. Presentation only: not compared, not in the canonical form, so an alias never
+    # changes the price, the cached answer or the idempotency of a query.
+    names: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
     def normalised(self) -> Query:
         """Same meaning, normal form: folded operators, sorted distinct IN lists, sorted filters."""
-        return Query(self.dataset, self.aggregates, self.group_by, _normal_filters(self.filters))
+        return Query(self.dataset, self.aggregates, self.group_by, _normal_filters(self.filters), self.names)
 
     def canonical(self, epsilon: Fraction) -> str:
         """Stable text of the normalised query and its resolved privacy loss."""
@@ -189,7 +193,7 @@ def check_query(query: Query, policy: Policy) -> Query:
                                                         for g in f.cohort.filters)
     if values > MAX_VALUES:
         raise InvalidQuery(f"the filters hold {values} values; at most {MAX_VALUES} are allowed in one query")
-    return Query(query.dataset, query.aggregates, query.group_by, filters).normalised()
+    return Query(query.dataset, query.aggregates, query.group_by, filters, query.names).normalised()
 
 
 def _check_aggregate(agg: Aggregate, dataset: Dataset, name: str) -> None:

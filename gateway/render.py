@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from datetime import datetime
 from fractions import Fraction
 from typing import Any
 
@@ -25,13 +26,14 @@ def query_json(response: pb.QueryResponse) -> dict[str, Any]:
     """The ``--json`` shape of DESIGN §11."""
     rows = []
     for row in response.rows:
-        item: dict[str, Any] = {k.column: _key(k.value) for k in row.keys}
+        names = response.names
+        item: dict[str, Any] = {names.get(k.column, k.column): _key(k.value) for k in row.keys}
         for e in row.estimates:
-            item[e.aggregate] = {"value": _num(e.value), "std_error": _num(e.std_error),
+            item[names.get(e.aggregate, e.aggregate)] = {"value": _num(e.value), "std_error": _num(e.std_error),
                                  "ci95": [_num(e.ci_low), _num(e.ci_high)], "noise_scale": _num(e.noise_scale),
                                  "suppressed": e.suppressed, "clamped": e.clamped}
             if e.shape:  # a vector estimate (a survival curve at the grid's times)
-                item[e.aggregate]["vector"] = {
+                item[names.get(e.aggregate, e.aggregate)]["vector"] = {
                     "edges": list(e.edges), "shape": list(e.shape), "values": [_num(v) for v in e.values],
                     "std_errors": [_num(v) for v in e.std_errors], "ci95_lows": [_num(v) for v in e.ci_lows],
                     "ci95_highs": [_num(v) for v in e.ci_highs]}
@@ -41,6 +43,8 @@ def query_json(response: pb.QueryResponse) -> dict[str, Any]:
                            "rows": rows, "epsilon_charged": response.epsilon_charged,
                            "budget_remaining": response.budget_remaining, "cached": response.cached,
                            "dry_run": response.dry_run, "notes": list(response.notes)}
+    if response.names:  # SQL aliases: the rows use them; "aggregates" keeps the labels
+        out["names"] = dict(response.names)
     if response.sites or response.site_answers or response.missing_sites:
         out["sites"] = list(response.sites)
         out["missing_sites"] = [{"site": m.site, "reason": m.reason, "message": m.message}
@@ -50,7 +54,7 @@ def query_json(response: pb.QueryResponse) -> dict[str, Any]:
 
 def query_table(response: pb.QueryResponse) -> str:
     """A fixed-width table: group keys, then per aggregate estimate ± half-width [95% interval]."""
-    header = [*response.group_by, *response.aggregates]
+    header = [response.names.get(c, c) for c in (*response.group_by, *response.aggregates)]
     lines = []
     for row in response.rows:
         cells = [str(_key(k.value)) for k in row.keys]
@@ -103,6 +107,8 @@ def budget_table(frame: Any) -> str:
 def _fmt(value: Any) -> str:
     if value is None:
         return "never"
+    if isinstance(value, datetime):
+        return value.isoformat().replace("+00:00", "Z")
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 

@@ -29,11 +29,12 @@ PACKAGE = "gateway"
 REQUIRED = ("__init__.py", "_version.py", "py.typed", "client.py", "errors.py",
             "_proto/gateway/v1/gateway_pb2.py", "_proto/gateway/v1/gateway_pb2_grpc.py")
 CLIENT_DEPENDENCIES = {"grpcio", "grpcio-status", "protobuf", "polars", "pyjwt",
-                       "matplotlib"}  # matplotlib: only with the `plot` extra
+                       "matplotlib", "pandas", "pyarrow"}  # only with the `plot` and `pandas` extras
 # What those dependencies are imported as. A shipped module importing anything else (duckdb, opendp,
 # pydantic, yaml, ...) is a server module, whatever its name. PyJWT and cryptography sign proofs;
 # gateway/plot.py imports matplotlib when a picture is drawn.
-CLIENT_IMPORTS = {"grpc", "grpc_status", "google", "polars", "jwt", "cryptography", "matplotlib", PACKAGE}
+CLIENT_IMPORTS = {"grpc", "grpc_status", "google", "polars", "jwt", "cryptography", "matplotlib", "pandas", "pyarrow",
+                  PACKAGE}
 
 
 def _one(dist: Path, pattern: str) -> Path:

@@ -159,11 +159,13 @@ class BrokerService(pb_grpc.GatewayServicer):
                 raise InvalidQuery("query_id is required through a broker (the gateway client sets one)",
                                    "query_id")
             shape = request  # what the answers must look like (checked before pooling)
+            output_names: dict[str, str] | None = None  # the caller's output names, when the broker can read them
             if request.WhichOneof("body") == "sql":
                 # a caller's SQL mistake is answered once here, not by every site; the sites get the SQL
                 # as the caller signed it
-                shape = pb.QueryRequest(dry_run=request.dry_run,
-                                        structured=to_structured(parse_sql(request.sql)))
+                parsed = parse_sql(request.sql)
+                shape = pb.QueryRequest(dry_run=request.dry_run, structured=to_structured(parsed))
+                output_names = dict(parsed.names)
         except GatewayError as err:
             context.abort_with_status(err.to_status())
         outcomes = self._fan("Query", request, context, names, check=lambda found: _poolable(found, shape))
@@ -172,6 +174,7 @@ class BrokerService(pb_grpc.GatewayServicer):
             self._abort_missing(outcomes, context, len(answered))
         response = pool([(o.site, o.response) for o in answered], self.config.name)
         response.query_id = request.query_id
+        response.names.update(output_names if output_names is not None else _agreed_names(answered))
         response.missing_sites.extend(pb.MissingSite(site=o.site, reason=o.reason, message=o.message)
                                       for o in outcomes if o.response is None)
         return response
@@ -212,15 +215,21 @@ class BrokerService(pb_grpc.GatewayServicer):
 
     def _abort_missing(self, outcomes: list[_Outcome], context: grpc.ServicerContext, answered: int) -> None:
         failed = [o for o in outcomes if o.response is None]
-        errors = [o.error for o in failed]
-        first = errors[0] if errors else None
-        if (answered == 0 and isinstance(first, GatewayError) and first.caller_mistake
-                and len({type(e) for e in errors}) == 1):
-            # a caller's mistake that every site reports the same way is returned as it is, details kept
-            first.message = f"{failed[0].site}: {first.message}"
+        mistakes = [o for o in failed if isinstance(o.error, GatewayError) and o.error.caller_mistake]
+        unreached = [o for o in failed if isinstance(o.error, Unavailable | DeadlineExceeded)]
+        if (answered == 0 and mistakes and len({type(o.error) for o in mistakes}) == 1
+                and len(mistakes) + len(unreached) == len(failed)):
+            # a caller's mistake that every site that answered reports the same way is returned as it
+            # is, details kept, even when other sites were down: retrying cannot mend it, and a site
+            # that comes back would refuse it too
+            first = mistakes[0].error
+            assert isinstance(first, GatewayError)
+            first.message = f"{mistakes[0].site}: {first.message}" + "".join(
+                f"; {o.site} did not answer ({o.reason})" for o in unreached)
             context.abort_with_status(first.to_status())
         listed = "; ".join(f"{o.site}: {o.reason} ({o.message})" for o in failed)
-        transient = any(isinstance(e, Unavailable | DeadlineExceeded) for e in errors)
+        # a retry mends an unreachable site, never a caller's mistake: only then is this UNAVAILABLE
+        transient = bool(unreached) and not mistakes
         context.abort(grpc.StatusCode.UNAVAILABLE if transient else grpc.StatusCode.FAILED_PRECONDITION,
                       bounded(f"only {answered} site(s) answered, at least {self.config.min_sites} needed; {listed}"
                               + ("; retrying with the same query_id is safe" if transient else "")))
@@ -249,6 +258,12 @@ def _outcome(site: str, call: grpc.Future) -> _Outcome:
             error = FailedPrecondition(f"the site expects proofs addressed to {', '.join(error.sites)}; the "
                                        "broker's configuration must name it so")
         return _Outcome(site, error=error, label=err.code().name.lower())
+
+def _agreed_names(answered: Sequence[_Outcome]) -> dict[str, str]:
+    """The output names every answering site reports (a template's aliases, which only sites can read)."""
+    names = [dict(o.response.names) for o in answered]
+    return names[0] if all(n == names[0] for n in names) else {}
+
 
 def _cancel(calls: Iterable[grpc.Future]) -> None:
     for call in calls:

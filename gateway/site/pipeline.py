@@ -222,12 +222,12 @@ class Pipeline:
             groups = product_of_keys([checked.dataset.columns[c].group_keys for c in checked.query.group_by])
             response.rows.extend(rows_to_wire(predicted(plan, groups), checked.query.group_by))
             response.dry_run, response.query_id = True, request.query_id
-            return self._with_budgets(response, checked.scopes)
+            return _named(self._with_budgets(response, checked.scopes), parsed)
         query_id = valid_query_id(request.query_id)
         response.query_id = trace["query_id"] = query_id
         stored = self._stored(identity.project, query_id, checked)
         if stored is not None:
-            return self._replay(stored, query_id, checked.scopes)
+            return _named(self._replay(stored, query_id, checked.scopes), parsed)
         self.ledger.precheck(checked.epsilon, checked.scopes)  # refuse before touching data
         exact = engine.run(checked.query, expired)  # a failure here has charged nothing
         rows = release(plan, exact.groups, exact.components, self.noise, policy.suppression.min_count)
@@ -244,8 +244,8 @@ class Pipeline:
             found = self.ledger.find(identity.project, query_id)
             if found is None or found.canonical_hash != checked.canonical_hash:
                 raise Unavailable(f"query_id {query_id!r} is being answered right now; retry shortly") from None
-            return self._replay(found.answer, query_id, checked.scopes)
-        return self._with_budgets(response, checked.scopes, audited=True)
+            return _named(self._replay(found.answer, query_id, checked.scopes), parsed)
+        return _named(self._with_budgets(response, checked.scopes, audited=True), parsed)
 
     def _stored(self, project: str, query_id: str, checked: Checked) -> bytes | None:
         """A stored answer: to this query_id (a retry), or to the same canonical query (free)."""
@@ -268,6 +268,13 @@ class Pipeline:
         # the project's own budget only: a shared cap's remaining would tell what other projects spent
         response.budget_remaining = float(min(state.remaining for scope, state in budgets if not scope.shared))
         return Answered(response, budgets, audited)
+
+
+def _named(answered: Answered, query: Query) -> Answered:
+    """The answer with the caller's output names (set after it is stored: a stored answer holds none)."""
+    answered.response.names.clear()
+    answered.response.names.update(query.names)
+    return answered
 
 
 # -- the other calls --------------------------------------------------------------------------------

@@ -312,7 +312,14 @@ class MissingSite(_message.Message):
     def __init__(self, site: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class QueryResponse(_message.Message):
-    __slots__ = ("query_id", "dataset", "group_by", "aggregates", "rows", "epsilon_charged", "budget_remaining", "cached", "dry_run", "canonical_hash", "canonical_query", "served_by", "notes", "suppression_min_count", "site_answers", "missing_sites", "sites")
+    __slots__ = ("query_id", "dataset", "group_by", "aggregates", "rows", "epsilon_charged", "budget_remaining", "cached", "dry_run", "canonical_hash", "canonical_query", "served_by", "notes", "suppression_min_count", "site_answers", "missing_sites", "sites", "names")
+    class NamesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     QUERY_ID_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
     GROUP_BY_FIELD_NUMBER: _ClassVar[int]
@@ -330,6 +337,7 @@ class QueryResponse(_message.Message):
     SITE_ANSWERS_FIELD_NUMBER: _ClassVar[int]
     MISSING_SITES_FIELD_NUMBER: _ClassVar[int]
     SITES_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
     query_id: str
     dataset: str
     group_by: _containers.RepeatedScalarFieldContainer[str]
@@ -347,7 +355,8 @@ class QueryResponse(_message.Message):
     site_answers: _containers.RepeatedCompositeFieldContainer[SiteAnswer]
     missing_sites: _containers.RepeatedCompositeFieldContainer[MissingSite]
     sites: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, query_id: _Optional[str] = ..., dataset: _Optional[str] = ..., group_by: _Optional[_Iterable[str]] = ..., aggregates: _Optional[_Iterable[str]] = ..., rows: _Optional[_Iterable[_Union[ResultRow, _Mapping]]] = ..., epsilon_charged: _Optional[float] = ..., budget_remaining: _Optional[float] = ..., cached: _Optional[bool] = ..., dry_run: _Optional[bool] = ..., canonical_hash: _Optional[str] = ..., canonical_query: _Optional[str] = ..., served_by: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ..., suppression_min_count: _Optional[int] = ..., site_answers: _Optional[_Iterable[_Union[SiteAnswer, _Mapping]]] = ..., missing_sites: _Optional[_Iterable[_Union[MissingSite, _Mapping]]] = ..., sites: _Optional[_Iterable[str]] = ...) -> None: ...
+    names: _containers.ScalarMap[str, str]
+    def __init__(self, query_id: _Optional[str] = ..., dataset: _Optional[str] = ..., group_by: _Optional[_Iterable[str]] = ..., aggregates: _Optional[_Iterable[str]] = ..., rows: _Optional[_Iterable[_Union[ResultRow, _Mapping]]] = ..., epsilon_charged: _Optional[float] = ..., budget_remaining: _Optional[float] = ..., cached: _Optional[bool] = ..., dry_run: _Optional[bool] = ..., canonical_hash: _Optional[str] = ..., canonical_query: _Optional[str] = ..., served_by: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ..., suppression_min_count: _Optional[int] = ..., site_answers: _Optional[_Iterable[_Union[SiteAnswer, _Mapping]]] = ..., missing_sites: _Optional[_Iterable[_Union[MissingSite, _Mapping]]] = ..., sites: _Optional[_Iterable[str]] = ..., names: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class GetBudgetRequest(_message.Message):
     __slots__ = ("dataset", "proofs")

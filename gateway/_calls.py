@@ -1,0 +1,158 @@
+"""What the synchronous and the asyncio client share: requests, signing, retries and answers.
+
+A client call is: build the request (:func:`query_request`), then per attempt sign it
+(:meth:`Caller.sign`), send it, and on an error ask :meth:`Caller.after` whether to call again
+(learn the sites to sign for, once per call; back off and retry ``UNAVAILABLE`` with the same
+``query_id``, so a retry never pays twice) or raise the typed error. The answer becomes a
+:class:`~gateway.results.QueryResult` through :func:`finish`, which warns about missing sites or
+refuses the answer when the caller required every site. Only the sending differs between
+:mod:`gateway.client` and :mod:`gateway.aio`.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from ._proto.gateway.v1 import gateway_pb2 as pb
+from ._wire import to_value
+from .errors import (
+    GatewayBug,
+    GatewayError,
+    IncompleteAnswer,
+    MissingSitesWarning,
+    ProofRequired,
+    Unavailable,
+    error_from_rpc,
+)
+from .proof import ANY_SERVER, ProofKey
+from .results import QueryResult, SurvivalResult
+
+StructuredSpec = Mapping[str, Any]
+
+
+class Caller:
+    """One client's credentials and retry policy, and the site names it has learned to sign for."""
+
+    def __init__(self, token: str | None, proof_key: ProofKey | bytes | str | Path | None, retries: int,
+                 sign_for: Sequence[str]) -> None:
+        self.token, self.retries = token, retries
+        self.proof_key = load_proof_key(proof_key) if token else None
+        # names the proofs are addressed to: given (saves the first call's round trip), or learned
+        self.sites: set[str] = set(sign_for)
+
+    @property
+    def metadata(self) -> list[tuple[str, str]]:
+        """The call metadata: the bearer token."""
+        return [("authorization", f"Bearer {self.token}")] if self.token else []
+
+    def sign(self, request: Any) -> None:
+        """Attach a fresh proof per site to ``request`` (each proof is used once: one per attempt)."""
+        if self.proof_key is not None and self.token:
+            self.proof_key.attach(request, self.token, sorted(self.sites) or [ANY_SERVER])
+
+    def after(self, err: grpc.RpcError, attempt: int, learned: bool) -> tuple[float | None, bool, GatewayError |
+                                                                                GatewayBug]:
+        """After a failed attempt: (seconds to wait before calling again, or None to raise; learned; the error)."""
+        error = error_from_rpc(err)
+        if isinstance(error, ProofRequired) and not learned and not set(error.sites) <= self.sites:
+            self.sites |= set(error.sites)  # the target told us whom to sign for: once per call
+            return 0.0, True, error
+        if isinstance(error, Unavailable) and attempt < self.retries:
+            return 0.2 * 2 ** attempt, learned, error
+        return None, learned, error
+
+
+def load_proof_key(given: ProofKey | bytes | str | Path | None) -> ProofKey:
+    """The proof key given, or the file named by ``$GATEWAY_PROOF_KEY``."""
+    if isinstance(given, ProofKey):
+        return given
+    if isinstance(given, bytes):
+        return ProofKey.from_pem(given)
+    path = given if given is not None else os.environ.get("GATEWAY_PROOF_KEY")
+    if not path:
+        raise ValueError("a token needs the proof key it is bound to: pass proof_key=PATH or set GATEWAY_PROOF_KEY "
+                         "(see 'gateway token mint --proof-key')")
+    return ProofKey.load(Path(path))
+
+
+def query_request(sql: str | None, structured: StructuredSpec | None, template: str | None,
+                  params: Mapping[str, Any] | None, epsilon: float, dry_run: bool, query_id: str | None,
+                  sites: Sequence[str]) -> pb.QueryRequest:
+    """The request for one query, given as exactly one of SQL, a structured mapping or a template call."""
+    if sum(x is not None for x in (sql, structured, template)) != 1:
+        raise ValueError("give exactly one of sql, structured or template")
+    request = pb.QueryRequest(query_id=query_id or uuid.uuid4().hex, epsilon=epsilon, dry_run=dry_run,
+                              sites=list(sites))
+    if sql is not None:
+        request.sql = sql
+    elif template is not None:
+        request.template.name = template
+        for key, value in (params or {}).items():
+            request.template.params[key].CopyFrom(to_value(",".join(map(str, value))
+                                                  if isinstance(value, list | tuple) else value))
+    else:
+        assert structured is not None
+        request.structured.CopyFrom(structured_message(structured))
+    return request
+
+
+def survival_spec(dataset: str, time: str, event: str, by: str | Sequence[str] | None,
+                  filters: Sequence[tuple[str, str, Any]]) -> StructuredSpec:
+    """The structured query of a Kaplan-Meier curve per group of ``by``."""
+    group_by = [by] if isinstance(by, str) else list(by or ())
+    return {"dataset": dataset, "aggregates": [("survival", time, event)], "group_by": group_by,
+            "filters": list(filters)}
+
+
+def finish(response: pb.QueryResponse, require_all_sites: bool, survival_time: str | None = None,
+           stacklevel: int = 3) -> QueryResult:
+    """The answer as a result.
+
+    Sites missing from it give a :class:`MissingSitesWarning`, or :class:`IncompleteAnswer` when the
+    caller required them all.
+    """
+    result = QueryResult(response) if survival_time is None else SurvivalResult(response, survival_time)
+    missing = result.missing_sites
+    if missing:
+        listed = "; ".join(f"{site} ({why})" for site, why in missing.items())
+        pooled = ", ".join(response.sites)
+        if require_all_sites:
+            raise IncompleteAnswer(
+                f"the answer lacks site(s) {listed}; pooled from {pooled} only, which charged for it. Call again "
+                f"with query_id={response.query_id!r} to ask the missing sites without paying twice at the others; "
+                "the partial answer is this error's .result", missing, response.query_id, result)
+        warnings.warn(MissingSitesWarning(f"the answer lacks site(s) {listed}: it is pooled from {pooled} only "
+                                          "(pass require_all_sites=True to refuse such answers)", missing),
+                      stacklevel=stacklevel)
+    return result
+
+
+def structured_message(spec: StructuredSpec) -> pb.StructuredQuery:
+    """Build a structured query message from a plain mapping (see :meth:`gateway.client.Client.query`).
+
+    An aggregate is a kind's name (``"count"``) or a tuple of the name and its columns
+    (``("mean", "age")``, ``("survival", "survival_months", "death")``).
+    """
+    message = pb.StructuredQuery(dataset=spec["dataset"], group_by=list(spec.get("group_by", ())))
+    for agg in spec.get("aggregates", ()):
+        function, *columns = (agg,) if isinstance(agg, str) else agg
+        message.aggregates.add(function=function, column=columns[0] if columns else "", more_columns=columns[1:])
+    for f in spec.get("filters", ()):
+        message.filters.append(_filter_message(*f))
+    return message
+
+
+def _filter_message(column: str, op: str, value: Any) -> pb.Filter:
+    """``(column, op, value)``; a cohort is ``("patient_id", "in", {"dataset": "treatments", "filters": [...]})``."""
+    if isinstance(value, Mapping):
+        cohort = pb.Cohort(dataset=value["dataset"], filters=[_filter_message(*f) for f in value.get("filters", ())])
+        return pb.Filter(column=column, op=op, cohort=cohort)
+    values = value if isinstance(value, list | tuple) else [value]
+    return pb.Filter(column=column, op=op, values=[to_value(v) for v in values])

@@ -1,0 +1,109 @@
+"""The researcher's client for asyncio: :class:`Client` with the calls of :class:`gateway.client.Client`.
+
+Example::
+
+    from gateway.aio import Client
+
+    async with Client("127.0.0.1:50051", token=token, proof_key="proof-key.pem") as gw:
+        counts, curves = await asyncio.gather(
+            gw.query("SELECT stage, count(*) AS n FROM patients GROUP BY stage", epsilon=0.5),
+            gw.survival("patients", time="survival_months", event="death", by="stage", epsilon=0.5))
+
+Same requests, proofs of possession, retries (``UNAVAILABLE`` with the same ``query_id``, so a retry
+never pays twice), typed errors, results and warnings as the synchronous client: both are built on
+:mod:`gateway._calls`; only the sending (``grpc.aio``) and the waiting (``asyncio.sleep``) differ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import polars as pl
+
+from ._calls import Caller, StructuredSpec, finish, query_request, survival_spec
+from ._proto.gateway.v1 import gateway_pb2 as pb
+from ._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
+from ._transport import Tls, open_aio_channel
+from .proof import ProofKey
+from .results import Dataset, QueryResult, SurvivalResult, budget_frame, dataset_from_wire
+
+__all__ = ["Client"]
+
+T = TypeVar("T")
+
+
+class Client:
+    """Talks gateway.v1 to one target (a site or a broker) from asyncio code.
+
+    The arguments are those of :class:`gateway.client.Client`. Use it as ``async with``, or
+    ``await client.close()``.
+    """
+
+    def __init__(self, target: str, token: str | None = None, tls: Tls | None = None,
+                 timeout: float = 60.0, retries: int = 3,
+                 proof_key: ProofKey | bytes | str | Path | None = None, sign_for: Sequence[str] = (),
+                 require_all_sites: bool = False) -> None:
+        self.target, self.token, self.timeout, self.retries = target, token, timeout, retries
+        self.require_all_sites = require_all_sites
+        self._caller = Caller(token, proof_key, retries, sign_for)
+        self._channel = open_aio_channel(target, tls)
+        self._stub = pb_grpc.GatewayStub(self._channel)
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel (calls in flight are cancelled)."""
+        await self._channel.close()
+
+    async def datasets(self) -> list[Dataset]:
+        """The datasets this caller may query (see :meth:`gateway.client.Client.datasets`)."""
+        response = await self._call(self._stub.ListDatasets, pb.ListDatasetsRequest())
+        return [dataset_from_wire(d) for d in response.datasets]
+
+    async def budget(self, dataset: str = "") -> pl.DataFrame:
+        """The caller's budget per population (see :meth:`gateway.client.Client.budget`)."""
+        return budget_frame(await self._call(self._stub.GetBudget, pb.GetBudgetRequest(dataset=dataset)))
+
+    async def query(self, sql: str | None = None, *, structured: StructuredSpec | None = None,
+                    template: str | None = None, params: Mapping[str, Any] | None = None, epsilon: float = 0.0,
+                    dry_run: bool = False, query_id: str | None = None, sites: Sequence[str] = (),
+                    require_all_sites: bool | None = None) -> QueryResult:
+        """Run one query (see :meth:`gateway.client.Client.query`)."""
+        request = query_request(sql, structured, template, params, epsilon, dry_run, query_id, sites)
+        return finish(await self._call(self._stub.Query, request), self._require(require_all_sites))
+
+    async def survival(self, dataset: str, *, time: str, event: str, by: str | Sequence[str] | None = None,
+                       epsilon: float = 0.0, filters: Sequence[tuple[str, str, Any]] = (), dry_run: bool = False,
+                       query_id: str | None = None, sites: Sequence[str] = (),
+                       require_all_sites: bool | None = None) -> SurvivalResult:
+        """Kaplan-Meier survival per group (see :meth:`gateway.client.Client.survival`)."""
+        request = query_request(None, survival_spec(dataset, time, event, by, filters), None, None, epsilon,
+                                dry_run, query_id, sites)
+        result = finish(await self._call(self._stub.Query, request), self._require(require_all_sites), time)
+        assert isinstance(result, SurvivalResult)
+        return result
+
+    def _require(self, given: bool | None) -> bool:
+        return self.require_all_sites if given is None else given
+
+    async def _call(self, method: Callable[..., Awaitable[T]], request: Any) -> T:
+        attempt, learned = 0, False
+        while True:
+            self._caller.sign(request)  # a fresh proof per attempt: each is used once
+            try:
+                return await method(request, metadata=self._caller.metadata, timeout=self.timeout)
+            except grpc.RpcError as err:
+                wait, learned, error = self._caller.after(err, attempt, learned)
+                if wait is None:
+                    raise error from None
+                if wait:
+                    await asyncio.sleep(wait)
+                    attempt += 1
