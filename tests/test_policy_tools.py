@@ -61,3 +61,14 @@ def test_init_refuses_what_it_cannot_read(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "does not exist" in missing.stderr
     no_table = run_cli("policy", "init", "--source", str(tmp_path / "x.duckdb"))
     assert no_table.returncode == 2 and "--table is needed" in no_table.stderr
+
+
+def test_the_readme_operator_steps_find_their_data(tmp_path: Path) -> None:
+    """cp policies/north.yaml north.yaml; data synth --out data/north.duckdb; policy check --data north.yaml."""
+    root = Path(__file__).resolve().parent.parent
+    policy = tmp_path / "north.yaml"
+    policy.write_text((root / "policies" / "north.yaml").read_text())
+    assert run_cli("data", "synth", "--site", "north", "--patients", "300",
+                   "--out", str(tmp_path / "data" / "north.duckdb")).returncode == 0
+    checked = run_cli("policy", "check", "--data", str(policy))
+    assert checked.returncode == 0, checked.stderr
