@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import time
+from datetime import UTC, datetime
+from pathlib import Path
 
 import yaml
 
 from ._yamlfile import line_index
+from .ledger import spent_in_force
 from .policy import LoadedPolicy
 
 USUAL_ROLES = ("researcher", "analyst", "officer")
@@ -61,3 +65,34 @@ def policy_warnings(loaded: LoadedPolicy) -> list[str]:
 def _close(name: str, known: list[str]) -> str:
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def spent_warnings(loaded: LoadedPolicy, ledger: Path, now: float | None = None) -> list[str]:
+    """Budgets the policy sets below what is already spent in the window in force (from the site's ledger).
+
+    Such an edit is allowed (it never frees spend), but the project can spend nothing more until
+    the window ends; the officer should know before it goes live.
+    """
+    policy, at = loaded.policy, int(time.time() if now is None else now)
+    out = []
+    for window in spent_in_force(ledger, at):
+        kind, _, rest = window.scope.partition(":")
+        if kind == "project":
+            project, _, population = rest.rpartition(":")
+            datasets = policy.populations().get(population, ())
+            rule = next((r for d in datasets if (r := policy.budget_rule(project, d)) is not None), None)
+            limit, what = (rule.epsilon if rule else None), f"project {project!r} on population {population!r}"
+        elif kind == "population":
+            cap = policy.population_cap(rest)
+            limit, what = (cap.epsilon if cap else None), f"the cap over all projects on population {rest!r}"
+        else:
+            continue
+        until = "never" if window.finish is None else datetime.fromtimestamp(window.finish, UTC).isoformat()
+        spent = f"{float(window.spent):g}"
+        if limit is None and kind == "project":
+            out.append(f"{loaded.path}: warning: {what} has spent {spent} in the window in force but no budget rule "
+                       f"grants it anything now: it can spend nothing more (the spend stays until {until})")
+        elif limit is not None and limit < window.spent:
+            out.append(f"{loaded.path}: warning: {what}: the new limit {float(limit):g} is below the {spent} already "
+                       f"spent in the window in force: nothing more can be spent until it ends ({until})")
+    return out

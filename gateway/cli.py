@@ -145,6 +145,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--strict", action="store_true", help="fail on warnings too")
     check.add_argument("--data", action="store_true",
                        help="also read each dataset's source: tables and columns exist with the declared types")
+    check.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
+                       help="a site's state dir: warn where a budget would be below what is already spent")
     check.set_defaults(run=_policy_check)
     explain = policy.add_parser("explain", help="what a project may do under a policy")
     explain.add_argument("file", type=Path)
@@ -476,6 +478,8 @@ def _policy_check(args: argparse.Namespace) -> int:
             warnings = policy_warnings(loaded)
             if args.data and not problems:
                 problems = _check_data(loaded)
+            if args.state_dir is not None and not problems:
+                warnings += _check_spent(loaded, args.state_dir)
         except PolicyFileError as err:
             problems = err.problems
         for line in problems + warnings:
@@ -517,6 +521,15 @@ def _policy_init(args: argparse.Namespace) -> int:
     args.out.write_text(text)
     print(f"wrote {args.out}: complete every CHANGE-ME, then run gateway policy check --data {args.out}")
     return 0
+
+
+def _check_spent(loaded: Any, state_dir: Path) -> list[str]:
+    from ._policy_lint import spent_warnings
+
+    try:
+        return spent_warnings(loaded, state_dir / "ledger.sqlite")
+    except FileNotFoundError as err:
+        raise UserError(f"{err} (is {state_dir} a site's state dir?)") from None
 
 
 def _broker_check(args: argparse.Namespace) -> int:

@@ -414,6 +414,31 @@ class SqliteLedger:
         return sum((Fraction(r[0]) for r in rows), Fraction(0))
 
 
+@dataclass(frozen=True)
+class SpentWindow:
+    """What a scope has spent in its budget window in force (for checking a policy edit against it)."""
+
+    scope: str
+    start: int
+    finish: int | None
+    spent: Fraction
+
+
+def spent_in_force(path: Path, at: int) -> list[SpentWindow]:
+    """Every scope's spend in its window in force at ``at``, read-only (a running site may hold the ledger)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no ledger at {path}")
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = con.execute(
+            "SELECT w.scope, w.start, w.finish, s.spent FROM windows w JOIN spend s"
+            " ON s.scope = w.scope AND s.period = w.start WHERE w.finish IS NULL OR w.finish > ?", (at,)).fetchall()
+    finally:
+        con.close()
+    return [SpentWindow(str(scope), int(start), None if finish is None else int(finish), Fraction(spent))
+            for scope, start, finish, spent in rows]
+
+
 def _migrate_reserved_charges(con: sqlite3.Connection) -> None:
     """Migration for ledgers written by versions that charged before drawing noise (0.1.x).
 

@@ -72,3 +72,37 @@ def test_the_readme_operator_steps_find_their_data(tmp_path: Path) -> None:
                    "--out", str(tmp_path / "data" / "north.duckdb")).returncode == 0
     checked = run_cli("policy", "check", "--data", str(policy))
     assert checked.returncode == 0, checked.stderr
+
+
+def test_check_against_a_state_dir_warns_where_a_budget_falls_below_what_is_spent(start_site, token, tmp_path,
+                                                                                   site_data) -> None:
+    from fractions import Fraction
+
+    from gateway.policy import BudgetRule
+    from tests.helpers.policies import dump_policy, for_tests, with_policy
+    from tests.helpers.servers import client
+
+    site = start_site()
+    with client(site, token, project="tight") as c:  # tight: a budget of 1, never resetting
+        c.query("SELECT count(*) FROM patients", epsilon=0.6)
+    state = str(site.state.state_dir)
+    base = for_tests(example_policy(), site_data)
+    rules = [r for r in base.budgets if r.project != "tight"]
+
+    def check(budgets: list[BudgetRule]) -> list[str]:
+        folder = tmp_path / f"edit{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        path = dump_policy(with_policy(base, budgets=tuple(budgets)), folder / "north.yaml")
+        result = run_cli("policy", "check", "--state-dir", state, "--strict", str(path))
+        return [line.split(": warning: ", 1)[1] for line in result.stderr.splitlines() if ": warning: " in line]
+
+    lowered = BudgetRule(project="tight", epsilon=Fraction(1, 2), period="never")
+    assert check([lowered, *rules]) == [
+        "project 'tight' on population 'patients': the new limit 0.5 is below the 0.6 already spent in the window "
+        "in force: nothing more can be spent until it ends (never)"]
+    assert check([BudgetRule(project="tight", epsilon=Fraction(2), period="never"), *rules]) == []
+    assert check(rules) == ["project 'tight' on population 'patients' has spent 0.6 in the window in force but no "
+                            "budget rule grants it anything now: it can spend nothing more (the spend stays until "
+                            "never)"]
+    missing = run_cli("policy", "check", "--state-dir", str(tmp_path / "nowhere"), "policies/north.yaml")
+    assert missing.returncode == 2 and "no ledger at" in missing.stderr
