@@ -145,7 +145,7 @@ class BrokerService(pb_grpc.GatewayServicer):
         try:
             return self._query(request, context)
         finally:
-            self.metrics.duration.labels("_broker").observe(time.perf_counter() - started)
+            self.metrics.duration.observe(time.perf_counter() - started)
 
     def _query(self, request: pb.QueryRequest, context: grpc.ServicerContext) -> pb.QueryResponse:
         try:
@@ -290,7 +290,9 @@ class RunningBroker:
 def build_broker_server(config: BrokerConfig, verifier: Verifier, host: str = "127.0.0.1", port: int = 0,
                         tls: Tls | None = None, metrics: BrokerMetrics | None = None) -> RunningBroker:
     """Start a broker serving gateway.v1 on ``host:port`` (0: any free port)."""
-    service = BrokerService(config, metrics or BrokerMetrics(), verifier)
+    metrics = metrics or BrokerMetrics()
+    metrics.init_sites(s.name for s in config.sites)
+    service = BrokerService(config, metrics, verifier)
     server, bound, _health, workers = make_server(service, host, port, tls)
     log.info("broker %s serving on %s:%s for sites %s", config.name, host, bound,
              ", ".join(s.name for s in config.sites))

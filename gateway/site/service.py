@@ -40,7 +40,7 @@ from ..metrics import SiteMetrics
 from ..proof import ProofCarrier, ProofChecker, check_possession
 from ._datasets import dataset_to_wire
 from ._rejections import RejectionCounter
-from ._reload import Live, PolicyWatcher, load_live
+from ._reload import Live, PolicyWatcher, load_live, publish_metrics
 from ._statedir import StateDir, hold_state_dir, readable_ledger
 from .pipeline import Answered, Pipeline, legacy_scopes, project_budgets, usable_datasets
 
@@ -307,6 +307,7 @@ def build_site_server(options: SiteOptions, metrics: SiteMetrics | None = None,
     state = SiteState(live=live, ledger=ledger, audit=audit, metrics=metrics or SiteMetrics(),
                       verifier=options.verifier, state_dir=options.state_dir, noise=noise or mechanisms.Noise(),
                       allowed_peers=options.allowed_peers, rejections=RejectionCounter(options.rejection_interval))
+    publish_metrics(state)  # before the first call: a scrape right after a restart sees every budget
     server, port, _health, workers = make_server(SiteService(state), options.host, options.port, options.tls)
     watcher = PolicyWatcher(state, options.policy, options.reload_interval)
     watcher.start()
