@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .._engine import Engine, file_stamp
+from .._logging import event
 from ..audit import AuditLog
 from ..errors import GatewayError
 from ..ledger import Ledger
@@ -118,14 +119,18 @@ class PolicyWatcher(threading.Thread):
         try:
             live = load_live(self.path, self.state.state_dir)
         except Exception as err:  # any failure keeps the last good policy live
-            log.error("policy reload rejected, keeping the last good policy: %s", err)
             self.state.metrics.policy_reloads.labels("rejected").inc()
-            self._record(outcome="refused", reason=str(err).splitlines()[0][:500] if str(err) else type(err).__name__)
+            reason = str(err).splitlines()[0][:500] if str(err) else type(err).__name__
+            event(log, "policy_reload", f"policy reload rejected, keeping the last good policy: {err}",
+                  logging.ERROR, policy=str(self.path), outcome="rejected", reason=reason)
+            self._record(outcome="refused", reason=reason)
             return False
         old, self.state.live = self.state.live, live
-        log.info("policy reloaded from %s", self.path)
         self.state.metrics.policy_reloads.labels("ok").inc()
         publish_metrics(self.state)
-        self._record(outcome="accepted", changes=diff(old.loaded.policy, live.loaded.policy)[:200])
+        changes = diff(old.loaded.policy, live.loaded.policy)[:200]
+        event(log, "policy_reload", f"policy reloaded from {self.path} ({len(changes)} change(s))",
+              policy=str(self.path), outcome="accepted", changes=changes)
+        self._record(outcome="accepted", changes=changes)
         self._retired.append((time.monotonic(), old.engine))  # in-flight queries may still use it
         return True
