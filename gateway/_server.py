@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import time
 from concurrent import futures
 from typing import NamedTuple
 
@@ -73,3 +74,17 @@ def make_server(servicer: pb_grpc.GatewayServicer, host: str, port: int, tls: Tl
     for name in ("", SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return Serving(server, bound, health_servicer, workers)
+
+
+def drain_then_stop(server: grpc.Server, health_servicer: health.HealthServicer | None, drain: float,
+                    grace: float) -> None:
+    """Health NOT_SERVING at once, keep serving ``drain`` seconds, then stop with ``grace`` for calls in flight.
+
+    gRPC health watchers and probes see NOT_SERVING while every call still succeeds, so traffic
+    moves away before any call is refused.
+    """
+    if health_servicer is not None:
+        health_servicer.enter_graceful_shutdown()  # every service NOT_SERVING, and it stays so
+    if drain > 0:
+        time.sleep(drain)
+    server.stop(grace).wait()

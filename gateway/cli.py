@@ -9,16 +9,20 @@ import os
 import signal
 import sys
 import threading
+import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from . import _logging
 from ._version import __version__
 from .errors import GatewayError
 
 EXIT_USAGE = 2
+DEFAULT_DRAIN_SECONDS = 5.0
+log = logging.getLogger("gateway.cli")
 
 
 class UserError(Exception):
@@ -29,8 +33,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gateway`` command."""
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("GATEWAY_LOG_LEVEL", "WARNING").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    serving = getattr(args, "serves", False)
+    try:
+        # a server's events go to a collector as JSON by default; a one-shot command talks to a person
+        _logging.configure(_logging.log_format(getattr(args, "log_format", None), os.environ,
+                                               interactive=sys.stderr.isatty() or not serving),
+                           _logging.log_level(os.environ, "INFO" if serving else "WARNING"), sys.stderr)
+    except ValueError as err:
+        print(f"gateway: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         return int(args.run(args) or 0)
     except (UserError, GatewayError, OSError, ValueError) as err:
@@ -82,7 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-peer", action="append", default=[],
                        help="accept only clients whose certificate CN is this (repeatable; needs --client-ca)")
     serve.add_argument("--port-file", type=Path, help="write the bound port here once serving")
-    serve.set_defaults(run=_site_serve)
+    _lifecycle_args(serve)
+    serve.set_defaults(run=_site_serve, serves=True)
 
     broker = sub.add_parser("broker", help="broker").add_subparsers(required=True, metavar="ACTION")
     bcheck = broker.add_parser("check", help="validate broker config files (file:line: field: reason)")
@@ -99,7 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     bserve.add_argument("--tls-cert", type=Path)
     bserve.add_argument("--tls-key", type=Path)
     bserve.add_argument("--port-file", type=Path, help="write the bound port here once serving")
-    bserve.set_defaults(run=_broker_serve)
+    _lifecycle_args(bserve)
+    bserve.set_defaults(run=_broker_serve, serves=True)
 
     token = sub.add_parser("token", help="development tokens").add_subparsers(required=True, metavar="ACTION")
     keygen = token.add_parser("keygen", help="write a DEVELOPMENT signing key pair")
@@ -285,22 +298,54 @@ def _site_serve(args: argparse.Namespace) -> int:
         print(f"no --state-dir given: using {args.state_dir.resolve()}", file=sys.stderr, flush=True)
     options = SiteOptions(args.policy, args.state_dir, verifier, args.host, args.port, tls,
                           tuple(args.allow_peer), init=args.init)
+    drain = _drain_seconds(args)
     metrics = SiteMetrics()
     try:
         site = build_site_server(options, metrics)
     except PolicyFileError as err:
         raise UserError("invalid policy:\n" + "\n".join(err.problems)) from None
+    metrics_url = None
     if args.metrics_port is not None:
         bind = metrics_host(args.host, args.metrics_host)
         port = serve_metrics(args.metrics_port, metrics.registry, bind)
-        print(f"metrics on http://{target_of(bind, port)}/metrics", flush=True)
-    print(f"site {site.state.live.loaded.policy.site} serving on {args.host}:{site.port}"
+        metrics_url = f"http://{target_of(bind, port)}/metrics"
+        print(f"metrics on {metrics_url}", flush=True)
+    policy = site.state.live.loaded.policy
+    print(f"site {policy.site} serving on {args.host}:{site.port}"
           + ("" if tls else " (PLAINTEXT, loopback development only)"), flush=True)
+    _logging.event(log, "started", f"site {policy.site} serving on {target_of(args.host, site.port)}",
+                   component="site", version=__version__, site=policy.site,
+                   address=target_of(args.host, site.port), tls=tls is not None, mtls=bool(args.client_ca),
+                   allowed_peers=list(args.allow_peer), datasets=sorted(policy.datasets),
+                   populations=sorted(policy.populations()), budget_rules=len(policy.budgets),
+                   policy=str(args.policy), state_dir=str(args.state_dir), metrics=metrics_url,
+                   drain_seconds=drain, stop_grace=args.stop_grace)
     if args.port_file:
         args.port_file.write_text(str(site.port))
-    _wait_for_signal()
-    site.stop()
+    _stop_on_signal("site", lambda: site.stop(args.stop_grace, drain), drain, args.stop_grace)
     return 0
+
+
+def _lifecycle_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-format", choices=_logging.FORMATS, default=None,
+                        help="json: one event per line; text: for a person (default: $GATEWAY_LOG_FORMAT, "
+                             "else text on a terminal and json otherwise)")
+    parser.add_argument("--drain-seconds", type=float, default=None, metavar="S",
+                        help="on SIGTERM, report NOT_SERVING through gRPC health and keep serving this long "
+                             "before stopping, so probes and load balancers move traffic away (default: 5, "
+                             "0 on loopback)")
+    parser.add_argument("--stop-grace", type=float, default=10.0, metavar="S",
+                        help="then refuse new calls and give calls in flight this long to finish (default: 10)")
+
+
+def _drain_seconds(args: argparse.Namespace) -> float:
+    from ._server import is_loopback
+
+    if args.drain_seconds is not None:
+        if args.drain_seconds < 0 or args.stop_grace < 0:
+            raise UserError("--drain-seconds and --stop-grace must be 0 or more")
+        return float(args.drain_seconds)
+    return 0.0 if is_loopback(args.host) else DEFAULT_DRAIN_SECONDS
 
 
 def _token_key_args(parser: argparse.ArgumentParser) -> None:
@@ -355,27 +400,50 @@ def _broker_serve(args: argparse.Namespace) -> int:
         raise UserError("--tls-cert and --tls-key go together")
     config = load_broker_config(args.config)
     verifier = _verifier(args)  # flag mistakes are found before anything starts
+    drain = _drain_seconds(args)
     metrics = BrokerMetrics()
     tls = Tls(cert=args.tls_cert, key=args.tls_key) if args.tls_cert else None
     broker = build_broker_server(config, verifier, args.host, args.port, tls, metrics)
+    metrics_url = None
     if args.metrics_port is not None:
         bind = metrics_host(args.host, args.metrics_host)
         port = serve_metrics(args.metrics_port, metrics.registry, bind)
-        print(f"metrics on http://{target_of(bind, port)}/metrics", flush=True)
+        metrics_url = f"http://{target_of(bind, port)}/metrics"
+        print(f"metrics on {metrics_url}", flush=True)
     print(f"broker {config.name} serving on {args.host}:{broker.port} for {len(config.sites)} site(s)", flush=True)
+    _logging.event(log, "started", f"broker {config.name} serving on {target_of(args.host, broker.port)}",
+                   component="broker", version=__version__, broker=config.name,
+                   address=target_of(args.host, broker.port), tls=tls is not None,
+                   sites={s.name: s.address for s in config.sites}, min_sites=config.min_sites,
+                   deadline_seconds=config.deadline_seconds, metrics=metrics_url, drain_seconds=drain,
+                   stop_grace=args.stop_grace)
     if args.port_file:
         args.port_file.write_text(str(broker.port))
-    _wait_for_signal()
-    broker.stop()
+    _stop_on_signal("broker", lambda: broker.stop(args.stop_grace, drain), drain, args.stop_grace)
     return 0
 
 
-def _wait_for_signal() -> None:
+def _stop_on_signal(component: str, stop: Callable[[], None], drain: float, grace: float) -> None:
+    """Wait for SIGTERM or SIGINT, then ``stop`` (health NOT_SERVING, drain, grace), saying so in the log."""
+    received: list[int] = []
     done = threading.Event()
+
+    def note(signum: int, _frame: object) -> None:
+        received.append(signum)
+        done.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
+        signal.signal(sig, note)
     while not done.wait(1.0):
         pass
+    name = signal.Signals(received[0]).name
+    _logging.event(log, "stopping", f"{component} stopping on {name}: health NOT_SERVING, serving {drain:g} s "
+                   f"more, then {grace:g} s for calls in flight", component=component, signal=name,
+                   drain_seconds=drain, stop_grace=grace)
+    started = time.monotonic()
+    stop()
+    _logging.event(log, "stopped", f"{component} stopped", component=component,
+                   seconds=round(time.monotonic() - started, 3))
 
 
 def _keygen(args: argparse.Namespace) -> int:

@@ -237,7 +237,8 @@ class FailedPrecondition(GatewayError):
 class Unavailable(GatewayError):
     """A site or the broker could not be reached; retrying with the same query_id is safe."""
 
-    code, reason_code = grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE"
+    # its own outcome: a disk that refuses the ledger or the audit log is an operator's alarm, not a bug
+    code, reason_code, outcome = grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE", "unavailable"
 
 
 class AuditUnavailable(Unavailable):

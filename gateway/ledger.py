@@ -133,6 +133,10 @@ class Ledger(Protocol):
         """Limit and spent of one scope in its current period."""
         ...
 
+    def projects(self) -> list[str]:
+        """Every project with a charge that still counts, sorted."""
+        ...
+
     def close(self) -> None:
         """Finish pending writes and release the store."""
         ...
@@ -407,6 +411,13 @@ class SqliteLedger:
         """See :meth:`Ledger.state`."""
         with _storage(self.path):
             return _state(self._conn(), scope)
+
+    def projects(self) -> list[str]:
+        """See :meth:`Ledger.projects`."""
+        with _storage(self.path):
+            rows = self._conn().execute(
+                "SELECT DISTINCT project FROM charges WHERE status != 'refunded' ORDER BY project").fetchall()
+        return [str(r[0]) for r in rows]
 
     def total_spent(self) -> Fraction:
         """Sum of every charge that still counts (for audits and tests)."""

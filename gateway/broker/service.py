@@ -26,10 +26,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from grpc_health.v1.health import HealthServicer
 
+from .._logging import event
 from .._proto.gateway.v1 import gateway_pb2 as pb
 from .._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
-from .._server import make_server, target_of
+from .._server import drain_then_stop, make_server, target_of
 from .._sqlfront import parse_sql
 from .._transport import Tls, open_channel
 from .._wire import to_structured
@@ -142,10 +144,13 @@ class BrokerService(pb_grpc.GatewayServicer):
 
     def Query(self, request: pb.QueryRequest, context: grpc.ServicerContext) -> pb.QueryResponse:
         started = time.perf_counter()
+        response: pb.QueryResponse | None = None
         try:
-            return self._query(request, context)
+            response = self._query(request, context)
+            return response
         finally:
-            self.metrics.duration.labels("_broker").observe(time.perf_counter() - started)
+            self.metrics.duration.observe(time.perf_counter() - started)
+            _log_query(request, response, context, started)
 
     def _query(self, request: pb.QueryRequest, context: grpc.ServicerContext) -> pb.QueryResponse:
         try:
@@ -235,6 +240,28 @@ class BrokerService(pb_grpc.GatewayServicer):
                               + ("; retrying with the same query_id is safe" if transient else "")))
 
 
+def _log_query(request: pb.QueryRequest, response: pb.QueryResponse | None, context: grpc.ServicerContext,
+               started: float) -> None:
+    """The broker's ``query`` event: which sites answered and which did not, or why it refused."""
+    fields: dict[str, Any] = {"query_id": request.query_id, "dry_run": request.dry_run,
+                              "duration_ms": round((time.perf_counter() - started) * 1000, 1)}
+    if response is not None:
+        missing = {m.site: m.reason for m in response.missing_sites}
+        event(log, "query", f"query answered by {len(response.sites)} site(s), {len(missing)} missing",
+              outcome="ok", accepted=True, dataset=response.dataset, sites=list(response.sites),
+              missing_sites=missing, epsilon_charged=response.epsilon_charged, **fields)
+        return
+    code = context.code() if hasattr(context, "code") else None
+    status = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+    details = context.details() if hasattr(context, "details") else ""
+    reason = details.decode(errors="replace") if isinstance(details, bytes) else str(details or "")
+    # calls without credentials only at DEBUG: an outsider must not be able to flood the log
+    level = logging.DEBUG if status == "UNAUTHENTICATED" else logging.WARNING if status in (
+        "UNAVAILABLE", "INTERNAL", "UNKNOWN", "FAILED_PRECONDITION") else logging.INFO
+    event(log, "query", f"query refused: {status}", level, outcome=status.lower(), accepted=False, status=status,
+          reason=reason[:300], **fields)
+
+
 def _for_site(request: Any, site: str) -> Any:
     """The caller's request as a site receives it: only that site's proof, and no ``sites`` list."""
     forwarded = type(request)()
@@ -288,15 +315,20 @@ class RunningBroker:
     service: BrokerService
     host: str = "127.0.0.1"
     workers: futures.Executor | None = None
+    health: HealthServicer | None = None
 
     @property
     def target(self) -> str:
         """Where clients reach it: ``HOST:PORT`` (IPv6 hosts in brackets)."""
         return target_of(self.host, self.port)
 
-    def stop(self, grace: float = 5.0) -> None:
-        """Stop serving (in-flight calls get ``grace`` seconds), end the calls to the sites and the worker threads."""
-        self.server.stop(grace).wait()
+    def stop(self, grace: float = 5.0, drain: float = 0.0) -> None:
+        """Stop serving, then end the calls to the sites and the worker threads.
+
+        Health turns NOT_SERVING first; the broker keeps answering for ``drain`` seconds, then
+        refuses new calls and gives those in flight ``grace`` seconds.
+        """
+        drain_then_stop(self.server, self.health, drain, grace)
         self.service.close()
         if self.workers is not None:
             self.workers.shutdown(wait=False)
@@ -305,8 +337,10 @@ class RunningBroker:
 def build_broker_server(config: BrokerConfig, verifier: Verifier, host: str = "127.0.0.1", port: int = 0,
                         tls: Tls | None = None, metrics: BrokerMetrics | None = None) -> RunningBroker:
     """Start a broker serving gateway.v1 on ``host:port`` (0: any free port)."""
-    service = BrokerService(config, metrics or BrokerMetrics(), verifier)
-    server, bound, _health, workers = make_server(service, host, port, tls)
-    log.info("broker %s serving on %s:%s for sites %s", config.name, host, bound,
-             ", ".join(s.name for s in config.sites))
-    return RunningBroker(server, bound, service, host, workers)
+    metrics = metrics or BrokerMetrics()
+    metrics.init_sites(s.name for s in config.sites)
+    service = BrokerService(config, metrics, verifier)
+    server, bound, health, workers = make_server(service, host, port, tls)
+    log.debug("broker %s serving on %s:%s for sites %s", config.name, host, bound,
+              ", ".join(s.name for s in config.sites))
+    return RunningBroker(server, bound, service, host, workers, health)

@@ -1,4 +1,9 @@
-"""Loading a policy into a live engine, and reloading it when the file changes."""
+"""Loading a policy into a live engine, reloading it when the file changes, and publishing its budgets.
+
+The budget gauges are read from the ledger at start, after every reload and every
+``BUDGET_REFRESH_SECONDS`` (a window that resets while nobody queries shows its new budget), so a
+restart never makes a budget series vanish and a budget alert resolve.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +11,24 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
 from .._engine import Engine, file_stamp
+from .._logging import event
 from ..audit import AuditLog
 from ..errors import GatewayError
+from ..ledger import Ledger
 from ..metrics import SiteMetrics
 from ..policy import LoadedPolicy, PolicyFileError, load_policy
 from ..render import diff
 from ..templates import validate_templates
+from .pipeline import configured_budgets
 
 log = logging.getLogger("gateway.site")
 RETIRE_SECONDS = 30.0
+BUDGET_REFRESH_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -36,6 +46,20 @@ class HasLive(Protocol):
     metrics: SiteMetrics
     state_dir: Path
     audit: AuditLog
+    ledger: Ledger
+
+
+def publish_metrics(state: HasLive) -> None:
+    """Publish the live policy's datasets (outcomes at 0) and every configured budget, read from the ledger."""
+    policy = state.live.loaded.policy
+    state.metrics.init_datasets(policy.datasets)
+    try:
+        budgets = configured_budgets(state.ledger, policy, datetime.now(UTC))
+    except GatewayError as err:  # the ledger cannot be read: the gauges keep their last values
+        log.warning("budget gauges not refreshed: %s", err.message)
+        return
+    state.metrics.publish_budgets((population, project, float(b.limit), float(b.spent))
+                                  for population, project, b in budgets)
 
 
 def load_live(path: Path, state_dir: Path) -> Live:
@@ -64,12 +88,17 @@ class PolicyWatcher(threading.Thread):
         self._retired: list[tuple[float, Engine]] = []
 
     def run(self) -> None:
+        published = time.monotonic()
         while not self.stopped.wait(self.interval):
             self.close_retired(older_than=RETIRE_SECONDS)
             stamp = file_stamp(self.path)
             if stamp != self._seen:
                 self._seen = stamp
                 self.reload()
+                published = time.monotonic()
+            elif time.monotonic() - published >= BUDGET_REFRESH_SECONDS:
+                publish_metrics(self.state)
+                published = time.monotonic()
 
     def close_retired(self, older_than: float = 0.0) -> None:
         """Close engines replaced by a reload at least ``older_than`` seconds ago."""
@@ -90,13 +119,18 @@ class PolicyWatcher(threading.Thread):
         try:
             live = load_live(self.path, self.state.state_dir)
         except Exception as err:  # any failure keeps the last good policy live
-            log.error("policy reload rejected, keeping the last good policy: %s", err)
             self.state.metrics.policy_reloads.labels("rejected").inc()
-            self._record(outcome="refused", reason=str(err).splitlines()[0][:500] if str(err) else type(err).__name__)
+            reason = str(err).splitlines()[0][:500] if str(err) else type(err).__name__
+            event(log, "policy_reload", f"policy reload rejected, keeping the last good policy: {err}",
+                  logging.ERROR, policy=str(self.path), outcome="rejected", reason=reason)
+            self._record(outcome="refused", reason=reason)
             return False
         old, self.state.live = self.state.live, live
-        log.info("policy reloaded from %s", self.path)
         self.state.metrics.policy_reloads.labels("ok").inc()
-        self._record(outcome="accepted", changes=diff(old.loaded.policy, live.loaded.policy)[:200])
+        publish_metrics(self.state)
+        changes = diff(old.loaded.policy, live.loaded.policy)[:200]
+        event(log, "policy_reload", f"policy reloaded from {self.path} ({len(changes)} change(s))",
+              policy=str(self.path), outcome="accepted", changes=changes)
+        self._record(outcome="accepted", changes=changes)
         self._retired.append((time.monotonic(), old.engine))  # in-flight queries may still use it
         return True

@@ -313,6 +313,27 @@ def project_budgets(ledger: Ledger, policy: Policy, identity: Identity, dataset:
     return list(found.values())
 
 
+def configured_budgets(ledger: Ledger, policy: Policy, now: datetime) -> list[tuple[str, str, BudgetState]]:
+    """Every configured project's budget on every population it may use: (population, project, state).
+
+    A budget rule names projects by pattern, so "configured" means: each project a rule names
+    literally (no ``*``, ``?`` or ``[``) and each project with a charge in the ledger, on each
+    population where some rule grants it a budget. A pattern's other projects appear once they spend.
+    """
+    literal = {r.project for r in policy.budgets if not any(c in r.project for c in "*?[")}
+    found = []
+    for project in sorted(literal | set(ledger.projects())):
+        seen: set[str] = set()
+        for name, dataset in policy.datasets.items():
+            rule = policy.budget_rule(project, name)
+            if rule is None or dataset.population_name in seen:
+                continue
+            seen.add(dataset.population_name)
+            scope = budget_scopes(policy, project, name, rule, now)[0]
+            found.append((dataset.population_name, project, ledger.state(scope)))
+    return found
+
+
 def legacy_scopes(policy: Policy) -> Callable[[str, int], tuple[str, int, int | None] | None]:
     """How a 0.1.x ledger's spend rows map to population scopes and absolute windows under ``policy``.
 

@@ -25,11 +25,13 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import grpc
+from grpc_health.v1.health import HealthServicer
 
 from .. import _mechanisms as mechanisms
+from .._logging import event
 from .._proto.gateway.v1 import gateway_pb2 as pb
 from .._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
-from .._server import make_server, target_of
+from .._server import drain_then_stop, make_server, target_of
 from .._transport import Tls
 from ..audit import AuditLog
 from ..auth import Identity, Verifier, authorization_header
@@ -40,7 +42,7 @@ from ..metrics import SiteMetrics
 from ..proof import ProofCarrier, ProofChecker, check_possession
 from ._datasets import dataset_to_wire
 from ._rejections import RejectionCounter
-from ._reload import Live, PolicyWatcher, load_live
+from ._reload import Live, PolicyWatcher, load_live, publish_metrics
 from ._statedir import StateDir, hold_state_dir, readable_ledger
 from .pipeline import Answered, Pipeline, legacy_scopes, project_budgets, usable_datasets
 
@@ -126,8 +128,11 @@ class SiteService(pb_grpc.GatewayServicer):
                 self.state.audit.append(record)
             except AuditUnavailable as err:  # no answer leaves without its record
                 self._count(response.dataset, err.outcome, started)
+                record.update(outcome=err.outcome, status=err.code.name, reason=err.message[:300])
+                _log_query(record, started)
                 context.abort_with_status(err.to_status())
         self._count(response.dataset, outcome, started)
+        _log_query(record, started)
         return response
 
     def _unidentified(self, context: grpc.ServicerContext, err: GatewayError, started: float) -> NoReturn:
@@ -150,6 +155,7 @@ class SiteService(pb_grpc.GatewayServicer):
             except AuditUnavailable:
                 log.error("the audit record of an internal error could not be written")
             self._count(dataset, "error", started)
+            _log_query(record, started)
             context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
             raise InternalBug("abort returned")
         record.update(outcome=err.outcome, status=err.code.name, reason=err.message[:300])
@@ -158,7 +164,9 @@ class SiteService(pb_grpc.GatewayServicer):
                 self.state.audit.append(record)
             except AuditUnavailable as unwritten:
                 err = unwritten
+                record.update(outcome=err.outcome, status=err.code.name, reason=err.message[:300])
         self._count(dataset, err.outcome, started)
+        _log_query(record, started)
         context.abort_with_status(err.to_status())
         raise InternalBug("abort returned")
 
@@ -196,6 +204,20 @@ class SiteService(pb_grpc.GatewayServicer):
         except AuditUnavailable:
             log.warning("audit log closed: %d rejection(s) without credentials not recorded",
                         record["unauthenticated_rejections"])
+
+
+_LOGGED = ("outcome", "dataset", "project", "subject", "role", "query_id", "dry_run", "epsilon_charged", "status",
+           "reason", "canonical_hash")
+
+
+def _log_query(record: dict[str, object], started: float) -> None:
+    """The ``query`` event: accepted or refused and why (what the audit records, less the canonical query)."""
+    outcome = str(record.get("outcome"))
+    accepted = outcome in ("ok", "cached", "dry_run")
+    level = logging.INFO if accepted or outcome not in ("unavailable", "error") else logging.WARNING
+    fields = {k: record[k] for k in _LOGGED if k in record}
+    event(log, "query", f"query {'accepted' if accepted else 'refused'}: {outcome}", level,
+          accepted=accepted, duration_ms=round((time.perf_counter() - started) * 1000, 1), **fields)
 
 
 def _guarded(context: grpc.ServicerContext, call: Callable[[], T]) -> T:
@@ -253,18 +275,24 @@ class RunningSite:
     host: str = "127.0.0.1"
     held: StateDir | None = None
     workers: futures.Executor | None = None
+    health: HealthServicer | None = None
 
     @property
     def target(self) -> str:
         """Where clients reach it: ``HOST:PORT`` (IPv6 hosts in brackets)."""
         return target_of(self.host, self.port)
 
-    def stop(self, grace: float = 5.0) -> None:
-        """Stop serving (in-flight calls get ``grace`` seconds), then close ledger, audit and engine. Idempotent."""
+    def stop(self, grace: float = 5.0, drain: float = 0.0) -> None:
+        """Stop serving, then close ledger, audit and engine. Idempotent.
+
+        Health turns NOT_SERVING first; the site keeps answering for ``drain`` seconds (probes and
+        load balancers see it and move traffic away), then refuses new calls and gives those in
+        flight ``grace`` seconds.
+        """
         if self.watcher.stopped.is_set():
             return
         self.watcher.stopped.set()
-        self.server.stop(grace).wait()
+        drain_then_stop(self.server, self.health, drain, grace)
         if self.workers is not None:
             self.workers.shutdown(wait=False)
         self.watcher.close_retired()
@@ -307,8 +335,9 @@ def build_site_server(options: SiteOptions, metrics: SiteMetrics | None = None,
     state = SiteState(live=live, ledger=ledger, audit=audit, metrics=metrics or SiteMetrics(),
                       verifier=options.verifier, state_dir=options.state_dir, noise=noise or mechanisms.Noise(),
                       allowed_peers=options.allowed_peers, rejections=RejectionCounter(options.rejection_interval))
-    server, port, _health, workers = make_server(SiteService(state), options.host, options.port, options.tls)
+    publish_metrics(state)  # before the first call: a scrape right after a restart sees every budget
+    server, port, health, workers = make_server(SiteService(state), options.host, options.port, options.tls)
     watcher = PolicyWatcher(state, options.policy, options.reload_interval)
     watcher.start()
-    log.info("site %s serving on %s:%s", live.loaded.policy.site, options.host, port)
-    return RunningSite(server, port, state, watcher, options.host, held, workers)
+    log.debug("site %s serving on %s:%s", live.loaded.policy.site, options.host, port)
+    return RunningSite(server, port, state, watcher, options.host, held, workers, health)

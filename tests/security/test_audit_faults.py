@@ -89,6 +89,12 @@ def test_refusals_and_stored_answers_are_unavailable_while_their_record_cannot_b
                 with pytest.raises(Unavailable):
                     call()
         assert spent(c) == 0.5
+        counted = site.state.metrics.registry.get_sample_value
+        # a full disk is its own outcome (its own alert), never an internal error
+        assert counted("gateway_queries_total", {"dataset": "patients", "outcome": "unavailable"}) == 2
+        assert counted("gateway_queries_total", {"dataset": "_unknown", "outcome": "unavailable"}) == 1
+        assert not any(counted("gateway_queries_total", {"dataset": d, "outcome": "error"}) for d in
+                       ("patients", "_unknown"))
         with pytest.raises(InvalidQuery):  # the disk is back: refusals are themselves again
             c.query("SELECT count(*) FROM patients WHERE x = 1")
     site.stop()
