@@ -29,7 +29,7 @@ from ._proto.gateway.v1 import gateway_pb2 as pb
 from ._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from ._transport import Tls, open_aio_channel
 from .proof import ProofKey
-from .results import Dataset, QueryResult, SurvivalResult, budget_frame, dataset_from_wire
+from .results import Dataset, HistoryResult, QueryResult, SurvivalResult, budget_frame, dataset_from_wire
 
 __all__ = ["Client"]
 
@@ -71,6 +71,10 @@ class Client:
     async def budget(self, dataset: str = "") -> pl.DataFrame:
         """The caller's budget per population (see :meth:`gateway.client.Client.budget`)."""
         return budget_frame(await self._call(self._stub.GetBudget, pb.GetBudgetRequest(dataset=dataset)))
+
+    async def history(self, limit: int = 50) -> HistoryResult:
+        """The project's own past answers, newest first (see :meth:`gateway.client.Client.history`)."""
+        return HistoryResult(await self._call(self._stub.History, pb.HistoryRequest(limit=limit)))
 
     async def query(self, sql: str | None = None, *, structured: StructuredSpec | None = None,
                     template: str | None = None, params: Mapping[str, Any] | None = None, epsilon: float = 0.0,

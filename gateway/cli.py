@@ -152,6 +152,12 @@ def _parser() -> argparse.ArgumentParser:
     budget.add_argument("--json", action="store_true")
     budget.set_defaults(run=_budget)
 
+    history = sub.add_parser("history", help="your project's past answers, newest first, with what each cost")
+    _target_args(history)
+    history.add_argument("--limit", type=int, default=20, help="at most this many per site (default: 20)")
+    history.add_argument("--json", action="store_true", help="the entries and their answers as JSON")
+    history.set_defaults(run=_history)
+
     policy = sub.add_parser("policy", help="policy files").add_subparsers(required=True, metavar="ACTION")
     check = policy.add_parser("check", help="validate policy files (every error, then warnings, in line order)")
     check.add_argument("files", type=Path, nargs="+")
@@ -530,6 +536,28 @@ def _rfc3339(value: Any) -> str:
     if not isinstance(value, datetime):
         raise TypeError(f"cannot write {type(value).__name__} as JSON")
     return value.isoformat().replace("+00:00", "Z")
+
+
+def _history(args: argparse.Namespace) -> int:
+    from .render import query_json
+
+    with _client(args) as client:
+        past = client.history(args.limit)
+    entries = past.response.entries
+    if args.json:
+        print(json.dumps([{"site": e.site, "at": e.at, "query_id": e.query_id, "dataset": e.dataset,
+                           "epsilon_charged": e.epsilon_charged, "canonical_query": e.canonical_query,
+                           "answer": query_json(e.answer)} for e in entries], indent=2))
+        return 0
+    if not entries:
+        print("no answers yet")
+    for e in entries:
+        query = json.loads(e.canonical_query) if e.canonical_query else {}
+        what = ", ".join(query.get("aggregates", [])) + (f" by {', '.join(query['group_by'])}"
+                                                          if query.get("group_by") else "")
+        print(f"{e.at}  {e.site:<10} epsilon {e.epsilon_charged:<6g} {e.dataset}: {what}  [{e.query_id}]")
+    print(f"{len(entries)} answer(s), epsilon {sum(e.epsilon_charged for e in entries):g} in all")
+    return 0
 
 
 def _policy_check(args: argparse.Namespace) -> int:

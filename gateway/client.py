@@ -49,7 +49,16 @@ from ._proto.gateway.v1 import gateway_pb2 as pb
 from ._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from ._transport import Tls, open_channel
 from .proof import ProofKey
-from .results import Column, Dataset, QueryResult, SurvivalResult, Template, budget_frame, dataset_from_wire
+from .results import (
+    Column,
+    Dataset,
+    HistoryResult,
+    QueryResult,
+    SurvivalResult,
+    Template,
+    budget_frame,
+    dataset_from_wire,
+)
 
 __all__ = ["Client", "Column", "Dataset", "QueryResult", "StructuredSpec", "SurvivalResult", "Template", "Tls",
            "structured_message"]
@@ -99,6 +108,14 @@ class Client:
         never).
         """
         return budget_frame(self._call(self._stub.GetBudget, pb.GetBudgetRequest(dataset=dataset)))
+
+    def history(self, limit: int = 50) -> HistoryResult:
+        """The project's own past answers, newest first, with when, what and what each cost.
+
+        Per site, through a broker: ``.frame`` (site, at, query_id, dataset, epsilon_charged,
+        canonical_query) and ``.results`` (each answer as it was released, by site and query id).
+        """
+        return HistoryResult(self._call(self._stub.History, pb.HistoryRequest(limit=limit)))
 
     def query(self, sql: str | None = None, *, structured: StructuredSpec | None = None,
               template: str | None = None, params: Mapping[str, Any] | None = None, epsilon: float = 0.0,

@@ -137,6 +137,10 @@ class Ledger(Protocol):
         """Every project with a charge that still counts, sorted."""
         ...
 
+    def history(self, project: str, limit: int) -> list[tuple[str, float, Fraction, bytes]]:
+        """The project's newest released answers: (query_id, when, epsilon, answer), newest first."""
+        ...
+
     def close(self) -> None:
         """Finish pending writes and release the store."""
         ...
@@ -418,6 +422,14 @@ class SqliteLedger:
             rows = self._conn().execute(
                 "SELECT DISTINCT project FROM charges WHERE status != 'refunded' ORDER BY project").fetchall()
         return [str(r[0]) for r in rows]
+
+    def history(self, project: str, limit: int) -> list[tuple[str, float, Fraction, bytes]]:
+        """The project's newest released answers: (query_id, when, epsilon, answer), newest first."""
+        with _storage(self.path):
+            rows = self._conn().execute(
+                "SELECT query_id, created, epsilon, answer FROM charges WHERE project = ? AND status = 'released'"
+                " AND answer IS NOT NULL ORDER BY id DESC LIMIT ?", (project, limit)).fetchall()
+        return [(str(q), float(t), Fraction(e), bytes(a)) for q, t, e, a in rows]
 
     def total_spent(self) -> Fraction:
         """Sum of every charge that still counts (for audits and tests)."""

@@ -354,3 +354,36 @@ def _key_schema(response: pb.QueryResponse) -> dict[str, Any]:
 
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
+
+
+class HistoryResult:
+    """A project's past answers (``Client.history``): a frame, and each answer as it was released."""
+
+    def __init__(self, response: pb.HistoryResponse) -> None:
+        self.response = response
+
+    @property
+    def frame(self) -> pl.DataFrame:
+        """One row per answer, newest first.
+
+        Columns: site, at (UTC datetime), query_id, dataset, epsilon_charged, canonical_query.
+        """
+        return pl.DataFrame(
+            [{"site": e.site, "at": _utc(e.at), "query_id": e.query_id, "dataset": e.dataset,
+              "epsilon_charged": e.epsilon_charged, "canonical_query": e.canonical_query}
+             for e in self.response.entries],
+            schema={"site": pl.Utf8, "at": pl.Datetime("us", "UTC"), "query_id": pl.Utf8, "dataset": pl.Utf8,
+                    "epsilon_charged": pl.Float64, "canonical_query": pl.Utf8})
+
+    @property
+    def results(self) -> dict[tuple[str, str], QueryResult]:
+        """Each answer as it was released, by (site, query_id)."""
+        return {(e.site, e.query_id): QueryResult(e.answer) for e in self.response.entries}
+
+    def __repr__(self) -> str:
+        spent = sum(e.epsilon_charged for e in self.response.entries)
+        return f"<HistoryResult: {len(self.response.entries)} answer(s), epsilon {spent:g} in all>\n{self.frame}"
+
+
+def _utc(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))

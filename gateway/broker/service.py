@@ -142,6 +142,17 @@ class BrokerService(pb_grpc.GatewayServicer):
                 budgets.append(b)
         return pb.GetBudgetResponse(budgets=budgets, served_by=self.config.name)
 
+    def History(self, request: pb.HistoryRequest, context: grpc.ServicerContext) -> pb.HistoryResponse:
+        """Each site's history of the caller's project, merged newest first (at most ``limit`` per site)."""
+        outcomes = self._fan("History", request, context, self._all_sites(request, context))
+        entries = []
+        for outcome in self._answered_or_abort(outcomes, context):
+            for entry in outcome.response.entries:
+                entry.site = outcome.site  # the name the broker knows the site by, as in `sites`
+                entries.append(entry)
+        entries.sort(key=lambda e: e.at, reverse=True)
+        return pb.HistoryResponse(entries=entries, served_by=self.config.name)
+
     def Query(self, request: pb.QueryRequest, context: grpc.ServicerContext) -> pb.QueryResponse:
         started = time.perf_counter()
         response: pb.QueryResponse | None = None

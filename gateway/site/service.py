@@ -33,9 +33,9 @@ from .._proto.gateway.v1 import gateway_pb2 as pb
 from .._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from .._server import drain_then_stop, make_server, target_of
 from .._transport import Tls
-from ..audit import AuditLog
+from ..audit import AuditLog, iso_time
 from ..auth import Identity, Verifier, authorization_header
-from ..errors import INTERNAL_MESSAGE, AuditUnavailable, GatewayError, InternalBug, PermissionDenied
+from ..errors import INTERNAL_MESSAGE, AuditUnavailable, GatewayError, InternalBug, InvalidQuery, PermissionDenied
 from ..ledger import VERSION as LEDGER_VERSION
 from ..ledger import Ledger, SqliteLedger, anchored_records
 from ..metrics import SiteMetrics
@@ -47,6 +47,7 @@ from ._statedir import StateDir, hold_state_dir, readable_ledger
 from .pipeline import Answered, Pipeline, legacy_scopes, project_budgets, usable_datasets
 
 log = logging.getLogger("gateway.site")
+MAX_HISTORY = 1000
 T = TypeVar("T")
 
 
@@ -87,6 +88,22 @@ class SiteService(pb_grpc.GatewayServicer):
 
     def GetBudget(self, request: pb.GetBudgetRequest, context: grpc.ServicerContext) -> pb.GetBudgetResponse:
         return _guarded(context, lambda: self._get_budget(request, context))
+
+    def History(self, request: pb.HistoryRequest, context: grpc.ServicerContext) -> pb.HistoryResponse:
+        return _guarded(context, lambda: self._history(request, context))
+
+    def _history(self, request: pb.HistoryRequest, context: grpc.ServicerContext) -> pb.HistoryResponse:
+        """The caller's project's own released answers, newest first (never another project's)."""
+        identity = self._identify(context, request)
+        site = self.state.live.loaded.policy.site
+        entries = []
+        for query_id, when, epsilon, stored in self.state.ledger.history(identity.project, history_limit(request)):
+            answer = pb.QueryResponse.FromString(stored)
+            answer.query_id = query_id
+            entries.append(pb.HistoryEntry(query_id=query_id, at=iso_time(when), epsilon_charged=float(epsilon),
+                                           dataset=answer.dataset, canonical_query=answer.canonical_query,
+                                           answer=answer, site=site))
+        return pb.HistoryResponse(entries=entries, served_by=site)
 
     def _get_budget(self, request: pb.GetBudgetRequest, context: grpc.ServicerContext) -> pb.GetBudgetResponse:
         identity = self._identify(context, request)
@@ -218,6 +235,14 @@ def _log_query(record: dict[str, object], started: float) -> None:
     fields = {k: record[k] for k in _LOGGED if k in record}
     event(log, "query", f"query {'accepted' if accepted else 'refused'}: {outcome}", level,
           accepted=accepted, duration_ms=round((time.perf_counter() - started) * 1000, 1), **fields)
+
+
+def history_limit(request: pb.HistoryRequest) -> int:
+    """How many entries a History call asks for: 50 by default, at most 1000."""
+    if request.limit > MAX_HISTORY:
+        raise InvalidQuery(f"limit {request.limit} is more than the {MAX_HISTORY} entries History returns at once",
+                           "limit")
+    return request.limit or 50
 
 
 def _guarded(context: grpc.ServicerContext, call: Callable[[], T]) -> T:

@@ -410,3 +410,44 @@ class GetBudgetResponse(_message.Message):
     budgets: _containers.RepeatedCompositeFieldContainer[Budget]
     served_by: str
     def __init__(self, budgets: _Optional[_Iterable[_Union[Budget, _Mapping]]] = ..., served_by: _Optional[str] = ...) -> None: ...
+
+class HistoryRequest(_message.Message):
+    __slots__ = ("limit", "proofs")
+    class ProofsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PROOFS_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    proofs: _containers.ScalarMap[str, str]
+    def __init__(self, limit: _Optional[int] = ..., proofs: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class HistoryEntry(_message.Message):
+    __slots__ = ("query_id", "at", "epsilon_charged", "dataset", "canonical_query", "answer", "site")
+    QUERY_ID_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_CHARGED_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    CANONICAL_QUERY_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    query_id: str
+    at: str
+    epsilon_charged: float
+    dataset: str
+    canonical_query: str
+    answer: QueryResponse
+    site: str
+    def __init__(self, query_id: _Optional[str] = ..., at: _Optional[str] = ..., epsilon_charged: _Optional[float] = ..., dataset: _Optional[str] = ..., canonical_query: _Optional[str] = ..., answer: _Optional[_Union[QueryResponse, _Mapping]] = ..., site: _Optional[str] = ...) -> None: ...
+
+class HistoryResponse(_message.Message):
+    __slots__ = ("entries", "served_by")
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    SERVED_BY_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[HistoryEntry]
+    served_by: str
+    def __init__(self, entries: _Optional[_Iterable[_Union[HistoryEntry, _Mapping]]] = ..., served_by: _Optional[str] = ...) -> None: ...

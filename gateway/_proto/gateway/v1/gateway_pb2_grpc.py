@@ -50,6 +50,11 @@ class GatewayStub:
                 request_serializer=gateway_dot_v1_dot_gateway__pb2.GetBudgetRequest.SerializeToString,
                 response_deserializer=gateway_dot_v1_dot_gateway__pb2.GetBudgetResponse.FromString,
                 _registered_method=True)
+        self.History = channel.unary_unary(
+                '/gateway.v1.Gateway/History',
+                request_serializer=gateway_dot_v1_dot_gateway__pb2.HistoryRequest.SerializeToString,
+                response_deserializer=gateway_dot_v1_dot_gateway__pb2.HistoryResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -76,6 +81,13 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def History(self, request, context):
+        """The caller's project's own past answers, newest first: when, what, what it cost, the answer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +105,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.GetBudget,
                     request_deserializer=gateway_dot_v1_dot_gateway__pb2.GetBudgetRequest.FromString,
                     response_serializer=gateway_dot_v1_dot_gateway__pb2.GetBudgetResponse.SerializeToString,
+            ),
+            'History': grpc.unary_unary_rpc_method_handler(
+                    servicer.History,
+                    request_deserializer=gateway_dot_v1_dot_gateway__pb2.HistoryRequest.FromString,
+                    response_serializer=gateway_dot_v1_dot_gateway__pb2.HistoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +193,33 @@ class Gateway:
             '/gateway.v1.Gateway/GetBudget',
             gateway_dot_v1_dot_gateway__pb2.GetBudgetRequest.SerializeToString,
             gateway_dot_v1_dot_gateway__pb2.GetBudgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def History(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gateway.v1.Gateway/History',
+            gateway_dot_v1_dot_gateway__pb2.HistoryRequest.SerializeToString,
+            gateway_dot_v1_dot_gateway__pb2.HistoryResponse.FromString,
             options,
             channel_credentials,
             insecure,
