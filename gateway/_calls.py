@@ -11,10 +11,13 @@ refuses the answer when the caller required every site. Only the sending differs
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import uuid
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -156,3 +159,72 @@ def _filter_message(column: str, op: str, value: Any) -> pb.Filter:
         return pb.Filter(column=column, op=op, cohort=cohort)
     values = value if isinstance(value, list | tuple) else [value]
     return pb.Filter(column=column, op=op, values=[to_value(v) for v in values])
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a query would cost and buy (``Client.plan``): nothing is charged to find out.
+
+    ``epsilon``: the privacy loss priced; ``half_widths``: each aggregate's 95% half-width at that
+    epsilon (None where it depends on the answer, as a mean's does), the widest over groups;
+    ``remaining``: the budget left on the dataset's population; ``queries``: how many such queries
+    it pays for; ``feasible``: False when the target half-width needs more than the per-query maximum.
+    """
+
+    epsilon: float
+    half_widths: dict[str, float | None]
+    remaining: float
+    queries: int
+    feasible: bool = True
+
+
+def plan_from(response: pb.QueryResponse, feasible: bool = True) -> Plan:
+    """A :class:`Plan` from a dry run's answer."""
+    widths: dict[str, float | None] = {}
+    for row in response.rows:
+        for e in row.estimates:
+            known = None if math.isnan(e.ci_half_width) else e.ci_half_width
+            previous = widths.get(e.aggregate)
+            widths[e.aggregate] = known if previous is None and e.aggregate not in widths else (
+                None if known is None or previous is None else max(previous, known))
+    epsilon = response.epsilon_charged
+    queries = math.floor(response.budget_remaining / epsilon + 1e-9) if epsilon > 0 else 0
+    return Plan(epsilon, widths, response.budget_remaining, queries, feasible)
+
+
+def widest(plan: Plan) -> float | None:
+    """The widest known half-width of a plan (None when none is known ahead)."""
+    known = [w for w in plan.half_widths.values() if w is not None]
+    return max(known) if known else None
+
+
+def epsilon_search(target: float, max_epsilon: float, min_epsilon: float = 0.001) -> Generator[float, Plan, Plan]:
+    """The smallest epsilon (3 significant digits, rounded up) whose widest known half-width is ``target`` or less.
+
+    A generator: it yields the epsilons to price and is sent their plans (the sync and asyncio
+    clients drive it with their own dry runs).
+    """
+    best = yield max_epsilon
+    if widest(best) is None:
+        raise ValueError("no aggregate of this query has an accuracy known before it runs (a mean's depends on "
+                         "the answer): plan it by epsilon instead")
+    if (widest(best) or 0.0) > target:
+        return dataclasses.replace(best, feasible=False)
+    low, high = min_epsilon, max_epsilon
+    for _ in range(40):
+        middle = _up3(math.sqrt(low * high))
+        if middle >= high or middle <= low:
+            break
+        plan = yield middle
+        if (widest(plan) or 0.0) <= target:
+            high, best = middle, plan
+        else:
+            low = middle
+    return best
+
+
+def _up3(value: float) -> float:
+    """``value`` rounded up to 3 significant digits."""
+    digits = 2 - math.floor(math.log10(value))
+    scale = 10.0 ** digits
+    return float(math.ceil(value * scale) / scale)

@@ -19,12 +19,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 import polars as pl
 
-from ._calls import Caller, StructuredSpec, finish, query_request, survival_spec
+from ._calls import Caller, Plan, StructuredSpec, epsilon_search, finish, plan_from, query_request, survival_spec
 from ._proto.gateway.v1 import gateway_pb2 as pb
 from ._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from ._transport import Tls, open_aio_channel
@@ -71,6 +71,32 @@ class Client:
     async def budget(self, dataset: str = "") -> pl.DataFrame:
         """The caller's budget per population (see :meth:`gateway.client.Client.budget`)."""
         return budget_frame(await self._call(self._stub.GetBudget, pb.GetBudgetRequest(dataset=dataset)))
+
+    async def plan(self, sql: str | None = None, *, structured: StructuredSpec | None = None,
+                   template: str | None = None, params: Mapping[str, Any] | None = None,
+                   epsilon: float | None = None, half_width: float | None = None) -> Plan:
+        """What a query would buy and cost, charging nothing (see :meth:`gateway.client.Client.plan`)."""
+        if (epsilon is None) == (half_width is None):
+            raise ValueError("give epsilon (what does it buy?) or half_width (what does it cost?)")
+        if half_width is not None and not half_width > 0:
+            raise ValueError("half_width must be positive")
+
+        async def price(eps: float) -> pb.QueryResponse:
+            request = query_request(sql, structured, template, params, eps, True, None, ())
+            answer: pb.QueryResponse = await self._call(self._stub.Query, request)
+            return answer
+
+        if epsilon is not None:
+            return plan_from(await price(epsilon))
+        first = await price(0.0)
+        limits = {d.name: d.epsilon_max for d in await self.datasets()}
+        search = epsilon_search(half_width or 0.0, limits.get(first.dataset, first.epsilon_charged))
+        try:
+            eps = next(search)
+            while True:
+                eps = search.send(plan_from(await price(eps)))
+        except StopIteration as done:
+            return cast(Plan, done.value)
 
     async def history(self, limit: int = 50) -> HistoryResult:
         """The project's own past answers, newest first (see :meth:`gateway.client.Client.history`)."""

@@ -39,12 +39,22 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 import polars as pl
 
-from ._calls import Caller, StructuredSpec, finish, query_request, structured_message, survival_spec
+from ._calls import (
+    Caller,
+    Plan,
+    StructuredSpec,
+    epsilon_search,
+    finish,
+    plan_from,
+    query_request,
+    structured_message,
+    survival_spec,
+)
 from ._proto.gateway.v1 import gateway_pb2 as pb
 from ._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from ._transport import Tls, open_channel
@@ -132,6 +142,37 @@ class Client:
         """
         request = query_request(sql, structured, template, params, epsilon, dry_run, query_id, sites)
         return finish(self._call(self._stub.Query, request), self._require(require_all_sites))
+
+    def plan(self, sql: str | None = None, *, structured: StructuredSpec | None = None, template: str | None = None,
+             params: Mapping[str, Any] | None = None, epsilon: float | None = None,
+             half_width: float | None = None) -> Plan:
+        """What a query would buy and cost, charging nothing (dry runs).
+
+        With ``epsilon``: the 95% half-width each aggregate would have. With ``half_width``: the
+        smallest epsilon at which every aggregate whose accuracy is known ahead (counts, sums) is
+        that precise. Either way, how many such queries the remaining budget pays for.
+        """
+        if (epsilon is None) == (half_width is None):
+            raise ValueError("give epsilon (what does it buy?) or half_width (what does it cost?)")
+        if half_width is not None and not half_width > 0:
+            raise ValueError("half_width must be positive")
+
+        def price(eps: float) -> pb.QueryResponse:
+            request = query_request(sql, structured, template, params, eps, True, None, ())
+            answer: pb.QueryResponse = self._call(self._stub.Query, request)
+            return answer
+
+        if epsilon is not None:
+            return plan_from(price(epsilon))
+        first = price(0.0)  # the policy's default: which dataset, and its per-query maximum
+        limits = {d.name: d.epsilon_max for d in self.datasets()}
+        search = epsilon_search(half_width or 0.0, limits.get(first.dataset, first.epsilon_charged))
+        try:
+            eps = next(search)
+            while True:
+                eps = search.send(plan_from(price(eps)))
+        except StopIteration as done:
+            return cast(Plan, done.value)
 
     def survival(self, dataset: str, *, time: str, event: str, by: str | Sequence[str] | None = None,
                  epsilon: float = 0.0, filters: Sequence[tuple[str, str, Any]] = (), dry_run: bool = False,
