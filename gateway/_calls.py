@@ -47,8 +47,9 @@ class Caller:
                  sign_for: Sequence[str]) -> None:
         self.token, self.retries = token, retries
         self.proof_key = load_proof_key(proof_key) if token else None
-        # names the proofs are addressed to: given (saves the first call's round trip), or learned
+        # names the proofs are addressed to: given (pinned: never widened by a server's answer), or learned
         self.sites: set[str] = set(sign_for)
+        self.pinned = bool(sign_for)
 
     @property
     def metadata(self) -> list[tuple[str, str]]:
@@ -56,16 +57,25 @@ class Caller:
         return [("authorization", f"Bearer {self.token}")] if self.token else []
 
     def sign(self, request: Any) -> None:
-        """Attach a fresh proof per site to ``request`` (each proof is used once: one per attempt)."""
+        """Attach a fresh proof per site to ``request`` (each proof is used once: one per attempt).
+
+        A request that names its sites gets proofs for those only: a broker never holds a proof for
+        a site the caller left out.
+        """
         if self.proof_key is not None and self.token:
-            self.proof_key.attach(request, self.token, sorted(self.sites) or [ANY_SERVER])
+            chosen = set(getattr(request, "sites", ()) or ())
+            names = sorted(self.sites & chosen if chosen else self.sites)
+            self.proof_key.attach(request, self.token, names or [ANY_SERVER])
 
     def after(self, err: grpc.RpcError, attempt: int, learned: bool) -> tuple[float | None, bool, GatewayError |
                                                                                 GatewayBug]:
         """After a failed attempt: (seconds to wait before calling again, or None to raise; learned; the error)."""
         error = error_from_rpc(err)
-        if isinstance(error, ProofRequired) and not learned and not set(error.sites) <= self.sites:
-            self.sites |= set(error.sites)  # the target told us whom to sign for: once per call
+        if (isinstance(error, ProofRequired) and not learned and not self.pinned
+                and not set(error.sites) <= self.sites):
+            # the target told us whom to sign for (once per call). A target the caller does not trust
+            # could name another site: pass sign_for to fix the names (see docs/threat-model.md)
+            self.sites |= set(error.sites)
             return 0.0, True, error
         if isinstance(error, Unavailable) and attempt < self.retries:
             return 0.2 * 2 ** attempt, learned, error

@@ -35,7 +35,7 @@ import os
 import secrets
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -173,9 +173,10 @@ class ProofKey:
 class ProofChecker:
     """Checks proofs: signature, binding to the token and the request, age, and (at a site) replays."""
 
-    def __init__(self, max_age: int = MAX_AGE, cache_limit: int = 200_000) -> None:
-        self.max_age, self.cache_limit = max_age, cache_limit
-        self._seen: OrderedDict[str, float] = OrderedDict()  # jti -> when it may be forgotten
+    def __init__(self, max_age: int = MAX_AGE, cache_limit: int = 200_000, per_key_limit: int = 20_000) -> None:
+        self.max_age, self.cache_limit, self.per_key_limit = max_age, cache_limit, per_key_limit
+        self._seen: OrderedDict[str, tuple[float, str]] = OrderedDict()  # jti -> (when it may go, key)
+        self._per_key: Counter[str] = Counter()  # proofs remembered per key: one caller cannot fill the cache
         self._lock = threading.Lock()
 
     def check(self, proof: str, request: Message, ath: str, jkt: str | None, site: str | None,
@@ -215,7 +216,7 @@ class ProofChecker:
             raise Unauthenticated(f"proof of possession rejected: the proof {'; '.join(problems)}")
         assert isinstance(iat, int) and isinstance(jti, str)
         if site is not None:
-            self._remember(jti, iat + self.max_age + FUTURE_LEEWAY, now)
+            self._remember(jti, iat + self.max_age + FUTURE_LEEWAY, now, jkt)
 
     def _verified_claims(self, proof: str, jkt: str) -> dict[str, Any]:
         if len(proof) > MAX_PROOF_LENGTH:
@@ -240,16 +241,23 @@ class ProofChecker:
             raise Unauthenticated(f"proof of possession rejected: {_plain(err)}") from None
         return claims
 
-    def _remember(self, jti: str, forget_at: float, now: float) -> None:
+    def _remember(self, jti: str, forget_at: float, now: float, key: str) -> None:
         with self._lock:
-            while self._seen and next(iter(self._seen.values())) < now:
-                self._seen.popitem(last=False)
+            while self._seen and next(iter(self._seen.values()))[0] < now:
+                _, (_, old_key) = self._seen.popitem(last=False)
+                self._per_key[old_key] -= 1
+                if not self._per_key[old_key]:
+                    del self._per_key[old_key]
             if jti in self._seen:
                 raise Unauthenticated("proof of possession rejected: this proof was already used "
                                       "(sign a fresh one per call)")
+            if self._per_key[key] >= self.per_key_limit:
+                raise Unavailable(f"more than {self.per_key_limit} calls with this key in {self.max_age} s; slow down "
+                                  "and retry shortly")
             if len(self._seen) >= self.cache_limit:
                 raise Unavailable("too many calls in flight to check for replays; retry shortly")
-            self._seen[jti] = forget_at  # iat + a constant: entries arrive nearly in expiry order
+            self._seen[jti] = (forget_at, key)  # iat + a constant: entries arrive nearly in expiry order
+            self._per_key[key] += 1
 
 
 class ProofCarrier(Protocol):

@@ -139,3 +139,25 @@ def test_the_structured_cohort_message_is_checked(start_site, stub_for, token) -
         stub_for(site).Query(signed(request, bearer, ["north"]), metadata=[("authorization", f"Bearer {bearer}")],
                              timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "another cohort" in err.value.details()
+
+
+def test_a_cohort_cannot_read_a_templates_only_dataset_with_free_sql(start_site, token, tmp_path, site_data) -> None:
+    policy = with_dataset(example_policy(), "treatments", templates_only=True)
+    site = start_site(policy=write_policy(tmp_path, site_data, policy=policy))
+    with Client(site.target, token=token(), retries=0) as c, \
+            pytest.raises(PolicyViolation, match="'treatments' may only be queried through approved templates"):
+        c.query(STAGE_III_IMMUNO, epsilon=0.5)
+    assert site.state.ledger.total_spent() == 0
+
+
+def test_a_cohort_keeps_to_its_datasets_epsilon_limits(start_site, token, tmp_path, site_data) -> None:
+    from fractions import Fraction
+
+    from gateway.policy import EpsilonLimits
+
+    policy = with_dataset(example_policy(), "treatments",
+                          epsilon=EpsilonLimits(default=Fraction(1, 10), max=Fraction(1, 5)))
+    site = start_site(policy=write_policy(tmp_path, site_data, policy=policy))
+    with Client(site.target, token=token(), retries=0) as c, pytest.raises(PolicyViolation, match="treatments"):
+        c.query(STAGE_III_IMMUNO, epsilon=0.5)
+    assert site.state.ledger.total_spent() == 0

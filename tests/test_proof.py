@@ -154,3 +154,16 @@ def test_keys_load_and_are_created_private(tmp_path):
     (tmp_path / "bad.pem").write_text("nope")
     with pytest.raises(ValueError, match="not a usable proof key"):
         ProofKey.load(tmp_path / "bad.pem")
+
+
+def test_one_key_cannot_fill_the_replay_cache_for_everyone(key):
+    checker = ProofChecker(per_key_limit=2)
+    now = time.time()
+    for _ in range(2):
+        _check(checker, key.sign("north", REQUEST, "tok", now=now), key, now=now)
+    with pytest.raises(Unavailable, match="calls with this key"):
+        _check(checker, key.sign("north", REQUEST, "tok", now=now), key, now=now)
+    other = ProofKey.generate()  # another caller is not held back
+    _check(checker, other.sign("north", REQUEST, "tok", now=now), other, now=now)
+    later = now + MAX_AGE + 60  # the first caller's proofs have aged out: it may call again
+    _check(checker, key.sign("north", REQUEST, "tok", now=later), key, now=later)

@@ -158,8 +158,13 @@ def _check_estimate(e: pb.Estimate, dry_run: bool) -> None:
     names, wanted = sorted(c.name for c in e.components), sorted(spec.name for spec in kind.components)
     if names != wanted:
         raise InvalidAnswer(f"it releases components {names}, not {wanted}")
+    _check_edges(e)
+    specs = {spec.name: spec for spec in kind.components}
     for c in e.components:
-        # a scalar, or a vector over a policy-declared grid (e.g. survival's events and censorings)
+        # a scalar, or a vector over the estimate's grid (survival's events and censorings: 2 x edges)
+        shape: list[int] = [2, len(e.edges)] if specs[c.name].sql == "survival_bins" else []
+        if list(c.shape) != shape:
+            raise InvalidAnswer(f"component {c.name} has the shape {list(c.shape)}, not {shape}")
         expected = math.prod(c.shape) if c.shape else 1
         if not 1 <= expected <= MAX_VECTOR or len(c.values) != expected:
             raise InvalidAnswer(f"component {c.name} has {len(c.values)} values for its shape {list(c.shape)}")
@@ -168,6 +173,13 @@ def _check_estimate(e: pb.Estimate, dry_run: bool) -> None:
         _number(f"component {c.name}'s std_error", c.std_error, nonnegative=True)
         _number(f"component {c.name}'s ci_half_width", c.ci_half_width, nonnegative=True)
     _check_vector(e)
+
+
+def _check_edges(e: pb.Estimate) -> None:
+    """A grid (survival's times): finite, strictly increasing, and of a size a policy can declare."""
+    if len(e.edges) > MAX_VECTOR // 2 or any(not _finite(x) for x in e.edges) or any(
+            b <= a for a, b in zip(e.edges, e.edges[1:], strict=False)):
+        raise InvalidAnswer(f"its grid ({len(e.edges)} edges) is not finite and strictly increasing")
 
 
 def _check_vector(e: pb.Estimate) -> None:

@@ -167,7 +167,7 @@ class BrokerService(pb_grpc.GatewayServicer):
         try:
             names = self._names(request.sites)
         except GatewayError:
-            names = self._names(())  # say which sites exist only to a caller who passes authentication
+            names = []  # unknown sites: said only to a caller who shows it holds the token's key
         self._authenticate(context, request, names)  # before the SQL is parsed or any site is named
         try:
             names = self._names(request.sites)
@@ -188,7 +188,13 @@ class BrokerService(pb_grpc.GatewayServicer):
         answered = [o for o in outcomes if o.response is not None]
         if len(answered) < min(self.config.min_sites, len(names)) or not answered:
             self._abort_missing(outcomes, context, len(answered))
-        response = pool([(o.site, o.response) for o in answered], self.config.name)
+        try:
+            response = pool([(o.site, o.response) for o in answered], self.config.name)
+        except (ValueError, ArithmeticError) as err:  # answers each well formed, yet not poolable together
+            log.warning("the sites' answers could not be pooled: %s", err)
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"the answers of {', '.join(o.site for o in answered)} could not be pooled together "
+                          f"({str(err)[:200]}); ask the network's operator")
         response.query_id = request.query_id
         response.names.update(output_names if output_names is not None else _agreed_names(answered))
         response.missing_sites.extend(pb.MissingSite(site=o.site, reason=o.reason, message=o.message)

@@ -176,11 +176,15 @@ def check(request: pb.QueryRequest, query: Query, identity: Identity, policy: Po
     That is: the templates-only rule, access, the epsilon limits, and the budgets it draws on.
     """
     dataset = policy.datasets[query.dataset]
-    if dataset.templates_only and request.WhichOneof("body") != "template":
-        raise PolicyViolation("body", f"dataset {query.dataset!r} may only be queried through approved "
-                                      f"templates; see ListDatasets for them")
+    cohorts = [f.cohort.dataset for f in query.filters if f.cohort is not None]
+    for name in (query.dataset, *cohorts):  # a cohort reads its dataset too: the same rules hold there
+        if policy.datasets[name].templates_only and request.WhichOneof("body") != "template":
+            raise PolicyViolation("body", f"dataset {name!r} may only be queried through approved "
+                                          f"templates; see ListDatasets for them")
     rule = access_rule(policy, identity, query.dataset)
     epsilon = requested_epsilon(request, policy, query.dataset)
+    for name in cohorts:
+        requested_epsilon(request, policy, name)  # within the cohort's dataset's limits as well
     scopes = budget_scopes(policy, identity.project, query.dataset, rule, now)
     return Checked(query, dataset, epsilon, scopes, query.canonical(epsilon), query.canonical_hash(epsilon))
 

@@ -97,6 +97,8 @@ CASES: dict[str, tuple[Callable[[pb.QueryResponse], None], str]] = {
                              "it releases components ['count', 'sum'], not ['count']"),
     "two values in a component": (lambda r: r.rows[0].estimates[0].components[0].values.append(1.0),
                                   "component count has 2 values for its shape []"),
+    "a vector shape on a scalar kind": (lambda r: r.rows[0].estimates[0].components[0].shape.append(1),
+                                        "component count has the shape [1], not []"),
     "an unknown kind": (_set("rows.0.estimates.0.function", "median"), "unknown aggregate kind 'median'"),
     "kinds that differ by row": (_set("rows.1.estimates.0.function", "sum"), "kinds differ from the first row's"),
     "a lost estimate": (lambda r: r.rows[1].estimates.pop(), "row 2: its estimates are ['count']"),

@@ -139,3 +139,59 @@ def test_a_proof_is_used_once_and_for_one_request(start_site, stub_for, token):
     assert changed.value.code() == grpc.StatusCode.UNAUTHENTICATED and "another request" in changed.value.details()
     assert _spent(site) == spent
     wait_for(lambda: [r["outcome"] for r in audit.tail(site.state.audit.path, 2)] == ["unauthenticated"] * 2)
+
+
+class NameFisher(pb_grpc.GatewayServicer):
+    """A hostile server posing as a site: it asks the client to sign for another site's name."""
+
+    def __init__(self, wanted: str) -> None:
+        self.wanted, self.received = wanted, []
+
+    def Query(self, request: pb.QueryRequest, context: grpc.ServicerContext) -> pb.QueryResponse:
+        from gateway.errors import ProofRequired
+
+        self.received.append(request)
+        context.abort_with_status(ProofRequired([self.wanted]).to_status())
+
+
+def test_a_client_that_knows_whom_it_calls_signs_for_no_one_else(token) -> None:
+    fisher = NameFisher("south")
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_GatewayServicer_to_server(fisher, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}", token=token(), retries=0, sign_for=["north"]) as c, \
+                pytest.raises(Exception, match="proof"):
+            c.query("SELECT count(*) FROM patients", epsilon=0.5)
+    finally:
+        server.stop(0)
+    assert fisher.received and all(set(r.proofs) == {"north"} for r in fisher.received)  # never a proof for south
+
+
+def test_a_request_naming_its_sites_carries_proofs_for_those_only(start_site, start_broker, token) -> None:
+    spy = Eavesdropper()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_GatewayServicer_to_server(spy, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+
+    class Evil:
+        target = f"127.0.0.1:{port}"
+
+    try:
+        broker = start_broker({"north": start_site(name="north"), "evil": Evil})  # type: ignore[dict-item]
+        with Client(broker.target, token=token(), retries=0) as c:
+            c.query("SELECT count(*) FROM patients", epsilon=0.25, query_id="everyone")  # learns both names
+            signed_for = []
+            original = c._stub.Query
+
+            def recording(request, **kwargs):
+                signed_for.append(sorted(request.proofs))
+                return original(request, **kwargs)
+
+            c._stub.Query = recording
+            c.query("SELECT count(*) FROM patients", epsilon=0.25, query_id="north-only", sites=["north"])
+        assert signed_for == [["north"]]  # the broker never holds a proof for the site left out
+    finally:
+        server.stop(0)
