@@ -158,6 +158,15 @@ def _parser() -> argparse.ArgumentParser:
     history.add_argument("--json", action="store_true", help="the entries and their answers as JSON")
     history.set_defaults(run=_history)
 
+    mcp = sub.add_parser("mcp", help="serve tools for LLM analysis agents over stdio (Model Context Protocol)",
+                         description="Serve the Model Context Protocol over stdin/stdout: tools to list datasets, "
+                                     "price, run, read the budget and the history, under your own token. Needs "
+                                     "the mcp extra: pip install 'gateway[mcp]'.")
+    _target_args(mcp)
+    mcp.add_argument("--max-epsilon-per-session", type=float, default=None, metavar="EPSILON",
+                     help="the most epsilon this run may spend, over all queries (default: only the budget limits it)")
+    mcp.set_defaults(run=_mcp)
+
     policy = sub.add_parser("policy", help="policy files").add_subparsers(required=True, metavar="ACTION")
     check = policy.add_parser("check", help="validate policy files (every error, then warnings, in line order)")
     check.add_argument("files", type=Path, nargs="+")
@@ -557,6 +566,20 @@ def _history(args: argparse.Namespace) -> int:
                                                           if query.get("group_by") else "")
         print(f"{e.at}  {e.site:<10} epsilon {e.epsilon_charged:<6g} {e.dataset}: {what}  [{e.query_id}]")
     print(f"{len(entries)} answer(s), epsilon {sum(e.epsilon_charged for e in entries):g} in all")
+    return 0
+
+
+def _mcp(args: argparse.Namespace) -> int:
+    try:
+        from .mcp_server import serve_stdio
+    except ImportError as err:
+        if err.name is None or not err.name.startswith("mcp"):
+            raise
+        raise UserError("gateway mcp needs the mcp extra: pip install 'gateway[mcp]'") from None
+    if args.max_epsilon_per_session is not None and not args.max_epsilon_per_session > 0:
+        raise UserError("--max-epsilon-per-session must be positive")
+    with _client(args) as client:
+        serve_stdio(client, args.max_epsilon_per_session)
     return 0
 
 
