@@ -68,18 +68,21 @@ def _parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="synthetic data").add_subparsers(required=True, metavar="ACTION")
     synth = data.add_parser("synth", help="write a synthetic cancer registry for one site to DuckDB")
-    synth.add_argument("--site", required=True)
-    synth.add_argument("--patients", type=int, required=True)
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--out", type=Path, required=True)
+    synth.add_argument("--site", required=True,
+                       help="the site's name (its registry's profile: north, south, east, west or any)")
+    synth.add_argument("--patients", type=int, required=True, help="how many patients")
+    synth.add_argument("--seed", type=int, default=0,
+                       help="random seed: the same seed writes the same data (default: 0)")
+    synth.add_argument("--out", type=Path, required=True, help="the DuckDB file to write (tables patients, treatments)")
     synth.set_defaults(run=_synth)
 
     site = sub.add_parser("site", help="site gateway").add_subparsers(required=True, metavar="ACTION")
     serve = site.add_parser("serve", help="serve a site gateway")
-    serve.add_argument("--policy", type=Path, required=True)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=50051)
-    serve.add_argument("--metrics-port", type=int, default=None)
+    serve.add_argument("--policy", type=Path, required=True, help="the site's policy file (reloaded when it changes)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=50051, help="port to serve on; 0: any free port (default: 50051)")
+    serve.add_argument("--metrics-port", type=int, default=None,
+                       help="serve Prometheus /metrics on this port (default: none)")
     serve.add_argument("--metrics-host", default=None,
                        help="where /metrics listens (default: loopback for a loopback site, else --host)")
     serve.add_argument("--state-dir", type=Path, default=None,
@@ -87,8 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--init", action="store_true",
                        help="begin a new ledger although the state dir's audit log has a history")
     _token_key_args(serve)
-    serve.add_argument("--tls-cert", type=Path)
-    serve.add_argument("--tls-key", type=Path)
+    serve.add_argument("--tls-cert", type=Path, help="server certificate (PEM) for TLS; plaintext only on loopback")
+    serve.add_argument("--tls-key", type=Path, help="the server certificate's private key (PEM)")
     serve.add_argument("--client-ca", type=Path, help="require client certificates signed by this CA (mTLS)")
     serve.add_argument("--allow-peer", action="append", default=[],
                        help="accept only clients whose certificate CN is this (repeatable; needs --client-ca)")
@@ -98,34 +101,36 @@ def _parser() -> argparse.ArgumentParser:
 
     broker = sub.add_parser("broker", help="broker").add_subparsers(required=True, metavar="ACTION")
     bcheck = broker.add_parser("check", help="validate broker config files (file:line: field: reason)")
-    bcheck.add_argument("files", type=Path, nargs="+")
+    bcheck.add_argument("files", type=Path, nargs="+", help="broker config files")
     bcheck.set_defaults(run=_broker_check)
     bserve = broker.add_parser("serve", help="serve a broker in front of the sites in a config file")
-    bserve.add_argument("--config", type=Path, required=True)
-    bserve.add_argument("--host", default="127.0.0.1")
-    bserve.add_argument("--port", type=int, default=50050)
-    bserve.add_argument("--metrics-port", type=int, default=None)
+    bserve.add_argument("--config", type=Path, required=True,
+                        help="the broker config file (its sites; see gateway broker check)")
+    bserve.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1)")
+    bserve.add_argument("--port", type=int, default=50050, help="port to serve on; 0: any free port (default: 50050)")
+    bserve.add_argument("--metrics-port", type=int, default=None,
+                        help="serve Prometheus /metrics on this port (default: none)")
     bserve.add_argument("--metrics-host", default=None,
                         help="where /metrics listens (default: loopback for a loopback broker, else --host)")
     _token_key_args(bserve)
-    bserve.add_argument("--tls-cert", type=Path)
-    bserve.add_argument("--tls-key", type=Path)
+    bserve.add_argument("--tls-cert", type=Path, help="server certificate (PEM) for TLS; plaintext only on loopback")
+    bserve.add_argument("--tls-key", type=Path, help="the server certificate's private key (PEM)")
     bserve.add_argument("--port-file", type=Path, help="write the bound port here once serving")
     _lifecycle_args(bserve)
     bserve.set_defaults(run=_broker_serve, serves=True)
 
     token = sub.add_parser("token", help="development tokens").add_subparsers(required=True, metavar="ACTION")
     keygen = token.add_parser("keygen", help="write a DEVELOPMENT signing key pair")
-    keygen.add_argument("--out", type=Path, required=True)
+    keygen.add_argument("--out", type=Path, required=True, help="folder to write the key pair to")
     keygen.set_defaults(run=_keygen)
     mint = token.add_parser("mint", help="sign a DEVELOPMENT token")
-    mint.add_argument("--key", type=Path, required=True)
-    mint.add_argument("--subject", required=True)
-    mint.add_argument("--project", required=True)
-    mint.add_argument("--role", default="researcher")
-    mint.add_argument("--ttl", default="1h")
-    mint.add_argument("--issuer", default=None)
-    mint.add_argument("--audience", default=None)
+    mint.add_argument("--key", type=Path, required=True, help="the DEVELOPMENT signing key (from token keygen)")
+    mint.add_argument("--subject", required=True, help="who the token is for (sub claim)")
+    mint.add_argument("--project", required=True, help="the project whose budget the token spends")
+    mint.add_argument("--role", default="researcher", help="the role claim (default: researcher)")
+    mint.add_argument("--ttl", default="1h", help="lifetime, e.g. 15m, 1h, 7d (default: 1h)")
+    mint.add_argument("--issuer", default=None, help="iss claim (default: the development issuer)")
+    mint.add_argument("--audience", default=None, help="aud claim (default: the development audience)")
     mint.add_argument("--proof-key", type=Path, default=None, metavar="FILE",
                       help="the caller's proof key the token is bound to, created (0600) if missing "
                            "(default: $GATEWAY_PROOF_KEY)")
@@ -134,22 +139,30 @@ def _parser() -> argparse.ArgumentParser:
     query = sub.add_parser("query", help="run a query against a site or broker")
     _target_args(query)
     body = query.add_mutually_exclusive_group(required=True)
-    body.add_argument("--sql")
-    body.add_argument("--template")
+    body.add_argument("--sql", help="one supported SELECT (see the README's 'What a query may be')")
+    body.add_argument("--template", help="an approved template's name (with --param)")
     query.add_argument("--param", action="append", default=[], metavar="K=V", help="template parameter")
-    query.add_argument("--epsilon", type=float, default=0.0)
-    query.add_argument("--dry-run", action="store_true")
-    query.add_argument("--query-id", default=None)
+    query.add_argument("--epsilon", type=float, default=0.0,
+                       help="privacy loss to spend; 0: the policy's default (default: 0)")
+    query.add_argument("--dry-run", action="store_true",
+                       help="price the query and predict its accuracy; nothing is charged")
+    query.add_argument("--query-id", default=None,
+                       help="idempotency key: a retry with the same id never pays twice (default: a new one)")
     query.add_argument("--site", action="append", default=[], help="broker only: ask this site (repeatable)")
     query.add_argument("--require-all-sites", action="store_true",
                        help="broker only: fail (exit 1) when any site is missing from the answer, instead of warning")
-    query.add_argument("--json", action="store_true")
+    query.add_argument("--json", action="store_true", help="print the answer as JSON")
     query.set_defaults(run=_query)
+
+    datasets = sub.add_parser("datasets", help="the datasets you may query: columns, roles, bounds, costs, sites")
+    _target_args(datasets)
+    datasets.add_argument("--json", action="store_true", help="print them as JSON")
+    datasets.set_defaults(run=_datasets)
 
     budget = sub.add_parser("budget", help="show your project's privacy budget")
     _target_args(budget)
-    budget.add_argument("--dataset", default="")
-    budget.add_argument("--json", action="store_true")
+    budget.add_argument("--dataset", default="", help="only this dataset's population (default: all you may use)")
+    budget.add_argument("--json", action="store_true", help="print the budgets as JSON")
     budget.set_defaults(run=_budget)
 
     history = sub.add_parser("history", help="your project's past answers, newest first, with what each cost")
@@ -169,7 +182,7 @@ def _parser() -> argparse.ArgumentParser:
 
     policy = sub.add_parser("policy", help="policy files").add_subparsers(required=True, metavar="ACTION")
     check = policy.add_parser("check", help="validate policy files (every error, then warnings, in line order)")
-    check.add_argument("files", type=Path, nargs="+")
+    check.add_argument("files", type=Path, nargs="+", help="policy files")
     check.add_argument("--strict", action="store_true", help="fail on warnings too")
     check.add_argument("--data", action="store_true",
                        help="also read each dataset's source: tables and columns exist with the declared types")
@@ -177,13 +190,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="a site's state dir: warn where a budget would be below what is already spent")
     check.set_defaults(run=_policy_check)
     explain = policy.add_parser("explain", help="what a project may do under a policy")
-    explain.add_argument("file", type=Path)
-    explain.add_argument("--project", required=True)
-    explain.add_argument("--role", default="researcher")
+    explain.add_argument("file", type=Path, help="the policy file")
+    explain.add_argument("--project", required=True, help="the project to explain")
+    explain.add_argument("--role", default="researcher", help="the caller's role (default: researcher)")
     explain.set_defaults(run=_policy_explain)
     diff = policy.add_parser("diff", help="what changes between two policy files")
-    diff.add_argument("old", type=Path)
-    diff.add_argument("new", type=Path)
+    diff.add_argument("old", type=Path, help="the policy in force")
+    diff.add_argument("new", type=Path, help="the edited policy")
     diff.set_defaults(run=_policy_diff)
     init = policy.add_parser("init", help="write a commented policy skeleton from a table's schema (no values read)")
     init.add_argument("--source", type=Path, required=True, help="a DuckDB file, or parquet file(s)")
@@ -249,7 +262,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _target_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", required=True, metavar="HOST:PORT")
+    parser.add_argument("--target", required=True, metavar="HOST:PORT", help="a site or a broker")
     parser.add_argument("--token", default=None, help="bearer token (default: $GATEWAY_TOKEN)")
     parser.add_argument("--proof-key", type=Path, default=None, metavar="FILE",
                         help="the private key the token is bound to (default: $GATEWAY_PROOF_KEY)")
@@ -545,6 +558,32 @@ def _rfc3339(value: Any) -> str:
     if not isinstance(value, datetime):
         raise TypeError(f"cannot write {type(value).__name__} as JSON")
     return value.isoformat().replace("+00:00", "Z")
+
+
+def _datasets(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    with _client(args) as client:
+        found = client.datasets()
+    if args.json:
+        print(json.dumps([dataclasses.asdict(d) for d in found], indent=2, default=str))
+        return 0
+    if not found:
+        print("no dataset you may query")
+    for d in found:
+        sites = f" at {', '.join(d.sites)}" if d.sites else ""
+        print(f"{d.name}{sites}: {d.description}".rstrip(": "))
+        print(f"  aggregates {', '.join(d.aggregates)}; epsilon per query {d.epsilon_default:g} (max "
+              f"{d.epsilon_max:g}); at most {d.max_rows_per_unit} row(s) per patient"
+              + ("; templates only" if d.templates_only else ""))
+        for c in d.columns:
+            extra = f" bounds [{c.bounds[0]:g}, {c.bounds[1]:g}]" if c.bounds else ""
+            keys = f" keys {', '.join(map(str, c.public_keys[:12]))}{' ...' if len(c.public_keys) > 12 else ''}" \
+                if c.public_keys else ""
+            print(f"  {c.name:<24} {c.type:<8} {', '.join(c.roles):<26}{extra}{keys}".rstrip())
+        for t in d.templates:
+            print(f"  template {t.name}: {t.description}".rstrip(": "))
+    return 0
 
 
 def _history(args: argparse.Namespace) -> int:

@@ -253,3 +253,32 @@ def test_site_serve_with_a_jwks_url_and_a_maximum_token_lifetime(tmp_path, site_
         assert f"identity provider unreachable: cannot fetch keys from {idp.url}" in stderr  # said at start
     finally:
         idp.stop()
+
+
+def test_every_option_of_every_command_says_what_it_is() -> None:
+    import argparse
+
+    missing = []
+
+    def walk(parser: argparse.ArgumentParser, path: list[str]) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, [*path, name])
+            elif not isinstance(action, argparse._HelpAction | argparse._VersionAction) and not action.help:
+                missing.append(" ".join([*path, action.option_strings[0] if action.option_strings else action.dest]))
+
+    walk(cli._parser(), ["gateway"])
+    assert missing == []
+
+
+def test_datasets_lists_what_a_project_may_query(start_site, token) -> None:
+    site = start_site()
+    shown = run_cli("datasets", "--target", site.target, env={"GATEWAY_TOKEN": token()})
+    assert shown.returncode == 0, shown.stderr
+    assert "patients" in shown.stdout and "age_at_diagnosis" in shown.stdout and "bounds [18, 99]" in shown.stdout
+    as_json = json.loads(run_cli("datasets", "--target", site.target, "--json",
+                                 env={"GATEWAY_TOKEN": token()}).stdout)
+    assert {d["name"] for d in as_json} == {"patients", "treatments"}
+    outsider = run_cli("datasets", "--target", site.target, env={"GATEWAY_TOKEN": token(project="outsider")})
+    assert outsider.returncode == 0 and "no dataset you may query" in outsider.stdout
