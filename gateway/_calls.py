@@ -14,6 +14,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
+import threading
+import time
 import uuid
 import warnings
 from collections.abc import Generator, Mapping, Sequence
@@ -238,3 +241,48 @@ def _up3(value: float) -> float:
     digits = 2 - math.floor(math.log10(value))
     scale = 10.0 ** digits
     return float(math.ceil(value * scale) / scale)
+
+
+class Progress:
+    """A line on stderr while a call waits (after ``after`` seconds): how long, and how many sites are asked.
+
+    ``enabled``: True, False, or None for "when someone is watching" (stderr is a terminal, or the
+    client runs in a notebook). The line is erased when the answer arrives.
+    """
+
+    def __init__(self, enabled: bool | None, sites: int, after: float = 1.0, every: float = 0.5) -> None:
+        self.enabled = _watched() if enabled is None else enabled
+        self.sites, self.after, self.every = sites, after, every
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._shown = False
+
+    def __enter__(self) -> Progress:
+        if self.enabled:
+            self._thread = threading.Thread(target=self._run, name="gateway-progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._shown:
+            sys.stderr.write("\r" + " " * 70 + "\r")
+            sys.stderr.flush()
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        if self._done.wait(self.after):
+            return
+        while not self._done.is_set():
+            where = f"{self.sites} sites" if self.sites > 1 else "the server"
+            sys.stderr.write(f"\rwaiting for {where}... {time.monotonic() - started:.0f} s")
+            sys.stderr.flush()
+            self._shown = True
+            self._done.wait(self.every)
+
+
+def _watched() -> bool:
+    """Whether a person is likely watching: a terminal on stderr, or an IPython kernel."""
+    return sys.stderr.isatty() or "ipykernel" in sys.modules

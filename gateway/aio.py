@@ -24,7 +24,17 @@ from typing import Any, TypeVar, cast
 import grpc
 import polars as pl
 
-from ._calls import Caller, Plan, StructuredSpec, epsilon_search, finish, plan_from, query_request, survival_spec
+from ._calls import (
+    Caller,
+    Plan,
+    Progress,
+    StructuredSpec,
+    epsilon_search,
+    finish,
+    plan_from,
+    query_request,
+    survival_spec,
+)
 from ._proto.gateway.v1 import gateway_pb2 as pb
 from ._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from ._transport import Tls, open_aio_channel
@@ -46,9 +56,10 @@ class Client:
     def __init__(self, target: str, token: str | None = None, tls: Tls | None = None,
                  timeout: float = 60.0, retries: int = 3,
                  proof_key: ProofKey | bytes | str | Path | None = None, sign_for: Sequence[str] = (),
-                 require_all_sites: bool = False) -> None:
+                 require_all_sites: bool = False, progress: bool | None = None) -> None:
         self.target, self.token, self.timeout, self.retries = target, token, timeout, retries
         self.require_all_sites = require_all_sites
+        self.progress = progress  # a waiting line on stderr: None = when a terminal or a notebook watches
         self._caller = Caller(token, proof_key, retries, sign_for)
         self._channel = open_aio_channel(target, tls)
         self._stub = pb_grpc.GatewayStub(self._channel)
@@ -129,7 +140,8 @@ class Client:
         while True:
             self._caller.sign(request)  # a fresh proof per attempt: each is used once
             try:
-                return await method(request, metadata=self._caller.metadata, timeout=self.timeout)
+                with Progress(self.progress, len(self._caller.sites)):
+                    return await method(request, metadata=self._caller.metadata, timeout=self.timeout)
             except grpc.RpcError as err:
                 wait, learned, error = self._caller.after(err, attempt, learned)
                 if wait is None:

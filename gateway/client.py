@@ -47,6 +47,7 @@ import polars as pl
 from ._calls import (
     Caller,
     Plan,
+    Progress,
     StructuredSpec,
     epsilon_search,
     finish,
@@ -82,16 +83,19 @@ class Client:
     ``token``: the caller's JWT; ``proof_key``: the private key it is bound to (a
     :class:`~gateway.proof.ProofKey`, PEM bytes or a PEM file's path; default: the file named by
     ``$GATEWAY_PROOF_KEY``). ``sign_for``: the names of the sites the target calls (a site: its own),
-    when known; otherwise the first call learns them (one extra round trip). ``require_all_sites``:
+    when known; otherwise the first call learns them (one extra round trip).
+    ``progress``: a line on stderr while a call waits over a second (how long, how many sites); by
+    default when a terminal or a notebook is watching. ``require_all_sites``:
     the default of :meth:`query`'s.
     """
 
     def __init__(self, target: str, token: str | None = None, tls: Tls | None = None,
                  timeout: float = 60.0, retries: int = 3,
                  proof_key: ProofKey | bytes | str | Path | None = None, sign_for: Sequence[str] = (),
-                 require_all_sites: bool = False) -> None:
+                 require_all_sites: bool = False, progress: bool | None = None) -> None:
         self.target, self.token, self.timeout, self.retries = target, token, timeout, retries
         self.require_all_sites = require_all_sites
+        self.progress = progress  # a waiting line on stderr: None = when a terminal or a notebook watches
         self._caller = Caller(token, proof_key, retries, sign_for)
         self._channel = open_channel(target, tls)
         self._stub = pb_grpc.GatewayStub(self._channel)
@@ -197,7 +201,8 @@ class Client:
         while True:
             self._caller.sign(request)  # a fresh proof per attempt: each is used once
             try:
-                return method(request, metadata=self._caller.metadata, timeout=self.timeout)
+                with Progress(self.progress, len(self._caller.sites)):
+                    return method(request, metadata=self._caller.metadata, timeout=self.timeout)
             except grpc.RpcError as err:
                 wait, learned, error = self._caller.after(err, attempt, learned)
                 if wait is None:

@@ -173,3 +173,26 @@ def test_the_cli_says_on_stderr_when_sites_are_missing(start_site, start_broker,
     refused = run_cli("query", "--target", broker.target, "--token", token(), "--proof-key", str(proof_key),
                       "--sql", "SELECT count(*) FROM patients", "--epsilon", "0.5", "--require-all-sites")
     assert refused.returncode == 1 and "lacks site(s) b" in refused.stderr
+
+
+def test_a_long_wait_shows_a_line_on_stderr_and_erases_it(start_site, token, capfd) -> None:
+    import time as clock
+
+    from gateway import _mechanisms as mechanisms
+    from gateway.client import Client
+
+    class Slow(mechanisms.Noise):
+        """TEST ONLY: real noise, drawn after a pause, so that the caller waits."""
+
+        def apply(self, component, exact):
+            clock.sleep(1.6)
+            return super().apply(component, exact)
+
+    site = start_site(noise=Slow())
+    with Client(site.target, token=token(), retries=0, progress=True, sign_for=["north"]) as c:
+        c.query("SELECT count(*) FROM patients", epsilon=0.1)
+    shown = capfd.readouterr().err
+    assert "waiting for the server... 1 s" in shown and shown.endswith("\r")
+    with Client(site.target, token=token(), retries=0, progress=False, sign_for=["north"]) as c:
+        c.query("SELECT count(*) FROM patients WHERE sex = 'F'", epsilon=0.1)
+    assert "waiting" not in capfd.readouterr().err
