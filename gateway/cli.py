@@ -6,27 +6,32 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
-import threading
-import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from . import _logging
+from ._cli_common import EXIT_USAGE, UserError
+from ._cli_officer import (
+    _audit_tail,
+    _audit_verify,
+    _broker_check,
+    _policy_check,
+    _policy_diff,
+    _policy_explain,
+    _policy_init,
+    _policy_schema,
+)
+from ._cli_serve import _broker_serve, _lifecycle_args, _site_serve, _token_key_args, metrics_host
 from ._version import __version__
 from .errors import GatewayError
 
-EXIT_USAGE = 2
-DEFAULT_DRAIN_SECONDS = 5.0
+__all__ = ["EXIT_USAGE", "UserError", "main", "metrics_host"]
+
 log = logging.getLogger("gateway.cli")
-
-
-class UserError(Exception):
-    """A mistake in how a command was called; printed as one line, never a traceback."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -310,170 +315,6 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _site_serve(args: argparse.Namespace) -> int:
-    from ._server import target_of
-    from ._transport import Tls
-    from .metrics import SiteMetrics, serve_metrics
-    from .policy import PolicyFileError
-    from .site import SiteOptions, build_site_server
-
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise UserError("--tls-cert and --tls-key go together")
-    verifier = _verifier(args)
-    tls = Tls(args.client_ca, args.tls_cert, args.tls_key) if args.tls_cert else None
-    if args.state_dir is None:
-        args.state_dir = Path("state")
-        print(f"no --state-dir given: using {args.state_dir.resolve()}", file=sys.stderr, flush=True)
-    options = SiteOptions(args.policy, args.state_dir, verifier, args.host, args.port, tls,
-                          tuple(args.allow_peer), init=args.init)
-    drain = _drain_seconds(args)
-    metrics = SiteMetrics()
-    try:
-        site = build_site_server(options, metrics)
-    except PolicyFileError as err:
-        raise UserError("invalid policy:\n" + "\n".join(err.problems)) from None
-    metrics_url = None
-    if args.metrics_port is not None:
-        bind = metrics_host(args.host, args.metrics_host)
-        port = serve_metrics(args.metrics_port, metrics.registry, bind)
-        metrics_url = f"http://{target_of(bind, port)}/metrics"
-        print(f"metrics on {metrics_url}", flush=True)
-    policy = site.state.live.loaded.policy
-    print(f"site {policy.site} serving on {args.host}:{site.port}"
-          + ("" if tls else " (PLAINTEXT, loopback development only)"), flush=True)
-    _logging.event(log, "started", f"site {policy.site} serving on {target_of(args.host, site.port)}",
-                   component="site", version=__version__, site=policy.site,
-                   address=target_of(args.host, site.port), tls=tls is not None, mtls=bool(args.client_ca),
-                   allowed_peers=list(args.allow_peer), datasets=sorted(policy.datasets),
-                   populations=sorted(policy.populations()), budget_rules=len(policy.budgets),
-                   policy=str(args.policy), state_dir=str(args.state_dir), metrics=metrics_url,
-                   drain_seconds=drain, stop_grace=args.stop_grace)
-    if args.port_file:
-        args.port_file.write_text(str(site.port))
-    _stop_on_signal("site", lambda: site.stop(args.stop_grace, drain), drain, args.stop_grace)
-    return 0
-
-
-def _lifecycle_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--log-format", choices=_logging.FORMATS, default=None,
-                        help="json: one event per line; text: for a person (default: $GATEWAY_LOG_FORMAT, "
-                             "else text on a terminal and json otherwise)")
-    parser.add_argument("--drain-seconds", type=float, default=None, metavar="S",
-                        help="on SIGTERM, report NOT_SERVING through gRPC health and keep serving this long "
-                             "before stopping, so probes and load balancers move traffic away (default: 5, "
-                             "0 on loopback)")
-    parser.add_argument("--stop-grace", type=float, default=10.0, metavar="S",
-                        help="then refuse new calls and give calls in flight this long to finish (default: 10)")
-
-
-def _drain_seconds(args: argparse.Namespace) -> float:
-    from ._server import is_loopback
-
-    if args.drain_seconds is not None:
-        if args.drain_seconds < 0 or args.stop_grace < 0:
-            raise UserError("--drain-seconds and --stop-grace must be 0 or more")
-        return float(args.drain_seconds)
-    return 0.0 if is_loopback(args.host) else DEFAULT_DRAIN_SECONDS
-
-
-def _token_key_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--trusted-key", type=Path, action="append", default=[],
-                        help="PEM public key trusted to sign tokens (repeatable)")
-    parser.add_argument("--jwks", type=Path, default=None, help="JWKS file of trusted token keys")
-    parser.add_argument("--jwks-url", default=None, metavar="URL",
-                        help="your identity provider's JWKS URL (https): keys fetched at start, cached and "
-                             "refreshed as they rotate")
-    parser.add_argument("--issuer", default=None, help="expected token issuer (default: the development one)")
-    parser.add_argument("--audience", default=None, help="expected token audience (default: the development one)")
-    parser.add_argument("--max-token-lifetime", default="24h", metavar="DURATION",
-                        help="refuse tokens valid for longer than this, exp - iat (e.g. 12h; default 24h)")
-
-
-def _verifier(args: argparse.Namespace) -> Any:
-    """The token verifier a site or broker is started with (both check every call)."""
-    from .auth import DEV_AUDIENCE, DEV_ISSUER, AuthConfig, Verifier, parse_ttl
-
-    if not args.trusted_key and args.jwks is None and args.jwks_url is None:
-        raise UserError("no token keys: pass --trusted-key PEM (repeatable), --jwks FILE or --jwks-url URL")
-    try:
-        max_lifetime = parse_ttl(args.max_token_lifetime)
-    except ValueError as err:
-        raise UserError(f"--max-token-lifetime: {err}") from None
-    return Verifier(AuthConfig.from_files(args.trusted_key, args.jwks, args.issuer or DEV_ISSUER,
-                                          args.audience or DEV_AUDIENCE, jwks_url=args.jwks_url,
-                                          max_lifetime=max_lifetime))
-
-
-def metrics_host(host: str, chosen: str | None) -> str:
-    """Where /metrics listens: as chosen, else loopback for a loopback server, else the server's host.
-
-    The metrics name every project and its spend: they never listen on all interfaces by default.
-    """
-    from ._server import is_loopback
-
-    if chosen:
-        return chosen
-    if is_loopback(host):
-        return "::1" if host.strip("[]") == "::1" else "127.0.0.1"
-    return host
-
-
-def _broker_serve(args: argparse.Namespace) -> int:
-    from ._server import target_of
-    from ._transport import Tls
-    from .broker import build_broker_server, load_broker_config
-    from .metrics import BrokerMetrics, serve_metrics
-
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise UserError("--tls-cert and --tls-key go together")
-    config = load_broker_config(args.config)
-    verifier = _verifier(args)  # flag mistakes are found before anything starts
-    drain = _drain_seconds(args)
-    metrics = BrokerMetrics()
-    tls = Tls(cert=args.tls_cert, key=args.tls_key) if args.tls_cert else None
-    broker = build_broker_server(config, verifier, args.host, args.port, tls, metrics)
-    metrics_url = None
-    if args.metrics_port is not None:
-        bind = metrics_host(args.host, args.metrics_host)
-        port = serve_metrics(args.metrics_port, metrics.registry, bind)
-        metrics_url = f"http://{target_of(bind, port)}/metrics"
-        print(f"metrics on {metrics_url}", flush=True)
-    print(f"broker {config.name} serving on {args.host}:{broker.port} for {len(config.sites)} site(s)", flush=True)
-    _logging.event(log, "started", f"broker {config.name} serving on {target_of(args.host, broker.port)}",
-                   component="broker", version=__version__, broker=config.name,
-                   address=target_of(args.host, broker.port), tls=tls is not None,
-                   sites={s.name: s.address for s in config.sites}, min_sites=config.min_sites,
-                   deadline_seconds=config.deadline_seconds, metrics=metrics_url, drain_seconds=drain,
-                   stop_grace=args.stop_grace)
-    if args.port_file:
-        args.port_file.write_text(str(broker.port))
-    _stop_on_signal("broker", lambda: broker.stop(args.stop_grace, drain), drain, args.stop_grace)
-    return 0
-
-
-def _stop_on_signal(component: str, stop: Callable[[], None], drain: float, grace: float) -> None:
-    """Wait for SIGTERM or SIGINT, then ``stop`` (health NOT_SERVING, drain, grace), saying so in the log."""
-    received: list[int] = []
-    done = threading.Event()
-
-    def note(signum: int, _frame: object) -> None:
-        received.append(signum)
-        done.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, note)
-    while not done.wait(1.0):
-        pass
-    name = signal.Signals(received[0]).name
-    _logging.event(log, "stopping", f"{component} stopping on {name}: health NOT_SERVING, serving {drain:g} s "
-                   f"more, then {grace:g} s for calls in flight", component=component, signal=name,
-                   drain_seconds=drain, stop_grace=grace)
-    started = time.monotonic()
-    stop()
-    _logging.event(log, "stopped", f"{component} stopped", component=component,
-                   seconds=round(time.monotonic() - started, 3))
-
-
 def _keygen(args: argparse.Namespace) -> int:
     from .auth import generate_dev_key
 
@@ -622,121 +463,6 @@ def _mcp(args: argparse.Namespace) -> int:
     return 0
 
 
-def _policy_check(args: argparse.Namespace) -> int:
-    from ._policy_lint import policy_warnings
-    from .policy import PolicyFileError, load_policy
-    from .templates import validate_templates
-
-    failed = False
-    for path in args.files:
-        warnings: list[str] = []
-        try:
-            loaded = load_policy(path)
-            problems = validate_templates(loaded)
-            warnings = policy_warnings(loaded)
-            if args.data and not problems:
-                problems = _check_data(loaded)
-            if args.state_dir is not None and not problems:
-                warnings += _check_spent(loaded, args.state_dir)
-        except PolicyFileError as err:
-            problems = err.problems
-        for line in problems + warnings:
-            print(line, file=sys.stderr)
-        if problems or (warnings and args.strict):
-            failed = True
-        else:
-            print(f"{path}: ok" + (f" ({len(warnings)} warning(s))" if warnings else ""))
-    return 1 if failed else 0
-
-
-def _check_data(loaded: Any) -> list[str]:
-    import tempfile
-
-    from ._engine import Engine
-
-    with tempfile.TemporaryDirectory() as work:
-        engine = Engine(loaded, Path(work))
-        try:
-            return engine.check_sources()
-        finally:
-            engine.close()
-
-
-def _policy_init(args: argparse.Namespace) -> int:
-    from ._policy_init import skeleton
-
-    if args.source.suffix != ".parquet" and "*" not in args.source.name and args.table is None:
-        raise UserError("--table is needed for a DuckDB file (parquet files need none)")
-    try:
-        text = skeleton(args.source, args.table, args.out.parent if args.out else Path.cwd())
-    except ValueError as err:
-        raise UserError(str(err)) from None
-    if args.out is None:
-        print(text, end="")
-        return 0
-    if args.out.exists():
-        raise UserError(f"{args.out} exists; choose another --out")
-    args.out.write_text(text)
-    print(f"wrote {args.out}: complete every CHANGE-ME, then run gateway policy check --data {args.out}")
-    return 0
-
-
-def _check_spent(loaded: Any, state_dir: Path) -> list[str]:
-    from ._policy_lint import spent_warnings
-
-    try:
-        return spent_warnings(loaded, state_dir / "ledger.sqlite")
-    except FileNotFoundError as err:
-        raise UserError(f"{err} (is {state_dir} a site's state dir?)") from None
-
-
-def _broker_check(args: argparse.Namespace) -> int:
-    from .broker.config import BrokerConfigError, load_broker_config
-
-    failed = False
-    for path in args.files:
-        try:
-            config = load_broker_config(path)
-        except BrokerConfigError as err:
-            print("\n".join(err.problems), file=sys.stderr)
-            failed = True
-        else:
-            print(f"{path}: ok ({len(config.sites)} site(s): {', '.join(s.name for s in config.sites)})")
-    return 1 if failed else 0
-
-
-def _policy_explain(args: argparse.Namespace) -> int:
-    from .policy import PolicyFileError, load_policy
-    from .render import explain
-
-    try:
-        loaded = load_policy(args.file)
-    except PolicyFileError as err:
-        raise UserError("invalid policy:\n" + "\n".join(err.problems)) from None
-    print(explain(loaded.policy, args.project, args.role))
-    return 0
-
-
-def _policy_schema(args: argparse.Namespace) -> int:
-    from .policy import json_schema
-
-    print(json.dumps(json_schema(), indent=2))
-    return 0
-
-
-def _policy_diff(args: argparse.Namespace) -> int:
-    from .policy import PolicyFileError, load_policy
-    from .render import diff
-
-    try:
-        old, new = load_policy(args.old), load_policy(args.new)
-    except PolicyFileError as err:
-        raise UserError("invalid policy:\n" + "\n".join(err.problems)) from None
-    lines = diff(old.policy, new.policy)
-    print("\n".join(lines) if lines else "no differences")
-    return 0
-
-
 def _certs_dev(args: argparse.Namespace) -> int:
     from .demo.certs import make_dev_certs
 
@@ -786,93 +512,6 @@ def _health(args: argparse.Namespace) -> int:
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(f"{target}: {status}")
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
-
-
-def _audit_verify(args: argparse.Namespace) -> int:
-    import sqlite3
-
-    from .audit import verify
-    from .ledger import anchors
-
-    path = _audit_log(args.path)
-    ledger = args.ledger if args.ledger is not None else path.parent / "ledger.sqlite"
-    if args.ledger is not None and not ledger.is_file():
-        raise UserError(f"no ledger at {ledger}")
-    checked = ledger.is_file() and ledger.stat().st_size > 0
-    try:
-        result = verify(path, anchors(ledger) if checked else None)
-    except sqlite3.Error as err:
-        raise UserError(f"cannot read the ledger {ledger}: {err}") from None
-    against = (f"{result.anchors} release record(s) match their anchors in {ledger}" if checked else
-               "no ledger beside it: a truncated or recomputed chain cannot be detected (give --ledger)")
-    if result.ok:
-        print(f"{path}: ok, {result.records} records, chain intact; {against}")
-        return 0
-    print(f"{path}: TAMPERED: {result.problem} ({result.records} records verified before it)", file=sys.stderr)
-    return 1
-
-
-def _audit_tail(args: argparse.Namespace) -> int:
-    from .audit import records
-
-    since, until = _when(args.since), _when(args.until)
-    wanted = [r for r in records(_audit_log(args.path))
-              if (args.project is None or r.get("project") == args.project)
-              and (args.outcome is None or r.get("outcome") == args.outcome)
-              and (args.event is None or r.get("event") == args.event)
-              and (since is None or float(r.get("time", 0)) >= since)
-              and (until is None or float(r.get("time", 0)) < until)]
-    for record in wanted[-args.n:] if args.n > 0 else []:
-        print(json.dumps(record, sort_keys=True) if args.json else _audit_line(record))
-    return 0
-
-
-def _when(text: str | None) -> float | None:
-    """``--since`` / ``--until``: an ISO date or time (UTC unless it says), or an age such as 24h or 7d."""
-    if text is None:
-        return None
-    from datetime import UTC, datetime
-
-    from .auth import parse_ttl
-
-    try:
-        return (datetime.now(UTC) - parse_ttl(text)).timestamp()
-    except ValueError:
-        pass
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise UserError(f"{text!r} is neither an ISO date/time (2026-11-23, 2026-11-23T08:00) nor an age (24h, 7d)"
-                        ) from None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
-
-
-def _audit_line(record: dict[str, Any]) -> str:
-    """One record for an officer's terminal: when, what, who, on what, what it cost, and why."""
-    event = record.get("event", "?")
-    what = record.get("outcome", event)
-    who = f"{record['project']}/{record.get('subject', '?')}" if "project" in record else record.get("source", "")
-    if event == "query":
-        cost = record.get("epsilon_charged", record.get("epsilon_requested"))
-        where = f"{record.get('dataset', '?')} ({record.get('population', '?')})" if "dataset" in record else ""
-        detail = " ".join(str(x) for x in (where, f"epsilon {cost:g}" if isinstance(cost, float | int) else "",
-                                           record.get("reason", ""), record.get("canonical_query", "")) if x)
-    elif event == "policy_reload":
-        detail = record.get("reason") or "; ".join(record.get("changes", [])) or "no change that matters"
-    elif event == "unauthenticated":
-        detail = f"{record.get('unauthenticated_rejections')} call(s): {record.get('reasons', {})}"
-    else:
-        detail = ", ".join(f"{k}={v}" for k, v in record.items() if k not in ("seq", "time", "at", "prev", "hash"))
-    return f"{record.get('at', record.get('time', '?'))}  #{record.get('seq', '?'):<6} {event:<15} {what:<17} " \
-           f"{who:<24} {detail}".rstrip()
-
-
-def _audit_log(path: Path) -> Path:
-    """The audit log a command names: the file itself, or the one in a state dir."""
-    log_file = path / "audit.jsonl" if path.is_dir() else path
-    if not log_file.is_file():
-        raise UserError(f"no audit log at {log_file}")
-    return log_file
 
 
 if __name__ == "__main__":
