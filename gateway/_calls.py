@@ -191,6 +191,14 @@ class Plan:
     feasible: bool = True
 
 
+def check_plan(epsilon: float | None, half_width: float | None) -> None:
+    """``Client.plan`` takes one question: what an epsilon buys, or what a half-width costs."""
+    if (epsilon is None) == (half_width is None):
+        raise ValueError("give epsilon (what does it buy?) or half_width (what does it cost?)")
+    if half_width is not None and not half_width > 0:
+        raise ValueError("half_width must be positive")
+
+
 def plan_from(response: pb.QueryResponse, feasible: bool = True) -> Plan:
     """A :class:`Plan` from a dry run's answer."""
     widths: dict[str, float | None] = {}

@@ -29,6 +29,7 @@ from ._calls import (
     Plan,
     Progress,
     StructuredSpec,
+    check_plan,
     epsilon_search,
     finish,
     plan_from,
@@ -87,10 +88,7 @@ class Client:
                    template: str | None = None, params: Mapping[str, Any] | None = None,
                    epsilon: float | None = None, half_width: float | None = None) -> Plan:
         """What a query would buy and cost, charging nothing (see :meth:`gateway.client.Client.plan`)."""
-        if (epsilon is None) == (half_width is None):
-            raise ValueError("give epsilon (what does it buy?) or half_width (what does it cost?)")
-        if half_width is not None and not half_width > 0:
-            raise ValueError("half_width must be positive")
+        check_plan(epsilon, half_width)
 
         async def price(eps: float) -> pb.QueryResponse:
             request = query_request(sql, structured, template, params, eps, True, None, ())

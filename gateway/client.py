@@ -49,6 +49,7 @@ from ._calls import (
     Plan,
     Progress,
     StructuredSpec,
+    check_plan,
     epsilon_search,
     finish,
     plan_from,
@@ -156,10 +157,7 @@ class Client:
         smallest epsilon at which every aggregate whose accuracy is known ahead (counts, sums) is
         that precise. Either way, how many such queries the remaining budget pays for.
         """
-        if (epsilon is None) == (half_width is None):
-            raise ValueError("give epsilon (what does it buy?) or half_width (what does it cost?)")
-        if half_width is not None and not half_width > 0:
-            raise ValueError("half_width must be positive")
+        check_plan(epsilon, half_width)
 
         def price(eps: float) -> pb.QueryResponse:
             request = query_request(sql, structured, template, params, eps, True, None, ())
