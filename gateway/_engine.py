@@ -470,7 +470,7 @@ def _aggregate_sql(agg: Aggregate, dataset: Dataset, params: list[object]) -> li
     return [_component_sql(spec, agg, dataset, params) for spec in kind_of(agg.function).components]
 
 
-def _component_sql(spec: ComponentSpec, agg: Aggregate, dataset: Dataset, params: list[object]) -> str:
+def _component_sql(spec: ComponentSpec, agg: Aggregate, dataset: Dataset, params: list[object]) -> str:  # noqa: PLR0911
     sql, name = spec.sql, agg.column
     if sql == "rows":
         return "count(*)"
@@ -483,6 +483,9 @@ def _component_sql(spec: ComponentSpec, agg: Aggregate, dataset: Dataset, params
     fixed = _fixed_point(name, column, params)
     if sql == "sum":
         return f"coalesce(sum({fixed}), 0)"
+    if sql == "midpoint_sum":  # twice the distance from the bounds' exact midpoint: an integer
+        low, high = column.fixed_bounds
+        return f"coalesce(sum(2 * CAST({fixed} AS HUGEINT) - {low + high}), 0)"
     centered = f"({fixed} - {column.fixed_center})"
     if sql == "centered_sum":
         return f"coalesce(sum({centered}), 0)"

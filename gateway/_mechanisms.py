@@ -72,10 +72,12 @@ class Component:
 
     def part(self, noisy: Sequence[float]) -> Part:
         """One group's released values of this component as a part of its estimate."""
+        sources = ((self.scale / self.unit, 1 / self.unit),)
         if not self.shape:
-            return Part(self.name, noisy[0] / self.unit, self.std_error, self.half_width, self.scale / self.unit)
+            return Part(self.name, noisy[0] / self.unit, self.std_error, self.half_width, self.scale / self.unit,
+                        sources=sources)
         return Part(self.name, math.nan, self.std_error, self.half_width, self.scale / self.unit,
-                    tuple(v / self.unit for v in noisy), self.shape)
+                    tuple(v / self.unit for v in noisy), self.shape, sources)
 
 
 @dataclass(frozen=True)

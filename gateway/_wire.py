@@ -102,20 +102,24 @@ def estimate_to_wire(e: Estimate) -> pb.Estimate:
 
 def part_to_wire(p: Part) -> pb.Component:
     """One released part as a wire component (a scalar's one value, or a vector's values and shape)."""
+    lattice = p.sources[0][1] if len(p.sources) == 1 else 0.0
     return pb.Component(name=p.name, values=list(p.values) if p.shape else [p.value], shape=p.shape,
-                        std_error=p.std_error, ci_half_width=p.half_width, noise_scale=p.noise_scale)
+                        std_error=p.std_error, ci_half_width=p.half_width, noise_scale=p.noise_scale, lattice=lattice)
 
 
 def parts_from_wire(message: pb.Estimate) -> dict[str, Part]:
     """The released parts of an estimate, by component name (scalars, or vectors with their shape)."""
     parts = {}
     for c in message.components:
+        # one site's noise, known exactly: its scale and its lattice (a pooled part's is not kept)
+        known = c.lattice > 0 and math.isfinite(c.lattice) and c.noise_scale > 0 and math.isfinite(c.noise_scale)
+        sources = ((c.noise_scale, c.lattice),) if known else ()
         if c.shape:
             parts[c.name] = Part(c.name, math.nan, c.std_error, c.ci_half_width, c.noise_scale, tuple(c.values),
-                                 tuple(c.shape))
+                                 tuple(c.shape), sources)
         else:
             parts[c.name] = Part(c.name, c.values[0] if c.values else math.nan, c.std_error, c.ci_half_width,
-                                 c.noise_scale)
+                                 c.noise_scale, sources=sources)
     return parts
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING, ClassVar, Literal
 
-from .answers import Z95, Part, Value, Vector, ratio_estimate, symmetric
+from .answers import Z95, Part, Value, Vector, noise_half_width, symmetric
 from .errors import InvalidQuery, PolicyViolation
 from .survival import kaplan_meier, split_counts
 
@@ -30,9 +30,10 @@ if TYPE_CHECKING:
 
 # What the engine knows how to compute per group: rows, non-missing values of the column, the sum
 # of the column's clamped fixed-point values, or the sum of those values, or of their squares, after
-# subtracting the bounds' midpoint (which makes what one row can add about half as large); or, over
-# the time column's declared grid, rows with an event per bin and then rows censored per bin.
-ComponentSql = Literal["rows", "values", "sum", "centered_sum", "centered_squares", "survival_bins"]
+# subtracting the bounds' midpoint (which makes what one row can add about half as large; a mean's
+# "midpoint_sum" centres on the exact midpoint, in half units, so post-processing can add it back);
+# or, over the time column's declared grid, rows with an event per bin and then rows censored per bin.
+ComponentSql = Literal["rows", "values", "sum", "midpoint_sum", "centered_sum", "centered_squares", "survival_bins"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,9 @@ class ComponentSpec:
         assert column is not None
         if self.sql == "sum":
             return column.max_contribution
+        if self.sql == "midpoint_sum":  # |2 x value - (low + high)| <= high - low, in half units
+            low, high = column.fixed_bounds
+            return high - low
         centered = column.max_centered_contribution
         return centered if self.sql == "centered_sum" else centered * centered
 
@@ -76,6 +80,8 @@ class ComponentSpec:
         if self.sql in ("rows", "values", "survival_bins"):
             return 1
         assert column is not None
+        if self.sql == "midpoint_sum":
+            return 2 * column.unit
         return column.unit ** 2 if self.sql == "centered_squares" else column.unit
 
 
@@ -104,6 +110,8 @@ class Kind:
     mechanism: ClassVar[str] = "{}"
     # what an answer's scalar value is, when the kind's main result is a vector (e.g. "median")
     summary: ClassVar[str] = ""
+    # its sums are of distances from the bounds' midpoint: sites' sums add only under the same bounds
+    midpoint: ClassVar[bool] = False
 
     def check(self, agg: Aggregate, column_for: Callable[[str, str], Column]) -> None:
         """Refuse ``agg`` unless it has this kind's shape; ``column_for(name, role)`` checks a column's role."""
@@ -169,19 +177,39 @@ class Sum(Kind):
 
 
 class Mean(Kind):
-    """Noisy sum over noisy count, half of the epsilon each; a delta-method interval."""
+    """A noisy sum of the values' distances from the bounds' midpoint over a noisy count.
+
+    Centred on the midpoint m = (L + U) / 2, one row moves the sum by at most (U - L) / 2 instead
+    of max(|L|, |U|): for ages in [0, 120], half the noise. The mean's error is, to first order,
+    (sum's noise - (mean - m) x count's noise) / n: the sum's noise dominates and the count's is
+    weighed by the mean's distance from the midpoint. The sum gets 3/5 of the epsilon and the count
+    2/5, the split that minimises that error's variance when the mean may lie anywhere within the
+    bounds with equal chance (an epsilon ratio of 3^(1/3) = 1.44, rounded to 3:2: 9% less variance
+    than an even split; 13% more in the worst case, a mean at a bound). The split is fixed by the
+    kind, never chosen from data. The interval is that first-order error's exact 95% interval
+    (:func:`~gateway.answers.noise_half_width`), intersected with the bounds.
+    """
 
     name, sql_names, example = "mean", ("avg", "mean"), "mean(column)"
-    components = (ComponentSpec("sum", "sum", Fraction(1, 2)), ComponentSpec("count", "values", Fraction(1, 2)))
+    components = (ComponentSpec("sum", "midpoint_sum", Fraction(3, 5)),
+                  ComponentSpec("count", "values", Fraction(2, 5)))
     mechanism = "ratio({})"
+    midpoint = True
 
     def estimate(self, parts: Mapping[str, Part], declared: Declared, clamp: bool) -> Value:
         total, count = parts["sum"], parts["count"]
-        low, high = declared.bounds if declared.bounds is not None else (-math.inf, math.inf)
-        if count.value >= 1 and not clamp:
-            low, high = -math.inf, math.inf
-        value, se, clamped = ratio_estimate(total.value, count.value, total.std_error, count.std_error, low, high)
-        return Value(value, se, Z95 * se, max(low, value - Z95 * se), min(high, value + Z95 * se), clamped)
+        if declared.bounds is None:
+            raise ValueError("a mean needs its column's bounds")
+        low, high = declared.bounds
+        middle = (low + high) / 2
+        if count.value < 1:  # nothing is known beyond the bounds: the midpoint, half the range as error
+            return Value(middle, (high - low) / 2, (high - low) / 2, low, high, True)
+        raw = middle + total.value / count.value
+        value = min(max(raw, low), high) if clamp else raw
+        offset, n = value - middle, count.value
+        se = math.sqrt(total.std_error ** 2 + offset ** 2 * count.std_error ** 2) / n
+        half = noise_half_width([(1 / n, total), (-offset / n, count)])
+        return Value(value, se, half, max(low, value - half), min(high, value + half), value != raw)
 
 
 class Variance(Kind):
@@ -199,8 +227,8 @@ class Variance(Kind):
     mechanism = "variance({})"
 
     def estimate(self, parts: Mapping[str, Part], declared: Declared, clamp: bool) -> Value:
-        value, se, clamped, top = _variance(parts, declared.bounds)
-        return Value(value, se, Z95 * se, max(0.0, value - Z95 * se), min(top, value + Z95 * se), clamped)
+        value, se, half, clamped, top = _variance(parts, declared.bounds)
+        return Value(value, se, half, max(0.0, value - half), min(top, value + half), clamped)
 
 
 class StdDev(Kind):
@@ -211,29 +239,36 @@ class StdDev(Kind):
     mechanism = "stddev({})"
 
     def estimate(self, parts: Mapping[str, Part], declared: Declared, clamp: bool) -> Value:
-        variance, se, clamped, top = _variance(parts, declared.bounds)
+        variance, se, half, clamped, top = _variance(parts, declared.bounds)
         value = math.sqrt(variance)
         # delta method for the standard error; the interval is the variance's, square-rooted
         sd_se = se / (2 * value) if value > 0 else math.sqrt(se)
-        low, high = math.sqrt(max(0.0, variance - Z95 * se)), math.sqrt(min(top, variance + Z95 * se))
+        low, high = math.sqrt(max(0.0, variance - half)), math.sqrt(min(top, variance + half))
         return Value(value, sd_se, Z95 * sd_se, low, high, clamped)
 
 
-def _variance(parts: Mapping[str, Part], bounds: tuple[float, float] | None) -> tuple[float, float, bool, float]:
-    """(variance clamped to what the bounds allow, delta-method std error, clamped?, largest possible)."""
+def _variance(parts: Mapping[str, Part],
+              bounds: tuple[float, float] | None) -> tuple[float, float, float, bool, float]:
+    """The variance's estimate and accuracy.
+
+    (variance clamped to what the bounds allow, delta-method std error, the first-order error's
+    exact 95% half-width, clamped?, largest possible)
+    """
     s1, s2, n = parts["sum"], parts["sum_squares"], parts["count"]
     top = ((bounds[1] - bounds[0]) / 2) ** 2 if bounds is not None else math.inf
     if n.value < 2:  # nothing is known beyond the bounds
         middle = top / 2 if math.isfinite(top) else 0.0
-        return middle, middle if math.isfinite(top) else math.inf, True, top
+        error = middle if math.isfinite(top) else math.inf
+        return middle, error, error, True, top
     count = n.value
     raw = (s2.value - s1.value ** 2 / count) / (count - 1)
     d_s2 = 1 / (count - 1)
     d_s1 = -2 * s1.value / (count * (count - 1))
     d_n = (s1.value / count) ** 2 / (count - 1) - raw / (count - 1)
     se = math.sqrt((d_s2 * s2.std_error) ** 2 + (d_s1 * s1.std_error) ** 2 + (d_n * n.std_error) ** 2)
+    half = noise_half_width([(d_s2, s2), (d_s1, s1), (d_n, n)])
     value = min(max(raw, 0.0), top)
-    return value, se, value != raw, top
+    return value, se, half, value != raw, top
 
 
 class Survival(Kind):

@@ -18,10 +18,12 @@ Z95 = 1.959963984540054
 class Part:
     """One released noisy quantity behind an estimate (a count, a sum, ...), in the estimate's units.
 
-    ``half_width`` is the half-width of the central 95% interval of its noise: exact for one
-    site's discrete Laplace, a normal approximation once parts are pooled. A vector part (per-bin
-    counts, say) holds its ``values`` row-major with their ``shape``, each with the same noise; its
-    ``value`` is NaN.
+    ``half_width`` is the half-width of the central 95% interval of its noise, from the noise's
+    actual distribution: one site's discrete Laplace, or once pooled the sum of the sites' (see
+    :mod:`gateway._intervals`). ``sources`` lists those independent noises as (scale, lattice
+    step), in the part's units; it is empty when unknown (a part read back from a broker's answer).
+    A vector part (per-bin counts, say) holds its ``values`` row-major with their ``shape``, each
+    with the same noise; its ``value`` is NaN.
     """
 
     name: str
@@ -31,18 +33,36 @@ class Part:
     noise_scale: float
     values: tuple[float, ...] = ()
     shape: tuple[int, ...] = ()
+    sources: tuple[tuple[float, float], ...] = ()
 
     @staticmethod
     def pooled(parts: list[Part]) -> Part:
-        """Parts of the same name from several sites: values add (element by element), noise variances add."""
+        """Parts of the same name from several sites: values add (element by element), and so do their noises."""
         head = parts[0]
         se = math.sqrt(sum(p.std_error ** 2 for p in parts))
+        sources = tuple(s for p in parts for s in p.sources) if all(p.sources for p in parts) else ()
+        half = noise_half_width([(1.0, p) for p in parts]) if sources else Z95 * se
         if not head.shape:
-            return Part(head.name, sum(p.value for p in parts), se, Z95 * se, math.nan)
+            return Part(head.name, sum(p.value for p in parts), se, half, math.nan, sources=sources)
         if any(p.shape != head.shape or len(p.values) != len(head.values) for p in parts):
             raise ValueError(f"{head.name}: the sites' vectors have different shapes")
         values = tuple(math.fsum(column) for column in zip(*(p.values for p in parts), strict=True))
-        return Part(head.name, math.nan, se, Z95 * se, math.nan, values, head.shape)
+        return Part(head.name, math.nan, se, half, math.nan, values, head.shape, sources)
+
+
+def noise_half_width(terms: list[tuple[float, Part]]) -> float:
+    """The 95% half-width of the noise of sum(coefficient x part), from the parts' noise sources.
+
+    A normal approximation from the standard errors when a part's sources are unknown.
+    """
+    if any(not part.sources for _, part in terms):
+        return Z95 * math.sqrt(sum((c * part.std_error) ** 2 for c, part in terms))
+    from ._intervals import half_width  # numpy: servers only (the client never pools)
+
+    try:
+        return half_width([(c, scale, step) for c, part in terms for scale, step in part.sources])
+    except (ArithmeticError, ValueError):  # scales no site releases (a broker checks answers): approximate
+        return Z95 * math.sqrt(sum((c * part.std_error) ** 2 for c, part in terms))
 
 
 @dataclass(frozen=True)
@@ -118,20 +138,6 @@ class Row:
 def symmetric(value: float, std_error: float, half_width: float, clamped: bool = False) -> Value:
     """An estimate with the interval value ± half_width."""
     return Value(value, std_error, half_width, value - half_width, value + half_width, clamped)
-
-
-def ratio_estimate(total: float, count: float, total_se: float, count_se: float, low: float,
-                   high: float) -> tuple[float, float, bool]:
-    """A mean from a noisy sum and count: (value clamped to bounds, delta-method std error, clamped?).
-
-    With a count under 1 nothing is known beyond the bounds: the midpoint, with half the range as error.
-    """
-    if count < 1:
-        return (low + high) / 2, (high - low) / 2, True
-    ratio = total / count
-    value = min(max(ratio, low), high)
-    se = math.sqrt(total_se ** 2 + value ** 2 * count_se ** 2) / count
-    return value, se, value != ratio
 
 
 def discrete_laplace_std(scale: float) -> float:

@@ -79,7 +79,8 @@ def test_pooling_adds_parts_and_their_noise_variances() -> None:
     pooled = KINDS["mean"].pool([a, b])
     assert (pooled["sum"].value, pooled["sum"].std_error) == (30.0, 5.0)
     assert (pooled["count"].value, pooled["count"].std_error) == (5.0, 5.0)
-    assert KINDS["mean"].estimate(pooled, Declared((0.0, 100.0)), clamp=False).value == 6.0
+    # a mean's sum is of distances from the bounds' midpoint, 50
+    assert KINDS["mean"].estimate(pooled, Declared((0.0, 100.0)), clamp=False).value == 56.0
 
 
 # --- through a site and a broker ---------------------------------------------------------------------

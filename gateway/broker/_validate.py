@@ -172,6 +172,8 @@ def _check_estimate(e: pb.Estimate, dry_run: bool) -> None:
             _number(f"component {c.name}", value)
         _number(f"component {c.name}'s std_error", c.std_error, nonnegative=True)
         _number(f"component {c.name}'s ci_half_width", c.ci_half_width, nonnegative=True)
+        _number(f"component {c.name}'s noise_scale", c.noise_scale, nonnegative=True, unknown=True)
+        _number(f"component {c.name}'s lattice", c.lattice, nonnegative=True)
     _check_vector(e)
 
 

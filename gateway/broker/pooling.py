@@ -3,10 +3,11 @@
 Each estimate's released parts add over the sites (and so do their noise variances), vectors
 element by element; the kind's own post-processing, from the table of aggregate kinds, turns the
 pooled parts into the estimate (a mean: the ratio of pooled sums and counts with a delta-method
-interval; survival: the Kaplan-Meier curve of the pooled counts). Vectors over a grid pool only
-when every site declares the same grid; otherwise the pooled cell is withheld with a note and each
-site's answer stands. Dataset descriptions from several sites are merged with a line for every
-declaration on which they differ.
+interval; survival: the Kaplan-Meier curve of the pooled counts), with intervals from the pooled
+noise's exact distribution. Vectors over a grid pool only when every site declares the same grid,
+and means (sums about the bounds' midpoint) only under the same bounds; otherwise the pooled cell
+is withheld with a note and each site's answer stands. Dataset descriptions from several sites
+are merged with a line for every declaration on which they differ.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 
 from .._proto.gateway.v1 import gateway_pb2 as pb
 from .._wire import bounds_from_wire, part_to_wire, parts_from_wire
-from ..aggregates import Declared, kind_of
+from ..aggregates import KINDS, Declared, kind_of
 from ..answers import Z95
 
 
@@ -64,7 +65,7 @@ def pool(answered: Sequence[tuple[str, pb.QueryResponse]], served_by: str) -> pb
         out.site_answers.add(site=site, rows=[_as_shown(row) for row in r.rows], epsilon_charged=r.epsilon_charged,
                              cached=r.cached, budget_remaining=r.budget_remaining)
     by_site = [{_key(row): row for row in r.rows} for _, r in answered]
-    differing = _differing_grids(answered)
+    differing = _differing_declarations(answered)
     for row in first.rows:
         # a group is pooled over the sites that have it as a public key (policies may differ)
         cells = [rows[_key(row)] for rows in by_site if _key(row) in rows]
@@ -73,23 +74,38 @@ def pool(answered: Sequence[tuple[str, pb.QueryResponse]], served_by: str) -> pb
         if not first.dry_run and _small(estimates, out.suppression_min_count):
             estimates = [_suppressed(e) for e in estimates]
         out.rows.add(keys=row.keys, estimates=estimates)
-    out.notes.extend(f"{label}: the sites declare different grids ({'; '.join(grids)}), so their counts cannot "
-                     "be added: the pooled values are withheld; see each site's answer"
-                     for label, grids in differing.values())
+    out.notes.extend(f"{label}: the sites declare different {what} ({'; '.join(each)}), so their {released} "
+                     "cannot be added: the pooled values are withheld; see each site's answer"
+                     for label, what, released, each in differing.values())
     return out
 
 
-def _differing_grids(answered: Sequence[tuple[str, pb.QueryResponse]]) -> dict[int, tuple[str, list[str]]]:
-    """Aggregates (by position) whose grid differs between sites: their label and each site's grid."""
+def _differing_declarations(answered: Sequence[tuple[str, pb.QueryResponse]]
+                            ) -> dict[int, tuple[str, str, str, list[str]]]:
+    """Aggregates (by position) that cannot pool because the sites declare them differently.
+
+    Per aggregate: its label, what differs, what therefore cannot be added, and each site's
+    declaration. Vectors over a grid add only over the same grid; a mean's sums of distances from
+    the bounds' midpoint only about the same midpoint.
+    """
     grids: dict[int, dict[str, tuple[float, ...]]] = {}
-    labels: dict[int, str] = {}
+    bounds: dict[int, dict[str, tuple[float, float]]] = {}
+    labels: dict[int, tuple[str, bool]] = {}
     for site, response in answered:
         for row in response.rows[:1]:
             for j, e in enumerate(row.estimates):
                 grids.setdefault(j, {})[site] = tuple(e.edges)
-                labels[j] = e.aggregate
-    return {j: (labels[j], [f"{site} {_grid(edges)}" for site, edges in by_site.items()])
-            for j, by_site in grids.items() if len(set(by_site.values())) > 1}
+                bounds.setdefault(j, {})[site] = (e.lower, e.upper)
+                labels[j] = e.aggregate, e.function in KINDS and KINDS[e.function].midpoint
+    out = {}
+    for j, by_site in grids.items():
+        label, midpoint = labels[j]
+        if len(set(by_site.values())) > 1:
+            out[j] = label, "grids", "counts", [f"{site} {_grid(edges)}" for site, edges in by_site.items()]
+        elif midpoint and len(set(bounds[j].values())) > 1:
+            out[j] = label, "bounds", "sums (of distances from the bounds' midpoint)", [
+                f"{site} [{low:g}, {high:g}]" for site, (low, high) in bounds[j].items()]
+    return out
 
 
 def _grid(edges: Sequence[float]) -> str:

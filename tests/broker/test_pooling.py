@@ -99,17 +99,20 @@ def test_pooled_components_say_what_was_added() -> None:
 
 
 def test_a_pooled_mean_is_the_ratio_of_pooled_sums_and_counts() -> None:
-    # site means 50 (of 10 patients) and 70 (of 30): the pooled mean is 2600 / 40 = 65, not (50 + 70) / 2
-    a = estimate("mean", "mean(age_at_diagnosis)", AGE, value=50, sum=(500, 20.0), count=(10, 2.0))
-    b = estimate("mean", "mean(age_at_diagnosis)", AGE, value=70, sum=(2100, 30.0), count=(30, 3.0))
+    # site means 50 (of 10 patients) and 70 (of 30): the pooled mean is 65, not (50 + 70) / 2. Their
+    # sums are of distances from the bounds' midpoint m: 10 x (50 - m) and 30 x (70 - m).
+    m = sum(AGE) / 2
+    a = estimate("mean", "mean(age_at_diagnosis)", AGE, value=50, sum=(10 * (50 - m), 20.0), count=(10, 2.0))
+    b = estimate("mean", "mean(age_at_diagnosis)", AGE, value=70, sum=(30 * (70 - m), 30.0), count=(30, 3.0))
     got = pooled_cell(a, b)
-    assert got.value == 65
-    # delta method: se(S / N) = sqrt(se(S)^2 + (S / N)^2 se(N)^2) / N, with the pooled parts' std errors
+    assert got.value == pytest.approx(65)
+    # delta method: se(m + S / N) = sqrt(se(S)^2 + (S / N)^2 se(N)^2) / N, with the pooled parts' std errors
     sum_se, count_se = math.hypot(20, 30), math.hypot(2, 3)
-    se = math.sqrt(sum_se ** 2 + 65 ** 2 * count_se ** 2) / 40
+    se = math.sqrt(sum_se ** 2 + (65 - m) ** 2 * count_se ** 2) / 40
     assert got.std_error == pytest.approx(se)
+    # these parts do not say their noise's lattice: the interval falls back to the normal approximation
     assert (got.ci_low, got.ci_high) == pytest.approx((65 - Z95 * se, 65 + Z95 * se))
-    assert [(c.name, list(c.values)) for c in got.components] == [("sum", [2600.0]), ("count", [40.0])]
+    assert [(c.name, list(c.values)) for c in got.components] == [("sum", [40 * (65 - m)]), ("count", [40.0])]
     assert [c.std_error for c in got.components] == pytest.approx([sum_se, count_se])
 
 

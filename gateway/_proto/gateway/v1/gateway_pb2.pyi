@@ -256,20 +256,22 @@ class Estimate(_message.Message):
     def __init__(self, aggregate: _Optional[str] = ..., value: _Optional[float] = ..., std_error: _Optional[float] = ..., noise_scale: _Optional[float] = ..., ci_low: _Optional[float] = ..., ci_high: _Optional[float] = ..., suppressed: _Optional[bool] = ..., clamped: _Optional[bool] = ..., mechanism: _Optional[str] = ..., epsilon: _Optional[float] = ..., ci_half_width: _Optional[float] = ..., function: _Optional[str] = ..., components: _Optional[_Iterable[_Union[Component, _Mapping]]] = ..., has_bounds: _Optional[bool] = ..., lower: _Optional[float] = ..., upper: _Optional[float] = ..., values: _Optional[_Iterable[float]] = ..., shape: _Optional[_Iterable[int]] = ..., std_errors: _Optional[_Iterable[float]] = ..., ci_lows: _Optional[_Iterable[float]] = ..., ci_highs: _Optional[_Iterable[float]] = ..., edges: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Component(_message.Message):
-    __slots__ = ("name", "values", "shape", "std_error", "ci_half_width", "noise_scale")
+    __slots__ = ("name", "values", "shape", "std_error", "ci_half_width", "noise_scale", "lattice")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     STD_ERROR_FIELD_NUMBER: _ClassVar[int]
     CI_HALF_WIDTH_FIELD_NUMBER: _ClassVar[int]
     NOISE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    LATTICE_FIELD_NUMBER: _ClassVar[int]
     name: str
     values: _containers.RepeatedScalarFieldContainer[float]
     shape: _containers.RepeatedScalarFieldContainer[int]
     std_error: float
     ci_half_width: float
     noise_scale: float
-    def __init__(self, name: _Optional[str] = ..., values: _Optional[_Iterable[float]] = ..., shape: _Optional[_Iterable[int]] = ..., std_error: _Optional[float] = ..., ci_half_width: _Optional[float] = ..., noise_scale: _Optional[float] = ...) -> None: ...
+    lattice: float
+    def __init__(self, name: _Optional[str] = ..., values: _Optional[_Iterable[float]] = ..., shape: _Optional[_Iterable[int]] = ..., std_error: _Optional[float] = ..., ci_half_width: _Optional[float] = ..., noise_scale: _Optional[float] = ..., lattice: _Optional[float] = ...) -> None: ...
 
 class GroupKey(_message.Message):
     __slots__ = ("column", "value")
