@@ -209,14 +209,19 @@ def release(plan: Plan, groups: tuple[tuple[Scalar, ...], ...], exact: tuple[tup
 
 
 def predicted(plan: Plan, groups: tuple[tuple[Scalar, ...], ...]) -> list[Row]:
-    """Dry-run rows: the accuracy each estimate will have, with no value."""
+    """Dry-run rows: the accuracy each estimate will have, with no value.
+
+    Each estimate carries its components' noise (values NaN), so that a broker can pool the noise
+    and a reader can tell, say, a mean's accuracy for a group of n values.
+    """
     estimates = []
     for agg in plan.aggregates:
         first = agg.components[0]
-        std_error, half_width = agg.kind.predict({c.name: c.part([math.nan] * c.size) for c in agg.components})
+        parts = {c.name: c.part([math.nan] * c.size) for c in agg.components}
+        std_error, half_width = agg.kind.predict(parts)
         estimates.append(Estimate(agg.aggregate.label, agg.kind.name, math.nan, std_error, first.scale / first.unit,
                                   math.nan, math.nan, half_width, agg.mechanism("discrete_laplace"), agg.epsilon,
-                                  bounds=agg.declared.bounds, edges=agg.declared.edges))
+                                  parts=tuple(parts.values()), bounds=agg.declared.bounds, edges=agg.declared.edges))
     return [Row(keys, tuple(estimates)) for keys in groups]
 
 

@@ -112,6 +112,8 @@ class Kind:
     summary: ClassVar[str] = ""
     # its sums are of distances from the bounds' midpoint: sites' sums add only under the same bounds
     midpoint: ClassVar[bool] = False
+    # the component whose noise over a group's count is, to first order, the estimate's (a mean's sum)
+    per_count: ClassVar[str] = ""
 
     def check(self, agg: Aggregate, column_for: Callable[[str, str], Column]) -> None:
         """Refuse ``agg`` unless it has this kind's shape; ``column_for(name, role)`` checks a column's role."""
@@ -194,7 +196,7 @@ class Mean(Kind):
     components = (ComponentSpec("sum", "midpoint_sum", Fraction(3, 5)),
                   ComponentSpec("count", "values", Fraction(2, 5)))
     mechanism = "ratio({})"
-    midpoint = True
+    midpoint, per_count = True, "sum"
 
     def estimate(self, parts: Mapping[str, Part], declared: Declared, clamp: bool) -> Value:
         total, count = parts["sum"], parts["count"]

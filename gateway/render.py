@@ -77,11 +77,20 @@ def query_table(response: pb.QueryResponse) -> str:
     return "\n".join(out)
 
 
+def _dry_cell(e: pb.Estimate) -> str:
+    """A dry run's accuracy: the 95% half-width, or for a mean its sum's noise over the group's count."""
+    if math.isfinite(e.ci_half_width):
+        return f"± {e.ci_half_width:.4g} (95%)"
+    noise = {c.name: c for c in e.components}
+    kind = KINDS.get(e.function)
+    if kind is not None and kind.per_count in noise:
+        return f"± {noise[kind.per_count].ci_half_width:.4g} / n (95%, n the group's values)"
+    return f"noise scale {e.noise_scale:.4g}" if math.isfinite(e.noise_scale) else "accuracy depends on the data"
+
+
 def _cell(e: pb.Estimate, dry_run: bool) -> str:
     if dry_run:
-        if math.isfinite(e.ci_half_width):
-            return f"± {e.ci_half_width:.4g} (95%)"
-        return f"noise scale {e.noise_scale:.4g}"
+        return _dry_cell(e)
     if e.suppressed:
         return "suppressed (small cell)"
     kind = KINDS.get(e.function)

@@ -157,10 +157,14 @@ def _pool_estimate(parts: list[pb.Estimate], dry_run: bool) -> pb.Estimate:
     out = pb.Estimate(aggregate=head.aggregate, function=head.function, mechanism=f"pooled({head.mechanism})",
                       epsilon=head.epsilon, noise_scale=math.nan, has_bounds=head.has_bounds, lower=head.lower,
                       upper=head.upper, edges=head.edges)
-    if dry_run:
+    if dry_run:  # the pooled noise's accuracy, from the sites' components (noise only, no values)
         out.value = out.ci_low = out.ci_high = math.nan
         out.std_error = math.sqrt(sum(p.std_error ** 2 for p in parts))
         out.ci_half_width = Z95 * out.std_error
+        if all(p.components for p in parts):
+            noise = kind.pool([parts_from_wire(p) for p in parts])
+            out.std_error, out.ci_half_width = kind.predict(noise)
+            out.components.extend(part_to_wire(p) for p in noise.values())
         return out
     if any(not p.components for p in parts):  # a site that sent no parts (an older version) cannot be pooled
         out.value = out.ci_low = out.ci_high = out.std_error = out.ci_half_width = math.nan

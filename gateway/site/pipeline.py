@@ -44,8 +44,9 @@ from ..query import Query, check_query
 from ..templates import resolve_template
 
 QUERY_ID_MAX = 128
-# what one estimate (with its released components) and one group key take on the wire, at most
-ESTIMATE_BYTES, KEY_BYTES = 300, 48
+# what one estimate (with up to three released components of about 60 bytes each, and a label of up
+# to 80) and one group key take on the wire, at most
+ESTIMATE_BYTES, KEY_BYTES = 400, 48
 DOUBLE_BYTES = 8  # each further number of a vector estimate (packed repeated double)
 MAX_ANSWER_BYTES = 3 * 2**20
 

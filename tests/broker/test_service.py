@@ -17,6 +17,7 @@ from gateway.demo.network import start_network
 from gateway.errors import BudgetExhausted, InvalidQuery, Unavailable
 from gateway.ledger import SqliteLedger
 from gateway.policy import KeyRange
+from gateway.render import query_table
 from tests.helpers.cli import GATEWAY, run_cli, wait_for_port_file
 from tests.helpers.policies import example_policy, with_column, write_policy
 from tests.helpers.servers import ExactNoise
@@ -40,6 +41,37 @@ def test_pooled_counts_and_means_are_exact_combinations(start_site, start_broker
     est = result.response.rows[0].estimates[0]
     site_se = result.response.site_answers[0].rows[0].estimates[0].std_error
     assert est.mechanism.startswith("pooled(") and est.std_error == pytest.approx(math.sqrt(3) * site_se)
+
+
+def test_a_broker_dry_run_gives_the_pooled_accuracy_of_counts_and_means(start_site, start_broker, token):
+    """Through the broker a dry run tells a count's exact pooled 95% half-width, and a mean's as its
+    pooled sum's noise over the group's count (it was 'noise scale nan')."""
+    sites = {f"s{i}": start_site(name=f"s{i}") for i in range(4)}
+    broker = start_broker(sites)
+    sql = "SELECT count(*), mean(age_at_diagnosis) FROM patients"
+    with Client(broker.target, token=token()) as c:
+        result = c.query(sql, epsilon=0.5, dry_run=True)
+        spent = c.budget()
+    count, mean = result.response.rows[0].estimates
+    site_count = result.response.site_answers[0].rows[0].estimates[0]
+    scale = site_count.components[0].noise_scale
+    # the exact quantile of the sum of the four sites' discrete Laplace noises, brute force
+    a = math.exp(-1 / scale)
+    pmf = [(1 - a) / (1 + a) * a ** abs(d) for d in range(-400, 401)]
+    total = [1.0]
+    for _ in range(4):
+        total = [sum(total[i - j] * pmf[j] for j in range(len(pmf)) if 0 <= i - j < len(total))
+                 for i in range(len(total) + len(pmf) - 1)]
+    middle = len(total) // 2
+    exact = next(t for t in range(middle) if sum(total[middle - t:middle + t + 1]) >= 0.95)
+    assert count.ci_half_width == exact
+    assert math.isnan(count.value) and math.isnan(mean.value)
+    pooled_sum = {c.name: c for c in mean.components}["sum"]
+    assert all(math.isnan(v) for c in mean.components for v in c.values)  # noise only, no value
+    assert pooled_sum.ci_half_width > site_count.ci_half_width
+    rendered = query_table(result.response)
+    assert f"± {pooled_sum.ci_half_width:.4g} / n (95%" in rendered and "nan" not in rendered
+    assert spent["spent"].sum() == 0  # a dry run charges nothing
 
 
 @pytest.mark.slow
