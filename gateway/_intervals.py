@@ -20,6 +20,7 @@ Post-processing of released values only: no noise is drawn here. numpy is import
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -63,9 +64,8 @@ def _half_width(terms: tuple[Term, ...], level: float) -> float:
     size = 2 * half + 1
     n_fft = 1 << (2 * size - 1).bit_length()
     total = np.ones(n_fft // 2 + 1, dtype=complex)
-    for coef, scale, lattice in terms:
-        pmf = _binned(np, coef, scale, lattice, step, half)
-        total *= np.fft.rfft(pmf, n_fft)
+    for (coef, scale, lattice), times in Counter(terms).items():  # identical sites' noises: one transform
+        total *= np.fft.rfft(_binned(np, coef, scale, lattice, step, half), n_fft) ** times
     # the sum's support is twice as wide; centre it and keep |x| <= reach
     dist = _centred(np, np.fft.irfft(total, n_fft), len(terms), half)
     dist = np.clip(dist, 0.0, None)
