@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,14 +127,24 @@ def survival_spec(dataset: str, time: str, event: str, by: str | Sequence[str] |
             "filters": list(filters)}
 
 
+def histogram_spec(dataset: str, column: str, by: str | Sequence[str] | None,
+                   filters: Sequence[tuple[str, str, Any]]) -> StructuredSpec:
+    """The structured query of a histogram of ``column`` per group of ``by`` (quantiles derive from it)."""
+    group_by = [by] if isinstance(by, str) else list(by or ())
+    return {"dataset": dataset, "aggregates": [("histogram", column)], "group_by": group_by,
+            "filters": list(filters)}
+
+
 def finish(response: pb.QueryResponse, require_all_sites: bool, survival_time: str | None = None,
-           stacklevel: int = 3) -> QueryResult:
-    """The answer as a result.
+           stacklevel: int = 3, wrap: Callable[[pb.QueryResponse], QueryResult] | None = None) -> QueryResult:
+    """The answer as a result (``wrap`` makes it: a histogram's, say).
 
     Sites missing from it give a :class:`MissingSitesWarning`, or :class:`IncompleteAnswer` when the
     caller required them all.
     """
     result = QueryResult(response) if survival_time is None else SurvivalResult(response, survival_time)
+    if wrap is not None:
+        result = wrap(response)
     missing = result.missing_sites
     if missing:
         listed = "; ".join(f"{site} ({why})" for site, why in missing.items())
