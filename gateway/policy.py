@@ -413,8 +413,9 @@ class Dataset(_Model):
     time); the noise is sized for it. 1 for a table with one row per patient."""
     columns: Mapping[str, Column]
     """The queryable columns by name; columns not listed cannot be used."""
-    aggregates: Annotated[Mapping[str, KindRule], BeforeValidator(_kinds_mapping, json_schema_input_type=Any)] = (
-        Field(default_factory=lambda: {name: KindRule() for name in ("count", "sum", "mean")}))
+    aggregates: Annotated[Mapping[str, KindRule], BeforeValidator(
+        _kinds_mapping, json_schema_input_type=list[str] | dict[str, KindRule])] = Field(
+        default_factory=lambda: {name: KindRule() for name in ("count", "sum", "mean")})
     """The aggregate kinds allowed on this dataset (``count``, ``sum``, ``mean``, ``variance``,
     ``stddev``, ``survival``, ``histogram``, ``quantile``, ``median``): a list, or a mapping from
     each allowed kind to its own limits, e.g. ``{count: {}, median: {epsilon: {max: 0.5}}}``. A kind

@@ -10,19 +10,11 @@ reported intervals, and by simulation the intervals cover the true quantile abou
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Sequence
 from pathlib import Path
 
-import duckdb
-import pytest
-
 from gateway._binned import HistogramResult
-from gateway.demo.synth import synthesize
-from gateway.errors import InvalidQuery, PolicyViolation
-from gateway.quantiles import quantiles_of
 from tests.helpers.data import exact
-from tests.helpers.policies import example_policy, with_column, with_dataset, write_policy
 from tests.helpers.servers import ExactNoise, client
 
 AGE_EDGES = tuple(float(a) for a in range(18, 101))  # the example policies' age bins: one per year
