@@ -177,6 +177,8 @@ def _budget_effect(path: str, old: Any, new: Any) -> str | None:
     """Why an edit at ``path`` changes what can be spent (None: it does not)."""
     parts = path.replace("[", ".").replace("]", "").split(".")
     field = parts[-1]
+    if parts[0] == "datasets" and len(parts) in (4, 5) and parts[2] == "aggregates":
+        return _kind_effect(parts[3], old, new)
     if parts[0] in ("budgets", "population_caps", "dataset_caps") or (parts[0] == "datasets" and "epsilon" in parts):
         if field == "period":
             return "takes effect when the window in force ends; spend made in it is never freed"
@@ -188,6 +190,19 @@ def _budget_effect(path: str, old: Any, new: Any) -> str | None:
     if path == "period_start":
         return "moves the windows; takes effect when the window in force ends"
     return None
+
+
+def _kind_effect(kind: str, old: Any, new: Any) -> str:
+    """An aggregate kind allowed or refused, or its own epsilon limits added or dropped."""
+    if old == "(absent)":
+        return f"loosens: allows {kind}"
+    if new == "(removed)":
+        return f"tightens: refuses {kind}"
+    if old is None:
+        return f"tightens: {kind} gets its own per-query limits"
+    if new is None:
+        return f"loosens: {kind} drops its own per-query limits"
+    return f"changes {kind}'s per-query limits"
 
 
 def _direction(old: Any, new: Any) -> str:
