@@ -187,9 +187,7 @@ def _budget_effect(path: str, old: Any, new: Any) -> str | None:
         return "changes who may spend, or on which datasets"
     if parts[0] == "epsilon":
         return _direction(old, new) + " (per query)"
-    if path == "period_start":
-        return "moves the windows; takes effect when the window in force ends"
-    return None
+    return "moves the windows; takes effect when the window in force ends" if path == "period_start" else None
 
 
 def _kind_effect(kind: str, old: Any, new: Any) -> str:

@@ -42,7 +42,7 @@ def test_an_edit_that_spends_nothing_is_not_flagged() -> None:
 
 def test_a_kind_allowed_refused_or_given_its_own_limits_is_flagged() -> None:
     old = example_policy()
-    kinds = dict.fromkeys(old.datasets["patients"].aggregates, {})
+    kinds = {kind: {} for kind in old.datasets["patients"].aggregates}
     limited = with_dataset(old, "patients", aggregates={**kinds, "median": {"epsilon": {"max": "1/2"}}})
     tighter = with_dataset(old, "patients", aggregates={**kinds, "median": {"epsilon": {"max": "1/4"}}})
     without = with_dataset(old, "patients", aggregates=[k for k in kinds if k != "median"])

@@ -219,7 +219,7 @@ def test_bad_quantile_levels_are_refused_before_any_call(start_site, token, qs) 
 
 
 def test_a_kind_keeps_to_its_own_epsilon_limits(start_site, token, site_data, tmp_path) -> None:
-    rules = {**dict.fromkeys(example_policy().datasets["patients"].aggregates, {}),
+    rules = {**{kind: {} for kind in example_policy().datasets["patients"].aggregates},
              "median": {"epsilon": {"max": "1/4", "default": "1/10"}}}
     policy = with_dataset(example_policy(), "patients", aggregates=rules)
     site = start_site(policy=write_policy(tmp_path, site_data, policy=policy))
