@@ -9,6 +9,7 @@ reported intervals, and by simulation the intervals cover the true quantile abou
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 from collections.abc import Sequence
@@ -20,17 +21,19 @@ import duckdb
 import pytest
 
 from gateway import _mechanisms as mechanisms
-from gateway._binned import HistogramResult
+from gateway._binned import HistogramResult, QuantilesResult
 from gateway._engine import Engine
 from gateway._sqlfront import parse_sql
+from gateway.aio import Client as AioClient
 from gateway.demo.synth import synthesize
 from gateway.errors import InvalidQuery, PolicyViolation
-from gateway.policy import Bins, load_policy
+from gateway.policy import Bins, Parameter, Template, load_policy
 from gateway.policy import Column as PolicyColumn
 from gateway.quantiles import quantiles_of
 from gateway.query import check_query
+from gateway.render import query_json, query_table
 from tests.helpers.data import exact
-from tests.helpers.policies import example_policy, with_column, with_dataset, write_policy
+from tests.helpers.policies import example_policy, with_column, with_dataset, with_policy, write_policy
 from tests.helpers.servers import ExactNoise, client
 
 AGE_EDGES = tuple(float(a) for a in range(18, 101))  # the example policies' age bins: one per year
@@ -171,6 +174,60 @@ def test_several_quantiles_of_one_histogram_cost_one_epsilon_in_the_client(start
         assert site.state.ledger.total_spent() == pytest.approx(0.3)
         again = c.histogram("patients", "age_at_diagnosis", by="sex", epsilon=0.3)
     assert again.cached and again.epsilon_charged == 0  # the same histogram, stored
+
+
+def test_an_approved_template_asks_for_a_quantile_with_its_level_as_a_parameter(start_site, token, site_data,
+                                                                                tmp_path) -> None:
+    template = Template(sql="SELECT sex, quantile(age_at_diagnosis, :q) FROM patients GROUP BY sex",
+                        params={"q": Parameter(type="float", default=0.9)})
+    policy = with_policy(example_policy(), templates={**example_policy().templates, "age_quantile": template})
+    site = start_site(noise=ExactNoise(), policy=write_policy(tmp_path, site_data, policy=policy))
+    with client(site, token) as c:
+        result = c.query(template="age_quantile", params={"q": 0.25}, epsilon=1)
+        with pytest.raises(InvalidQuery, match="strictly between 0 and 1"):
+            c.query(template="age_quantile", params={"q": 2.0}, epsilon=1)
+    rows = [a for (a,) in exact(site_data, "SELECT age_at_diagnosis FROM patients WHERE sex = 'F'")]
+    assert result.response.aggregates == ["quantile(age_at_diagnosis; q=0.25)"]
+    assert result.response.rows[0].estimates[0].value == pytest.approx(
+        interpolated(binned(rows, AGE_EDGES), AGE_EDGES, 0.25))
+
+
+def test_the_command_line_shows_the_median_and_gives_the_bins_as_json(start_site, token, site_data) -> None:
+    site = start_site(noise=ExactNoise())
+    with client(site, token) as c:
+        response = c.query("SELECT histogram(age_at_diagnosis), quantile(age_at_diagnosis, 0.75) FROM patients",
+                           epsilon=1).response
+    histogram, quartile = response.rows[0].estimates
+    table = query_table(response)
+    assert f"median {histogram.value:g} [" in table.splitlines()[2]
+    assert f"{quartile.value:.2f} [{quartile.ci_low:.2f}, {quartile.ci_high:.2f}]" in table.splitlines()[2]
+    assert any("82 declared bins 18..100" in line for line in table.splitlines())
+    cell = query_json(response)["rows"][0]["histogram(age_at_diagnosis)"]
+    assert cell["vector"]["edges"] == list(AGE_EDGES) and cell["vector"]["shape"] == [82]
+    assert sum(cell["vector"]["values"]) == exact(site_data, "SELECT count(*) FROM patients")[0][0]
+
+
+def test_plot_writes_a_png_with_one_panel_per_group(start_site, token, tmp_path) -> None:
+    site = start_site()
+    with client(site, token) as c:
+        result = c.histogram("patients", "age_at_diagnosis", by="sex", epsilon=1)
+    path = result.plot(tmp_path / "ages.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 20_000
+
+
+def test_the_asyncio_client_offers_the_same_calls(start_site, token) -> None:
+    site = start_site()
+
+    async def session() -> tuple[QuantilesResult, HistogramResult]:
+        async with AioClient(site.target, token=token()) as gw:
+            quantiles = await gw.quantiles("patients", "age_at_diagnosis", qs=(0.5,), epsilon=1)
+            histogram = await gw.histogram("patients", "age_at_diagnosis", epsilon=1)
+        return quantiles, histogram
+
+    quantiles, histogram = asyncio.run(session())
+    assert histogram.cached  # the same histogram as the quantiles': stored, free
+    assert quantiles.frame["value"][0] == histogram.quantiles((0.5,))["value"][0]
+    assert histogram.frame.height == 82
 
 
 # --- refusals ---------------------------------------------------------------------------------------------
