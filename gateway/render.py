@@ -130,7 +130,9 @@ def explain(policy: Policy, project: str, role: str) -> str:
                      + (f" (population cap {float(cap.epsilon):g} per {cap.period} over all projects)" if cap else ""))
         lines.append(f"  per query: default epsilon {float(limits.default):g}, max {float(limits.max):g}; "
                      f"at most {int(rule.epsilon / limits.default)} default-cost queries per period")
-        lines.append(f"  aggregates: {', '.join(dataset.aggregates)}; each patient counts at most "
+        kinds = [kind + (f" (max epsilon {float(policy.epsilon_limits(name, (kind,)).max):g})"
+                         if rule.epsilon is not None else "") for kind, rule in dataset.aggregates.items()]
+        lines.append(f"  aggregates: {', '.join(kinds)}; each patient counts at most "
                      f"{dataset.max_rows_per_unit} row(s)" + ("; templates only" if dataset.templates_only else ""))
         for cname, col in dataset.columns.items():
             extra = f" bounds [{col.bounds[0]:g}, {col.bounds[1]:g}]" if col.bounds else ""
