@@ -164,12 +164,15 @@ def structured_message(spec: StructuredSpec) -> pb.StructuredQuery:
     """Build a structured query message from a plain mapping (see :meth:`gateway.client.Client.query`).
 
     An aggregate is a kind's name (``"count"``) or a tuple of the name and its columns
-    (``("mean", "age")``, ``("survival", "survival_months", "death")``).
+    (``("mean", "age")``, ``("survival", "survival_months", "death")``), and last its parameters
+    as a mapping (``("quantile", "age", {"q": 0.9})``).
     """
     message = pb.StructuredQuery(dataset=spec["dataset"], group_by=list(spec.get("group_by", ())))
     for agg in spec.get("aggregates", ()):
         function, *columns = (agg,) if isinstance(agg, str) else agg
-        message.aggregates.add(function=function, column=columns[0] if columns else "", more_columns=columns[1:])
+        params = columns.pop() if columns and isinstance(columns[-1], Mapping) else {}
+        message.aggregates.add(function=function, column=columns[0] if columns else "", more_columns=columns[1:],
+                               params={k: to_value(v) for k, v in params.items()})
     for f in spec.get("filters", ()):
         message.filters.append(_filter_message(*f))
     return message

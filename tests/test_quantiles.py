@@ -230,6 +230,33 @@ def test_the_asyncio_client_offers_the_same_calls(start_site, token) -> None:
     assert histogram.frame.height == 82
 
 
+def test_sql_and_structured_forms_are_one_query_and_the_second_is_free(start_site, token) -> None:
+    site = start_site()
+    with client(site, token) as c:
+        first = c.query("SELECT sex, quantile(age_at_diagnosis, 0.9) FROM patients GROUP BY sex", epsilon=0.5)
+        again = c.query(structured={"dataset": "patients", "group_by": ["sex"],
+                                    "aggregates": [("quantile", "age_at_diagnosis", {"q": 0.9})]}, epsilon=0.5)
+        with pytest.raises(InvalidQuery, match="strictly between 0 and 1"):
+            c.query(structured={"dataset": "patients", "aggregates": [("quantile", "age_at_diagnosis", {"q": -1})]},
+                    epsilon=0.5)
+        with pytest.raises(InvalidQuery, match="histogram takes no parameters"):
+            c.query(structured={"dataset": "patients", "aggregates": [("histogram", "age_at_diagnosis", {"q": 0.5})]},
+                    epsilon=0.5)
+    assert first.response.canonical_hash == again.response.canonical_hash
+    assert again.cached and again.epsilon_charged == 0
+    assert any("interpolated within the bins" in note for note in first.notes)
+
+
+def test_a_dry_run_prices_a_histogram_and_charges_nothing(start_site, token) -> None:
+    site = start_site()
+    with client(site, token) as c:
+        plan = c.histogram("patients", "age_at_diagnosis", by="stage", epsilon=0.4, dry_run=True)
+    assert plan.response.dry_run and plan.epsilon_charged == pytest.approx(0.4)
+    assert plan.frame["count"].null_count() == plan.frame.height == 4 * 82
+    assert plan.quantiles((0.5,))["value"].null_count() == 4
+    assert site.state.ledger.total_spent() == 0
+
+
 # --- refusals ---------------------------------------------------------------------------------------------
 
 NO_MEDIAN = with_dataset(example_policy(), "patients", aggregates=("count", "mean", "histogram"))
