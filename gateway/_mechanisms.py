@@ -126,7 +126,8 @@ def plan_query(query: Query, dataset: Dataset, epsilon: Fraction) -> Plan:
         if column is not None and column.bounds is not None:
             low, high = column.fixed_bounds
             bounds = (low / column.unit, high / column.unit)
-        edges = column.grid if column is not None else ()
+        # only a kind released over the grid carries it: a mean of a binned column is pooled whatever its bins
+        edges = column.grid if column is not None and any(spec.shape(column) for spec in kind.components) else ()
         level = kind.level(agg)
         declared = Declared(bounds, edges) if level is None else Declared(bounds, edges, level)
         plans.append(AggregatePlan(agg, kind, components, declared, share))

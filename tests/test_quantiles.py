@@ -346,3 +346,17 @@ def test_intervals_cover_the_true_quantile_about_95_percent_and_half_as_wide_wou
     for q in qs:
         assert 0.91 <= hits[q] / runs <= 0.99, (q, hits[q] / runs)
         assert narrow[q] / runs < 0.85, (q, narrow[q] / runs)
+
+
+def test_a_scalar_of_a_binned_column_carries_no_grid_and_pools_whatever_the_bins(start_site, start_broker, token,
+                                                                                  site_data, tmp_path) -> None:
+    (tmp_path / "south").mkdir()
+    coarse = with_column(example_policy("south"), "patients", "age_at_diagnosis", bins=Bins(width=10, min=10, max=100))
+    sites = {"north": start_site(noise=ExactNoise()),
+             "south": start_site(noise=ExactNoise(), policy=write_policy(tmp_path / "south", site_data, site="south",
+                                                                          policy=coarse))}
+    with client(start_broker(sites), token) as c:
+        result = c.query("SELECT mean(age_at_diagnosis), histogram(age_at_diagnosis) FROM patients", epsilon=1)
+    mean, histogram = result.response.rows[0].estimates
+    assert not mean.edges and not mean.suppressed and math.isfinite(mean.value)
+    assert histogram.suppressed and any("different grids" in note for note in result.notes)
