@@ -378,6 +378,10 @@ class Quantile(Kind):
         """Unknown before running: the quantile's accuracy depends on the counts."""
         return math.nan, math.nan
 
+    def vector_doubles(self, column: Column | None) -> int:
+        assert column is not None
+        return 2 * len(column.grid)  # the counts (a broker pools them) and the grid
+
     def note(self, agg: Aggregate, column: Column | None) -> str:
         assert column is not None
         return histogram_note(agg.label, agg.columns[0], column.grid, quantile=True)

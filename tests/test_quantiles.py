@@ -280,6 +280,10 @@ NO_BINS = with_column(example_policy(), "patients", "bmi", bins=None)
      "'median' is not allowed on 'patients' by the site's policy (datasets.patients.aggregates)"),
     (None, "SELECT " + ", ".join(f"quantile(age_at_diagnosis, {q / 100})" for q in range(1, 34)) + " FROM patients",
      InvalidQuery, "the query has 33 aggregates; at most 32 are allowed"),
+    (None, "SELECT histogram(bmi) FROM patients GROUP BY age_at_diagnosis, diagnosis_year, sex", InvalidQuery,
+     "MiB a site sends; group by fewer columns"),
+    (None, "SELECT quantile(bmi, 0.5), quantile(bmi, 0.6) FROM patients GROUP BY age_at_diagnosis, "
+           "diagnosis_year, sex, vital_status", InvalidQuery, "MiB a site sends; group by fewer columns"),
 ])
 def test_refusals_say_why_and_cost_nothing(start_site, token, site_data, tmp_path, policy, sql, error,
                                            message) -> None:
