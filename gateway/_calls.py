@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,14 +127,24 @@ def survival_spec(dataset: str, time: str, event: str, by: str | Sequence[str] |
             "filters": list(filters)}
 
 
+def histogram_spec(dataset: str, column: str, by: str | Sequence[str] | None,
+                   filters: Sequence[tuple[str, str, Any]]) -> StructuredSpec:
+    """The structured query of a histogram of ``column`` per group of ``by`` (quantiles derive from it)."""
+    group_by = [by] if isinstance(by, str) else list(by or ())
+    return {"dataset": dataset, "aggregates": [("histogram", column)], "group_by": group_by,
+            "filters": list(filters)}
+
+
 def finish(response: pb.QueryResponse, require_all_sites: bool, survival_time: str | None = None,
-           stacklevel: int = 3) -> QueryResult:
-    """The answer as a result.
+           stacklevel: int = 3, wrap: Callable[[pb.QueryResponse], QueryResult] | None = None) -> QueryResult:
+    """The answer as a result (``wrap`` makes it: a histogram's, say).
 
     Sites missing from it give a :class:`MissingSitesWarning`, or :class:`IncompleteAnswer` when the
     caller required them all.
     """
     result = QueryResult(response) if survival_time is None else SurvivalResult(response, survival_time)
+    if wrap is not None:
+        result = wrap(response)
     missing = result.missing_sites
     if missing:
         listed = "; ".join(f"{site} ({why})" for site, why in missing.items())
@@ -154,12 +164,15 @@ def structured_message(spec: StructuredSpec) -> pb.StructuredQuery:
     """Build a structured query message from a plain mapping (see :meth:`gateway.client.Client.query`).
 
     An aggregate is a kind's name (``"count"``) or a tuple of the name and its columns
-    (``("mean", "age")``, ``("survival", "survival_months", "death")``).
+    (``("mean", "age")``, ``("survival", "survival_months", "death")``), and last its parameters
+    as a mapping (``("quantile", "age", {"q": 0.9})``).
     """
     message = pb.StructuredQuery(dataset=spec["dataset"], group_by=list(spec.get("group_by", ())))
     for agg in spec.get("aggregates", ()):
         function, *columns = (agg,) if isinstance(agg, str) else agg
-        message.aggregates.add(function=function, column=columns[0] if columns else "", more_columns=columns[1:])
+        params = columns.pop() if columns and isinstance(columns[-1], Mapping) else {}
+        message.aggregates.add(function=function, column=columns[0] if columns else "", more_columns=columns[1:],
+                               params={k: to_value(v) for k, v in params.items()})
     for f in spec.get("filters", ()):
         message.filters.append(_filter_message(*f))
     return message

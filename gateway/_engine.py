@@ -470,7 +470,8 @@ def _aggregate_sql(agg: Aggregate, dataset: Dataset, params: list[object]) -> li
     return [_component_sql(spec, agg, dataset, params) for spec in kind_of(agg.function).components]
 
 
-def _component_sql(spec: ComponentSpec, agg: Aggregate, dataset: Dataset, params: list[object]) -> str:  # noqa: PLR0911
+def _component_sql(spec: ComponentSpec, agg: Aggregate, dataset: Dataset,  # noqa: PLR0911 (one per kind of sql)
+                   params: list[object]) -> str:
     sql, name = spec.sql, agg.column
     if sql == "rows":
         return "count(*)"
@@ -480,6 +481,8 @@ def _component_sql(spec: ComponentSpec, agg: Aggregate, dataset: Dataset, params
         return f"count({quote(name)})"
     if sql == "survival_bins":
         return _survival_sql(name, column, agg.more_columns[0], params)
+    if sql == "histogram_bins":
+        return _histogram_sql(name, column, params)
     fixed = _fixed_point(name, column, params)
     if sql == "sum":
         return f"coalesce(sum({fixed}), 0)"
@@ -565,6 +568,29 @@ def _survival_sql(time_name: str, time: Column, event_name: str, params: list[ob
     # least/greatest skip NULLs, so a missing time is ruled out before the time is clamped
     return (f"histogram(CASE WHEN {event} IN (0, 1) AND {quote(time_name)} IS NOT NULL THEN CASE WHEN {past_end} > ? "
             f"THEN ? WHEN {event} = 1 THEN {on_event} ELSE ? + {censored} END END)")
+
+
+def _histogram_sql(name: str, column: Column, params: list[object]) -> str:
+    """Rows per bin [t[i], t[i+1]) of the declared edges t0 < ... < tm, as a ``histogram`` map per group.
+
+    Index i (0 <= i < m) counts values in [t[i], t[i+1]); the last bin also holds tm; a value below
+    t0 counts at index 0 and one above tm at index m - 1 (clamped); a missing value (NULL, NaN)
+    counts nowhere. Each row adds 1 to at most one index. Values are compared in fixed point at the
+    column's precision against the grid's exact integer edges, as survival times are.
+    """
+    edges = column.fixed_grid
+    m = len(edges) - 1
+    if column.bins is not None and column.bins.regular:
+        value = _fixed_time(name, column, edges[0], edges[-1], params)
+        params.extend([edges[0], edges[1] - edges[0], m - 1])
+        index = f"least(greatest(({value} - ?) // ?, 0), ?)"
+    else:
+        whens = []
+        for i, edge in enumerate(edges[1:-1]):
+            whens.append(f"WHEN {_fixed_time(name, column, edges[0], edges[-1], params)} < ? THEN {i}")
+            params.append(edge)
+        index = f"(CASE {' '.join(whens)} ELSE {m - 1} END)" if whens else "0"
+    return f"histogram(CASE WHEN {quote(name)} IS NOT NULL THEN {index} END)"
 
 
 def _fixed_time(name: str, column: Column, start: int, end: int, params: list[object]) -> str:

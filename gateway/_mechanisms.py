@@ -11,8 +11,9 @@ component of an aggregate kind (:mod:`gateway.aggregates`) declares the most one
 (the L1 norm of what it adds, for a vector component); the sensitivity is k times that. For a sum,
 a row adds its scaled, rounded value clamped as an integer to ``Column.fixed_bounds`` [l, u]: at
 most max(|l|, |u|); for a count, 1; for survival's per-bin event and censoring counts, 1 to one of
-them. A component is one measurement over all its values (groups, and bins), so a patient's rows
-spread over several groups or bins still move it by at most the sensitivity in L1. How released
+them; for a histogram's (and a quantile's) per-bin counts, 1 to one bin. A component is one
+measurement over all its values (groups, and bins), so a patient's rows spread over several groups
+or bins still move it by at most the sensitivity in L1. How released
 components become estimates (a mean's ratio, a survival curve) is the kind's post-processing.
 """
 
@@ -127,8 +128,11 @@ def plan_query(query: Query, dataset: Dataset, epsilon: Fraction) -> Plan:
         if column is not None and column.bounds is not None:
             low, high = column.fixed_bounds
             bounds = (low / column.unit, high / column.unit)
-        edges = column.grid if column is not None else ()
-        plans.append(AggregatePlan(agg, kind, components, Declared(bounds, edges), share))
+        # only a kind released over the grid carries it: a mean of a binned column is pooled whatever its bins
+        edges = column.grid if column is not None and any(spec.shape(column) for spec in kind.components) else ()
+        level = kind.level(agg)
+        declared = Declared(bounds, edges) if level is None else Declared(bounds, edges, level)
+        plans.append(AggregatePlan(agg, kind, components, declared, share))
     return Plan(tuple(plans), epsilon)
 
 
@@ -221,7 +225,8 @@ def predicted(plan: Plan, groups: tuple[tuple[Scalar, ...], ...]) -> list[Row]:
         std_error, half_width = agg.kind.predict(parts)
         estimates.append(Estimate(agg.aggregate.label, agg.kind.name, math.nan, std_error, first.scale / first.unit,
                                   math.nan, math.nan, half_width, agg.mechanism("discrete_laplace"), agg.epsilon,
-                                  parts=tuple(parts.values()), bounds=agg.declared.bounds, edges=agg.declared.edges))
+                                  parts=tuple(parts.values()), bounds=agg.declared.bounds, edges=agg.declared.edges,
+                                  level=agg.kind.level(agg.aggregate) or 0.0))
     return [Row(keys, tuple(estimates)) for keys in groups]
 
 
@@ -231,4 +236,4 @@ def _estimate(agg: AggregatePlan, parts: dict[str, Part], mechanism: str) -> Est
     return Estimate(agg.aggregate.label, agg.kind.name, value.value, value.std_error, first.scale / first.unit,
                     value.ci_low, value.ci_high, value.half_width, agg.mechanism(mechanism), agg.epsilon,
                     clamped=value.clamped, parts=tuple(parts.values()), bounds=agg.declared.bounds,
-                    vector=value.vector, edges=agg.declared.edges)
+                    vector=value.vector, edges=agg.declared.edges, level=agg.kind.level(agg.aggregate) or 0.0)

@@ -3,7 +3,9 @@
 A budget rule whose dataset pattern matches no dataset grants nothing, silently; a role pattern
 that is a misspelling of a usual role grants nothing to the callers it was meant for. Each warning
 is ``file:line: field: warning: ...``, with a "did you mean" where a name is close to one that
-exists. ``gateway policy check`` prints them (``--strict`` fails on them).
+exists. An aggregate kind's own epsilon max that is not below the dataset's changes nothing; a
+histogram, median or quantile allowed on a dataset without bins is always refused. ``gateway
+policy check`` prints them (``--strict`` fails on them).
 """
 
 from __future__ import annotations
@@ -11,14 +13,16 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
 
 from ._yamlfile import line_index
+from .aggregates import KINDS
 from .ledger import spent_in_force
-from .policy import LoadedPolicy
+from .policy import LoadedPolicy, Policy
 
 USUAL_ROLES = ("researcher", "analyst", "officer")
 
@@ -59,7 +63,25 @@ def policy_warnings(loaded: LoadedPolicy) -> list[str]:
                                           fnmatch.fnmatchcase(rule.project, pattern) for rule in policy.budgets):
                 warn(("templates", name, "projects", str(j)),
                      f"no budget rule covers project {pattern!r}, so it cannot run this template")
+    _kind_warnings(policy, warn)
     return [text for _, text in sorted(found, key=lambda item: item[0])]
+
+
+def _kind_warnings(policy: Policy, warn: Callable[[tuple[str, ...], str], None]) -> None:
+    """A kind's own limit that can never bind, and a binned kind allowed where no column has bins."""
+    for name, dataset in policy.datasets.items():
+        limits = dataset.epsilon or policy.epsilon
+        for kind, rule in dataset.aggregates.items():
+            own = rule.epsilon
+            if own is not None and own.max is not None and own.max >= limits.max:
+                warn(("datasets", name, "aggregates", kind, "epsilon", "max"),
+                     f"{kind}'s max {float(own.max):g} is not below the dataset's {float(limits.max):g}: it changes "
+                     "nothing (a kind's limits only tighten the dataset's)")
+            needs_bins = any(spec.sql == "histogram_bins" for spec in KINDS[kind].components)
+            if needs_bins and not any(column.bins is not None for column in dataset.columns.values()):
+                warn(("datasets", name, "aggregates", kind),
+                     f"{kind} is allowed, but no column of {name!r} declares bins, so every {kind} query is refused; "
+                     "declare bins on a column with the aggregate role")
 
 
 def _close(name: str, known: list[str]) -> str:

@@ -200,17 +200,31 @@ class _Converter:
         if isinstance(node, exp.Anonymous):
             name, args = str(node.this).lower(), list(node.expressions)
         elif isinstance(node, exp.AggFunc):
-            name, args = node.sql_name().lower(), [a for a in (node.this, *node.expressions) if a is not None]
+            # the arguments in order: sqlglot names some (a quantile's level is "quantile" or "expression")
+            args = [a for key, a in node.args.items() if key != "expressions" and isinstance(a, exp.Expression)]
+            name, args = node.sql_name().lower(), [*args, *node.expressions]
         else:
             raise InvalidQuery(f"unsupported select item {node.sql()!r}; {SUPPORTED}")
         kind = BY_SQL_NAME.get(name)
         if kind is None:
             raise InvalidQuery(f"unsupported select item {node.sql()!r}; {SUPPORTED}")
-        if kind.columns != len(args):
+        if kind.columns + len(kind.parameters) != len(args):
+            takes = f" and {', '.join(kind.parameters)}" if kind.parameters else ""
             raise InvalidQuery(f"unsupported select item {node.sql()!r}: {kind.name} takes {kind.columns} "
-                               f"column(s), e.g. {kind.example}; {SUPPORTED}")
-        columns = [self._column(a) for a in args]
-        return Aggregate(kind.name, columns[0], tuple(columns[1:]))
+                               f"column(s){takes}, e.g. {kind.example}; {SUPPORTED}")
+        columns = [self._column(a) for a in args[:kind.columns]]
+        params = tuple((p, self._parameter(kind.name, p, a)) for p, a in zip(kind.parameters, args[kind.columns:],
+                                                                                 strict=True))
+        return Aggregate(kind.name, columns[0], tuple(columns[1:]), params)
+
+    def _parameter(self, kind: str, name: str, node: exp.Expression) -> Scalar:
+        """A kind's parameter: a number written in the query (or a template's :parameter), never a column."""
+        if isinstance(node, exp.Literal | exp.Neg | exp.Placeholder):
+            value = self._scalar(node)
+            if isinstance(value, int | float):
+                return value
+        raise InvalidQuery(f"the {name} of {kind} must be a number written in the query (e.g. 0.9), "
+                           f"got {node.sql()!r}; {SUPPORTED}")
 
     def _filters(self, node: exp.Expression) -> list[Filter]:
         if isinstance(node, exp.Paren):

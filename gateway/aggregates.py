@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 from .answers import Z95, Part, Value, Vector, noise_half_width, symmetric
 from .errors import InvalidQuery, PolicyViolation
+from .quantiles import histogram_note, histogram_vector, quantile_of
 from .survival import kaplan_meier, split_counts
 
 if TYPE_CHECKING:
@@ -32,8 +33,10 @@ if TYPE_CHECKING:
 # of the column's clamped fixed-point values, or the sum of those values, or of their squares, after
 # subtracting the bounds' midpoint (which makes what one row can add about half as large; a mean's
 # "midpoint_sum" centres on the exact midpoint, in half units, so post-processing can add it back);
-# or, over the time column's declared grid, rows with an event per bin and then rows censored per bin.
-ComponentSql = Literal["rows", "values", "sum", "midpoint_sum", "centered_sum", "centered_squares", "survival_bins"]
+# or, over the time column's declared grid, rows with an event per bin and then rows censored per bin;
+# or, over a column's declared bins, rows per bin (a histogram).
+ComponentSql = Literal["rows", "values", "sum", "midpoint_sum", "centered_sum", "centered_squares", "survival_bins",
+                       "histogram_bins"]
 
 
 @dataclass(frozen=True)
@@ -50,9 +53,17 @@ class ComponentSpec:
 
     def shape(self, column: Column | None) -> tuple[int, ...]:
         """Its values per group: () for one; (2, n) for survival's events and censorings at n grid times."""
+        return self.shape_over(len(column.grid) if column is not None else 0)
+
+    def shape_over(self, edges: int) -> tuple[int, ...]:
+        """Its shape over a grid of ``edges`` edges (a broker knows the grid from an answer, not a column).
+
+        (2, edges) for survival; (edges - 1,) for a histogram's bins between the edges; () for a scalar.
+        """
         if self.sql == "survival_bins":
-            assert column is not None
-            return (2, len(column.grid))
+            return (2, edges)
+        if self.sql == "histogram_bins":
+            return (edges - 1,)
         return ()
 
     def size(self, column: Column | None) -> int:
@@ -62,9 +73,9 @@ class ComponentSpec:
     def row_bound(self, column: Column | None) -> int:
         """The largest L1 norm of what one row adds to this component (in one group), in fixed-point units.
 
-        A row adds 1 to a count, and 1 to exactly one bin of a survival vector.
+        A row adds 1 to a count, and 1 to exactly one bin of a survival vector or a histogram.
         """
-        if self.sql in ("rows", "values", "survival_bins"):
+        if self.sql in ("rows", "values", "survival_bins", "histogram_bins"):
             return 1
         assert column is not None
         if self.sql == "sum":
@@ -77,7 +88,7 @@ class ComponentSpec:
 
     def unit(self, column: Column | None) -> int:
         """Fixed-point units per 1 of the component's value."""
-        if self.sql in ("rows", "values", "survival_bins"):
+        if self.sql in ("rows", "values", "survival_bins", "histogram_bins"):
             return 1
         assert column is not None
         if self.sql == "midpoint_sum":
@@ -89,12 +100,14 @@ class ComponentSpec:
 class Declared:
     """What the policy declares that post-processing uses (public values, never data).
 
-    ``bounds``: the aggregated column's clamping bounds; ``edges``: its grid (survival's times).
+    ``bounds``: the aggregated column's clamping bounds; ``edges``: its grid (survival's times, a
+    histogram's bin edges); ``level``: a quantile's q, from the query.
     A site reads them from its policy, a broker from the sites' answers.
     """
 
     bounds: tuple[float, float] | None = None
     edges: tuple[float, ...] = ()
+    level: float = 0.5  # a quantile's q (public: the query's)
 
 
 class Kind:
@@ -114,6 +127,8 @@ class Kind:
     midpoint: ClassVar[bool] = False
     # the component whose noise over a group's count is, to first order, the estimate's (a mean's sum)
     per_count: ClassVar[str] = ""
+    # the names of the numeric parameters the kind takes after its columns (a quantile's q)
+    parameters: ClassVar[tuple[str, ...]] = ()
 
     def check(self, agg: Aggregate, column_for: Callable[[str, str], Column]) -> None:
         """Refuse ``agg`` unless it has this kind's shape; ``column_for(name, role)`` checks a column's role."""
@@ -122,7 +137,7 @@ class Kind:
         if len(agg.columns) != self.columns:
             needs = "a column" if self.columns == 1 else f"{self.columns} columns"
             raise InvalidQuery(f"{self.name} needs {needs}, e.g. {self.example}")
-        if agg.params:
+        if agg.params and not self.parameters:
             raise InvalidQuery(f"{self.name} takes no parameters, e.g. {self.example}")
         for name, role in zip(agg.columns, self.roles, strict=False):
             column_for(name, role)
@@ -135,6 +150,10 @@ class Kind:
         value).
         """
         raise NotImplementedError
+
+    def level(self, agg: Aggregate) -> float | None:
+        """The quantile ``agg`` asks for (None: the kind is no quantile)."""
+        return None
 
     def vector_doubles(self, column: Column | None) -> int:
         """How many numbers one group's answer carries beyond a scalar estimate's (for answer sizes)."""
@@ -323,13 +342,121 @@ class Survival(Kind):
                 "missing or neither 0 nor 1 are left out; the value is the median survival time")
 
 
-KINDS: dict[str, Kind] = {kind.name: kind for kind in (Count(), Sum(), Mean(), Variance(), StdDev(), Survival())}
+class Histogram(Kind):
+    """Rows per bin of the column's declared bins (one measurement: a row adds 1 to one bin).
+
+    The bins are [t0, t1), [t1, t2), ..., [t(m-1), tm] over the edges the policy declares; a value
+    below t0 counts in the first bin and one above tm in the last (clamped, as sums clamp to the
+    bounds); a missing value counts nowhere. The estimate's vector is the noisy counts (clipped at
+    0) with the noise's 95% interval; its value is the median (:mod:`gateway.quantiles`).
+    """
+
+    name, sql_names, example = "histogram", ("histogram",), "histogram(column)"
+    components = (ComponentSpec("counts", "histogram_bins", Fraction(1)),)
+    mechanism = "histogram({})"
+    summary = "median"
+
+    def check(self, agg: Aggregate, column_for: Callable[[str, str], Column]) -> None:
+        super().check(agg, column_for)
+        _needs_bins(self, agg, column_for)
+
+    def estimate(self, parts: Mapping[str, Part], declared: Declared, clamp: bool) -> Value:
+        counts = parts["counts"]
+        median = quantile_of(declared.edges, counts.values, counts.std_error ** 2, 0.5)
+        return Value(median.value, math.nan, math.nan, median.ci_low, median.ci_high, median.clamped,
+                     histogram_vector(counts.values, counts.std_error, counts.half_width))
+
+    def predict(self, parts: Mapping[str, Part]) -> tuple[float, float]:
+        """The counts' noise is known; the median's accuracy depends on the counts."""
+        return math.nan, math.nan
+
+    def vector_doubles(self, column: Column | None) -> int:
+        assert column is not None
+        return 5 * len(column.grid)  # the counts, then the shown counts with their errors and intervals
+
+    def note(self, agg: Aggregate, column: Column | None) -> str:
+        assert column is not None
+        return histogram_note(agg.label, agg.columns[0], column.grid)
+
+
+class Quantile(Kind):
+    """The q-quantile of a column from its noisy histogram over the declared bins (:mod:`gateway.quantiles`).
+
+    One measurement (the histogram); the quantile, interpolated within its bin, and its interval,
+    from a band on the cumulative counts that holds the sampling variability and the noise, are
+    post-processing. Several quantiles of one histogram cost one epsilon through
+    ``Client.quantiles``; in SQL each quantile is its own aggregate and its own measurement.
+    """
+
+    name, sql_names, example = "quantile", ("quantile",), "quantile(column, 0.9)"
+    components = Histogram.components
+    mechanism = "quantile({})"
+    parameters: ClassVar[tuple[str, ...]] = ("q",)
+
+    def check(self, agg: Aggregate, column_for: Callable[[str, str], Column]) -> None:
+        super().check(agg, column_for)
+        q = dict(agg.params).get("q")
+        number = isinstance(q, int | float) and not isinstance(q, bool)
+        if [k for k, _ in agg.params] != ["q"] or not number or not 0 < q < 1:  # type: ignore[operator]
+            raise InvalidQuery(f"quantile needs q, a number strictly between 0 and 1, e.g. {self.example}; got "
+                               f"{', '.join(f'{k}={v!r}' for k, v in agg.params) or 'none'}")
+        _needs_bins(self, agg, column_for)
+
+    def level(self, agg: Aggregate) -> float:
+        """The quantile's level q."""
+        return float(dict(agg.params)["q"])
+
+    def estimate(self, parts: Mapping[str, Part], declared: Declared, clamp: bool) -> Value:
+        counts = parts["counts"]
+        found = quantile_of(declared.edges, counts.values, counts.std_error ** 2, declared.level)
+        return Value(found.value, math.nan, math.nan, found.ci_low, found.ci_high, found.clamped)
+
+    def predict(self, parts: Mapping[str, Part]) -> tuple[float, float]:
+        """Unknown before running: the quantile's accuracy depends on the counts."""
+        return math.nan, math.nan
+
+    def vector_doubles(self, column: Column | None) -> int:
+        assert column is not None
+        return 2 * len(column.grid)  # the counts (a broker pools them) and the grid
+
+    def note(self, agg: Aggregate, column: Column | None) -> str:
+        assert column is not None
+        return histogram_note(agg.label, agg.columns[0], column.grid, quantile=True)
+
+
+class Median(Quantile):
+    """The median: :class:`Quantile` at q = 0.5."""
+
+    name, sql_names, example = "median", ("median",), "median(column)"
+    mechanism = "median({})"
+    parameters = ()
+
+    def check(self, agg: Aggregate, column_for: Callable[[str, str], Column]) -> None:
+        Kind.check(self, agg, column_for)
+        _needs_bins(self, agg, column_for)
+
+    def level(self, agg: Aggregate) -> float:
+        return 0.5
+
+
+def _needs_bins(kind: Kind, agg: Aggregate, column_for: Callable[[str, str], Column]) -> None:
+    """Refuse a column without declared bins: the software needs them; it is no permission refusal."""
+    if column_for(agg.columns[0], "aggregate").bins is None:
+        raise InvalidQuery(f"{kind.name} needs bins declared on column {agg.columns[0]!r}, and the policy declares "
+                           "none: the bins come from the site's privacy officer, never from the data (bins: "
+                           "{width: ..., max: ...} or {edges: [...]} on the column); ask the officer to declare "
+                           "them, or use mean(column)")
+
+
+KINDS: dict[str, Kind] = {kind.name: kind for kind in (Count(), Sum(), Mean(), Variance(), StdDev(), Survival(),
+                                                       Histogram(), Quantile(), Median())}
 BY_SQL_NAME: dict[str, Kind] = {sql: kind for kind in KINDS.values() for sql in kind.sql_names}
 
 
 def sql_forms() -> list[str]:
     """Every SQL spelling of every kind, e.g. ``count(*)``, ``avg(col)``, ``mean(col)``."""
-    return [f"{sql}(col)" if kind.columns == 1 else kind.example for kind in KINDS.values() for sql in kind.sql_names]
+    return [f"{sql}(col{''.join(', ' + p for p in kind.parameters)})" if kind.columns == 1 else kind.example
+            for kind in KINDS.values() for sql in kind.sql_names]
 
 
 def supported_aggregates() -> str:

@@ -24,6 +24,7 @@ from typing import Any, TypeVar, cast
 import grpc
 import polars as pl
 
+from ._binned import HistogramResult, QuantilesResult, check_levels
 from ._calls import (
     Caller,
     Plan,
@@ -32,6 +33,7 @@ from ._calls import (
     check_plan,
     epsilon_search,
     finish,
+    histogram_spec,
     plan_from,
     query_request,
     survival_spec,
@@ -128,6 +130,32 @@ class Client:
                                 dry_run, query_id, sites)
         result = finish(await self._call(self._stub.Query, request), self._require(require_all_sites), time)
         assert isinstance(result, SurvivalResult)
+        return result
+
+    async def histogram(self, dataset: str, column: str, *, by: str | Sequence[str] | None = None,
+                        epsilon: float = 0.0, filters: Sequence[tuple[str, str, Any]] = (), dry_run: bool = False,
+                        query_id: str | None = None, sites: Sequence[str] = (),
+                        require_all_sites: bool | None = None) -> HistogramResult:
+        """A histogram per group (see :meth:`gateway.client.Client.histogram`)."""
+        request = query_request(None, histogram_spec(dataset, column, by, filters), None, None, epsilon, dry_run,
+                                query_id, sites)
+        result = finish(await self._call(self._stub.Query, request), self._require(require_all_sites),
+                        wrap=lambda response: HistogramResult(response, column))
+        assert isinstance(result, HistogramResult)
+        return result
+
+    async def quantiles(self, dataset: str, column: str, qs: Sequence[float] = (0.25, 0.5, 0.75), *,
+                        by: str | Sequence[str] | None = None, epsilon: float = 0.0,
+                        filters: Sequence[tuple[str, str, Any]] = (), dry_run: bool = False,
+                        query_id: str | None = None, sites: Sequence[str] = (),
+                        require_all_sites: bool | None = None) -> QuantilesResult:
+        """Quantiles per group from one histogram (see :meth:`gateway.client.Client.quantiles`)."""
+        levels = check_levels(qs)
+        request = query_request(None, histogram_spec(dataset, column, by, filters), None, None, epsilon, dry_run,
+                                query_id, sites)
+        result = finish(await self._call(self._stub.Query, request), self._require(require_all_sites),
+                        wrap=lambda response: QuantilesResult(response, column, levels))
+        assert isinstance(result, QuantilesResult)
         return result
 
     def _require(self, given: bool | None) -> bool:

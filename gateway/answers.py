@@ -114,6 +114,7 @@ class Estimate:
     bounds: tuple[float, float] | None = None
     vector: Vector | None = None
     edges: tuple[float, ...] = ()
+    level: float = 0.0  # a quantile's q (0: the kind is no quantile)
 
     def withheld(self) -> Estimate:
         """The same estimate suppressed: its value, interval and any vector withheld from display.
@@ -124,7 +125,8 @@ class Estimate:
         return Estimate(self.aggregate, self.function, math.nan, self.std_error, self.noise_scale, math.nan,
                         math.nan, self.ci_half_width, self.mechanism, self.epsilon, suppressed=True,
                         parts=self.parts, bounds=self.bounds,
-                        vector=self.vector.withheld() if self.vector is not None else None, edges=self.edges)
+                        vector=self.vector.withheld() if self.vector is not None else None, edges=self.edges,
+                        level=self.level)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,14 @@ Survival in a few lines (a Kaplan-Meier curve per stage over the grid the policy
     print(curves.frame)        # stage, time, survival, ci_low, ci_high, at_risk, events
     print(curves.medians)      # stage, median, ci_low, ci_high
     curves.plot("survival.png")   # needs the plot extra: pip install 'gateway[plot]'
+
+Medians and histograms over the bins the policy declares (all the quantiles of one call cost one
+epsilon)::
+
+    ages = gw.histogram("patients", "age_at_diagnosis", by="stage", epsilon=0.5)
+    ages.frame                 # stage, bin_low, bin_high, count, ci_low, ci_high
+    ages.plot("ages.png")
+    gw.quantiles("patients", "age_at_diagnosis", qs=(0.25, 0.5, 0.75), epsilon=0.5).frame  # q, value, ci
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from typing import Any, TypeVar, cast
 import grpc
 import polars as pl
 
+from ._binned import HistogramResult, QuantilesResult, check_levels
 from ._calls import (
     Caller,
     Plan,
@@ -52,6 +61,7 @@ from ._calls import (
     check_plan,
     epsilon_search,
     finish,
+    histogram_spec,
     plan_from,
     query_request,
     structured_message,
@@ -72,8 +82,8 @@ from .results import (
     dataset_from_wire,
 )
 
-__all__ = ["Client", "Column", "Dataset", "QueryResult", "StructuredSpec", "SurvivalResult", "Template", "Tls",
-           "structured_message"]
+__all__ = ["Client", "Column", "Dataset", "HistogramResult", "QuantilesResult", "QueryResult", "StructuredSpec",
+           "SurvivalResult", "Template", "Tls", "structured_message"]
 
 T = TypeVar("T")
 
@@ -189,6 +199,42 @@ class Client:
                                 dry_run, query_id, sites)
         result = finish(self._call(self._stub.Query, request), self._require(require_all_sites), time)
         assert isinstance(result, SurvivalResult)
+        return result
+
+    def histogram(self, dataset: str, column: str, *, by: str | Sequence[str] | None = None,
+                  epsilon: float = 0.0, filters: Sequence[tuple[str, str, Any]] = (), dry_run: bool = False,
+                  query_id: str | None = None, sites: Sequence[str] = (),
+                  require_all_sites: bool | None = None) -> HistogramResult:
+        """Rows per bin of the policy's declared bins on ``column``, per group of ``by`` (noisy, with intervals).
+
+        Its SQL form is ``SELECT stage, histogram(column) FROM dataset GROUP BY stage``; the frame has
+        ``[by...,] bin_low, bin_high, count, ci_low, ci_high``; ``.quantiles(qs)`` and ``.plot(path)``
+        cost nothing more.
+        """
+        request = query_request(None, histogram_spec(dataset, column, by, filters), None, None, epsilon, dry_run,
+                                query_id, sites)
+        result = finish(self._call(self._stub.Query, request), self._require(require_all_sites),
+                        wrap=lambda response: HistogramResult(response, column))
+        assert isinstance(result, HistogramResult)
+        return result
+
+    def quantiles(self, dataset: str, column: str, qs: Sequence[float] = (0.25, 0.5, 0.75), *,
+                  by: str | Sequence[str] | None = None, epsilon: float = 0.0,
+                  filters: Sequence[tuple[str, str, Any]] = (), dry_run: bool = False, query_id: str | None = None,
+                  sites: Sequence[str] = (), require_all_sites: bool | None = None) -> QuantilesResult:
+        """Quantiles of ``column`` per group of ``by``, from one noisy histogram over the policy's bins.
+
+        The frame has ``[by...,] q, value, ci_low, ci_high``; the interval holds the sampling
+        variability and the noise. All the levels ``qs`` cost one epsilon: the site releases the
+        histogram, the quantiles are computed from it here (levels outside (0, 1), or more than 99,
+        are refused before any call).
+        """
+        levels = check_levels(qs)
+        request = query_request(None, histogram_spec(dataset, column, by, filters), None, None, epsilon, dry_run,
+                                query_id, sites)
+        result = finish(self._call(self._stub.Query, request), self._require(require_all_sites),
+                        wrap=lambda response: QuantilesResult(response, column, levels))
+        assert isinstance(result, QuantilesResult)
         return result
 
     def _require(self, given: bool | None) -> bool:

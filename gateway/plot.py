@@ -1,4 +1,7 @@
-"""Pictures of released answers, as PNG files: survival curves with their bands and numbers at risk.
+"""Pictures of released answers, as PNG files: survival curves and histograms.
+
+Survival curves with their bands and numbers at risk; histograms with the noise's interval on
+each bin.
 
 matplotlib is an optional extra (``pip install 'gateway[plot]'``), imported only when a picture is
 drawn. Figures are drawn on their own canvas (no pyplot), so drawing changes no global state of the
@@ -60,6 +63,33 @@ def survival_plot(frame: pl.DataFrame, medians: pl.DataFrame, group_by: Sequence
     axes.grid(alpha=0.3)
     axes.legend(loc="lower left", fontsize="small", title="95% bands shaded")
     _table(table, ticks, rows, (start, times[-1]))
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def histogram_plot(frame: pl.DataFrame, group_by: Sequence[str], path: Path, title: str,
+                   column: str = "value") -> Path:
+    """Write the histograms of ``frame`` (see ``HistogramResult.frame``) to ``path`` as PNG.
+
+    One panel per group (withheld groups left out): a bar per bin, from ``bin_low`` to ``bin_high``,
+    with the noise's 95% interval as an error bar.
+    """
+    groups = [(label, part) for label, part in _groups(frame, group_by) if part["count"].null_count() < part.height]
+    figure = _figure(8.0, 1.0 + 2.4 * max(1, len(groups)))
+    for i, (label, bins) in enumerate(groups):
+        axes = figure.add_subplot(len(groups), 1, i + 1)
+        low, high = bins["bin_low"].to_list(), bins["bin_high"].to_list()
+        counts = _filled(bins["count"])
+        below = [c - (lo if lo is not None else c) for c, lo in zip(counts, bins["ci_low"].to_list(), strict=True)]
+        above = [(hi if hi is not None else c) - c for c, hi in zip(counts, bins["ci_high"].to_list(), strict=True)]
+        axes.bar(low, counts, width=[b - a for a, b in zip(low, high, strict=True)], align="edge", alpha=0.7,
+                 yerr=[below, above], ecolor="black", error_kw={"elinewidth": 0.6, "capsize": 0})
+        axes.set(ylabel="rows (noisy)", title=label if group_by else title)
+        axes.grid(alpha=0.3)
+    if groups:
+        figure.axes[-1].set_xlabel(f"{column} (bars: 95% noise intervals)")
+        if group_by:
+            figure.suptitle(title)
     figure.savefig(path, dpi=120)
     return path
 

@@ -11,7 +11,7 @@ import fnmatch
 import hashlib
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from fractions import Fraction
@@ -76,8 +76,9 @@ class Bins(_Model):
     Regular (``width`` up to ``max``, from ``min``, default 0: ``{width: 1, max: 120}`` is monthly
     to ten years) or explicit ``edges: [t0, t1, ..., tm]``; at most 1000 bins. Survival uses it as
     its time grid: a time counts at the first edge at or after it (the bins are (-inf, t0], (t0, t1],
-    ..., (t[m-1], tm]) and the curve is reported at every edge. Declared by the officer, never taken
-    from data.
+    ..., (t[m-1], tm]) and the curve is reported at every edge. Histograms, medians and quantiles use
+    it as bins [t0, t1), ..., [t(m-1), tm], a value outside counted in the first or last bin.
+    Declared by the officer, never taken from data.
     """
 
     width: Exact | None = None
@@ -151,8 +152,9 @@ class Column(_Model):
     """Also release two more groups, ``(missing)`` and ``(other)`` (a value that is not a key),
     noised like any group; otherwise such rows are in no group."""
     bins: Bins | None = None
-    """The time grid of a survival analysis on this column (``{width: 1, max: 120}`` or ``{edges:
-    [...]}``), declared by the officer, never taken from the data."""
+    """The time grid of a survival analysis on this column, or the bins of its histograms, medians and
+    quantiles (``{width: 1, max: 120}`` or ``{edges: [...]}``), declared by the officer, never taken
+    from the data."""
     description: str = ""
     """Shown to researchers by ListDatasets."""
 
@@ -369,6 +371,35 @@ class Template(_Model):
     """Shown to researchers by ListDatasets."""
 
 
+class KindEpsilon(_Model):
+    """A kind's own per-query epsilon limits; each one given tightens the dataset's (never loosens it)."""
+
+    default: Epsilon | None = None
+    """Epsilon charged for a query with this kind when the request gives none (at most the dataset's)."""
+    max: Epsilon | None = None
+    """The largest epsilon one query with this kind may spend (at most the dataset's)."""
+    min: Epsilon | None = None
+    """The smallest epsilon a query with this kind may ask for (at least the dataset's)."""
+
+
+class KindRule(_Model):
+    """How one aggregate kind may be used on a dataset: listed means allowed, with optional own limits."""
+
+    epsilon: KindEpsilon | None = None
+    """This kind's per-query epsilon limits (e.g. ``{max: 0.5}``); a query with several kinds keeps to
+    the strictest of their limits and the dataset's."""
+
+
+def _kinds_mapping(value: Any) -> Any:
+    """``aggregates: [count, mean]`` (allowed, with the dataset's limits) as ``{count: {}, mean: {}}``."""
+    if isinstance(value, list | tuple):
+        names = [str(v) for v in value]
+        if len(set(names)) != len(names):
+            raise ValueError("an aggregate is listed twice")
+        return {name: {} for name in names}
+    return {k: ({} if v is None else v) for k, v in value.items()} if isinstance(value, Mapping) else value
+
+
 class Dataset(_Model):
     """One queryable dataset and how each patient's contribution is bounded."""
 
@@ -382,9 +413,13 @@ class Dataset(_Model):
     time); the noise is sized for it. 1 for a table with one row per patient."""
     columns: Mapping[str, Column]
     """The queryable columns by name; columns not listed cannot be used."""
-    aggregates: tuple[str, ...] = ("count", "sum", "mean")
+    aggregates: Annotated[Mapping[str, KindRule], BeforeValidator(
+        _kinds_mapping, json_schema_input_type=list[str] | dict[str, KindRule])] = Field(
+        default_factory=lambda: {name: KindRule() for name in ("count", "sum", "mean")})
     """The aggregate kinds allowed on this dataset (``count``, ``sum``, ``mean``, ``variance``,
-    ``stddev``, ...)."""
+    ``stddev``, ``survival``, ``histogram``, ``quantile``, ``median``): a list, or a mapping from
+    each allowed kind to its own limits, e.g. ``{count: {}, median: {epsilon: {max: 0.5}}}``. A kind
+    not listed is refused (PERMISSION_DENIED naming this field)."""
     epsilon: EpsilonLimits | None = None
     """Per-query epsilon limits for this dataset (default: the policy's ``epsilon``)."""
     templates_only: bool = False
@@ -405,12 +440,10 @@ class Dataset(_Model):
 
     @field_validator("aggregates", mode="after")
     @classmethod
-    def _known_kinds(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+    def _known_kinds(cls, value: Mapping[str, KindRule]) -> Mapping[str, KindRule]:
         for name in value:
             if name not in KINDS:
                 raise ValueError(f"unknown aggregate {name!r}; known: {', '.join(KINDS)}")
-        if len(set(value)) != len(value):
-            raise ValueError("an aggregate is listed twice")
         return value
 
     @model_validator(mode="after")
@@ -521,11 +554,30 @@ class Policy(_Model):
         for name in self.templates:
             if not re.match(_NAME, name):
                 raise ValueError(f"template name {name!r} is not a plain identifier")
+        for name, dataset in self.datasets.items():
+            for kind in dataset.aggregates:
+                limits = self.epsilon_limits(name, (kind,))
+                if limits.min > limits.max:
+                    raise ValueError(f"datasets.{name}.aggregates.{kind}.epsilon: with the dataset's limits the "
+                                     f"minimum {float(limits.min):g} is above the maximum {float(limits.max):g}")
         return self
 
-    def epsilon_limits(self, dataset: str) -> EpsilonLimits:
-        """Per-query epsilon default and max for ``dataset``."""
-        return self.datasets[dataset].epsilon or self.epsilon
+    def epsilon_limits(self, dataset: str, kinds: Iterable[str] = ()) -> EpsilonLimits:
+        """Per-query epsilon default, min and max for ``dataset``, for a query with the aggregate ``kinds``.
+
+        The strictest of the dataset's limits and each kind's own: the smallest max, the largest
+        min, and the smallest default, raised to that min. With kinds whose limits exclude each
+        other, min is above max (the caller refuses such a query): not validated here.
+        """
+        limits = self.datasets[dataset].epsilon or self.epsilon
+        rules = self.datasets[dataset].aggregates
+        own = [rule.epsilon for kind in kinds if (rule := rules.get(kind)) is not None and rule.epsilon is not None]
+        if not own:
+            return limits
+        top = min([limits.max, *(e.max for e in own if e.max is not None)])
+        bottom = max([limits.min, *(e.min for e in own if e.min is not None)])
+        default = min([limits.default, top, *(e.default for e in own if e.default is not None)])
+        return EpsilonLimits.model_construct(default=max(default, bottom), max=top, min=bottom)
 
     def populations(self) -> dict[str, tuple[str, ...]]:
         """Each population and its datasets (in policy order)."""

@@ -199,7 +199,8 @@ def check_query(query: Query, policy: Policy) -> Query:
 def _check_aggregate(agg: Aggregate, dataset: Dataset, name: str) -> None:
     if agg.function not in dataset.aggregates:
         allowed = ", ".join(dataset.aggregates)
-        raise PolicyViolation("aggregate", f"{agg.function!r} is not allowed on {name!r}; allowed: {allowed}")
+        raise PolicyViolation("aggregate", f"{agg.function!r} is not allowed on {name!r} by the site's policy "
+                                           f"(datasets.{name}.aggregates); allowed: {allowed}")
     kind_of(agg.function).check(agg, lambda column, role: _column(dataset, column, role, name))
 
 

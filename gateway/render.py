@@ -139,7 +139,9 @@ def explain(policy: Policy, project: str, role: str) -> str:
                      + (f" (population cap {float(cap.epsilon):g} per {cap.period} over all projects)" if cap else ""))
         lines.append(f"  per query: default epsilon {float(limits.default):g}, max {float(limits.max):g}; "
                      f"at most {int(rule.epsilon / limits.default)} default-cost queries per period")
-        lines.append(f"  aggregates: {', '.join(dataset.aggregates)}; each patient counts at most "
+        kinds = [kind + (f" (max epsilon {float(policy.epsilon_limits(name, (kind,)).max):g})"
+                         if rule.epsilon is not None else "") for kind, rule in dataset.aggregates.items()]
+        lines.append(f"  aggregates: {', '.join(kinds)}; each patient counts at most "
                      f"{dataset.max_rows_per_unit} row(s)" + ("; templates only" if dataset.templates_only else ""))
         for cname, col in dataset.columns.items():
             extra = f" bounds [{col.bounds[0]:g}, {col.bounds[1]:g}]" if col.bounds else ""
@@ -186,6 +188,8 @@ def _budget_effect(path: str, old: Any, new: Any) -> str | None:
     """Why an edit at ``path`` changes what can be spent (None: it does not)."""
     parts = path.replace("[", ".").replace("]", "").split(".")
     field = parts[-1]
+    if parts[0] == "datasets" and len(parts) in (4, 5) and parts[2] == "aggregates":
+        return _kind_effect(parts[3], old, new)
     if parts[0] in ("budgets", "population_caps", "dataset_caps") or (parts[0] == "datasets" and "epsilon" in parts):
         if field == "period":
             return "takes effect when the window in force ends; spend made in it is never freed"
@@ -194,9 +198,20 @@ def _budget_effect(path: str, old: Any, new: Any) -> str | None:
         return "changes who may spend, or on which datasets"
     if parts[0] == "epsilon":
         return _direction(old, new) + " (per query)"
-    if path == "period_start":
-        return "moves the windows; takes effect when the window in force ends"
-    return None
+    return "moves the windows; takes effect when the window in force ends" if path == "period_start" else None
+
+
+def _kind_effect(kind: str, old: Any, new: Any) -> str:
+    """An aggregate kind allowed or refused, or its own epsilon limits added or dropped."""
+    if old == "(absent)":
+        return f"loosens: allows {kind}"
+    if new == "(removed)":
+        return f"tightens: refuses {kind}"
+    if old is None:
+        return f"tightens: {kind} gets its own per-query limits"
+    if new is None:
+        return f"loosens: {kind} drops its own per-query limits"
+    return f"changes {kind}'s per-query limits"
 
 
 def _direction(old: Any, new: Any) -> str:

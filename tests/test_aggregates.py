@@ -34,16 +34,17 @@ def test_every_kind_spends_exactly_its_share_of_epsilon(kind) -> None:
 @pytest.mark.parametrize("kind", KINDS.values(), ids=list(KINDS))
 def test_every_sql_spelling_parses_to_its_kind(kind) -> None:
     for sql_name in kind.sql_names:
-        arg = "*" if kind.columns == 0 else ", ".join(["bmi"] * kind.columns)
+        arg = "*" if kind.columns == 0 else ", ".join(["bmi"] * kind.columns + ["0.5"] * len(kind.parameters))
         query = parse_sql(f"SELECT {sql_name}({arg}) FROM patients")
         assert query.aggregates[0].function == kind.name
 
 
 def test_unknown_kind_names_what_is_supported() -> None:
-    with pytest.raises(InvalidQuery, match=r"unknown aggregate 'median'; supported: count, sum\(column\), "
-                                           r"mean\(column\), variance\(column\), stddev\(column\) or "
-                                           r"survival\(time, event\)"):
-        kind_of("median")
+    with pytest.raises(InvalidQuery, match=r"unknown aggregate 'mode'; supported: count, sum\(column\), "
+                                           r"mean\(column\), variance\(column\), stddev\(column\), "
+                                           r"survival\(time, event\), histogram\(column\), "
+                                           r"quantile\(column, 0.9\) or median\(column\)"):
+        kind_of("mode")
 
 
 def _parts(**values: tuple[float, float]) -> dict[str, Part]:

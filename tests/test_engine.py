@@ -253,3 +253,37 @@ def test_each_survival_row_adds_one_to_its_documented_count_and_nothing_else(col
         assert sum(abs(v) for v in added.values()) <= spec.row_bound(column)
         expected = _expected_index(t, e, column)
         assert added == ({} if expected is None else {expected: 1}), (t, e, column.grid)
+
+
+def _expected_bin(value: float | None, column: Column) -> int | None:
+    """The documented rule: the bin [t_i, t_(i+1)) holding the value, the last bin closed; outside, clamped."""
+    if value is None:
+        return None
+    edges = column.fixed_grid
+    fixed = _fixed(value, column)
+    return min(max(sum(fixed >= edge for edge in edges[1:]), 0), len(edges) - 2)
+
+
+@pytest.mark.slow
+@settings(max_examples=120, deadline=None)
+@given(time_columns())
+def test_each_histogram_row_adds_one_to_its_documented_bin_and_nothing_else(column: Column) -> None:
+    """Per row, the L1 norm of what it adds to the histogram is at most the kind's row bound (1), exactly 1
+    for a row with a value, in the bin the declared edges' rule gives (values outside clamped into the end bins)."""
+    (spec,) = KINDS["histogram"].components
+    values = _times(column)
+    dataset = Dataset(source=Source(database="x.duckdb", table="t"), privacy_unit="pid", max_rows_per_unit=1,
+                      columns={"t": column,
+                               "i": Column(type="integer", roles=("group_by",), keys=tuple(range(len(values))))})
+    sql, params, _ = build_sql(Query("d", (Aggregate("histogram", "t"),), group_by=("i",)), dataset, "t")
+    con = duckdb.connect()
+    con.execute(f"CREATE TABLE t (i BIGINT, pid BIGINT, t {'BIGINT' if column.type == 'integer' else 'DOUBLE'})")
+    con.executemany("INSERT INTO t VALUES (?, ?, ?)",
+                    [(i, i, None if t is None else (int(t) if column.type == "integer" else t))
+                     for i, t in enumerate(values)])
+    got = {row[0]: row[1] or {} for row in con.execute(sql, params).fetchall()}
+    for i, t in enumerate(values):
+        added = got.get(i, {})
+        assert sum(abs(v) for v in added.values()) <= spec.row_bound(column)
+        expected = _expected_bin(t, column)
+        assert added == ({} if expected is None else {expected: 1}), (t, column.grid)

@@ -38,3 +38,18 @@ def test_an_edit_that_spends_nothing_is_not_flagged() -> None:
     assert lines == [f"datasets.patients.description: {old.datasets['patients'].description!r} -> "
                      "'Patients, one row each.'"]
     assert diff(old, old) == []
+
+
+def test_a_kind_allowed_refused_or_given_its_own_limits_is_flagged() -> None:
+    old = example_policy()
+    kinds = {kind: {} for kind in old.datasets["patients"].aggregates}
+    limited = with_dataset(old, "patients", aggregates={**kinds, "median": {"epsilon": {"max": "1/2"}}})
+    tighter = with_dataset(old, "patients", aggregates={**kinds, "median": {"epsilon": {"max": "1/4"}}})
+    without = with_dataset(old, "patients", aggregates=[k for k in kinds if k != "median"])
+    assert diff(old, limited)[0].endswith("[BUDGET: tightens: median gets its own per-query limits]")
+    assert diff(limited, old)[0].endswith("[BUDGET: loosens: median drops its own per-query limits]")
+    assert diff(limited, tighter)[0] == ("datasets.patients.aggregates.median.epsilon.max: '1/2' -> '1/4'  "
+                                         "[BUDGET: tightens]")
+    assert diff(tighter, limited)[0].endswith("[BUDGET: loosens]")
+    assert diff(old, without)[0].endswith("[BUDGET: tightens: refuses median]")
+    assert diff(without, old)[0].endswith("[BUDGET: loosens: allows median]")

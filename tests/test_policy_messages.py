@@ -84,6 +84,19 @@ def test_rules_that_grant_nothing_are_warnings_and_strict_fails_on_them(tmp_path
     assert check(tmp_path, text, "--strict")[0] == 1
 
 
+def test_a_kind_limit_that_changes_nothing_and_a_binned_kind_without_bins_are_warnings(tmp_path: Path) -> None:
+    text = POLICY.replace("    columns:\n", "    aggregates:\n      count: {}\n      median: {epsilon: {max: 5}}\n"
+                                             "    columns:\n", 1)
+    code, lines = check(tmp_path, text)
+    assert code == 0
+    assert [line.split(": ", 1)[1] for line in lines] == [
+        "datasets.patients.aggregates.median.epsilon.max: warning: median's max 5 is not below the dataset's 1: it "
+        "changes nothing (a kind's limits only tighten the dataset's)",
+        "datasets.patients.aggregates.median: warning: median is allowed, but no column of 'patients' declares "
+        "bins, so every median query is refused; declare bins on a column with the aggregate role",
+    ]
+
+
 def test_broker_check_names_file_line_and_field(tmp_path: Path) -> None:
     path = tmp_path / "broker.yaml"
     path.write_text("name: b\nsites:\n  - name: north\n    adress: north:1\n")

@@ -98,13 +98,17 @@ def test_aggregate_not_allowed_on_the_dataset() -> None:
     with pytest.raises(PolicyViolation) as info:
         check_query(patients(aggregates=(COUNT, Aggregate("sum", "bmi"))), policy)
     assert info.value.field == "aggregate"
-    assert info.value.reason == "'sum' is not allowed on 'patients'; allowed: count"
+    assert info.value.reason == ("'sum' is not allowed on 'patients' by the site's policy "
+                                 "(datasets.patients.aggregates); allowed: count")
     assert check_query(patients(), policy) == patients()
 
 
 def test_unknown_aggregate_function() -> None:
-    with pytest.raises(PolicyViolation, match=r"'median' is not allowed on 'patients'; allowed: count, sum, mean"):
-        check_query(patients(aggregates=(Aggregate("median", "bmi"),)), NORTH)
+    with pytest.raises(PolicyViolation, match=r"'median' is not allowed on 'patients' by the site's policy "
+                                              r"\(datasets.patients.aggregates\); allowed: count, sum, mean"):
+        check_query(patients(aggregates=(Aggregate("median", "bmi"),)), with_dataset(NORTH, "patients",
+                                                                                     aggregates=("count", "sum",
+                                                                                                 "mean")))
 
 
 @pytest.mark.parametrize(("aggregates", "message"), [
@@ -116,7 +120,7 @@ def test_unknown_aggregate_function() -> None:
     ((Aggregate("mean", "bmi"), COUNT, Aggregate("mean", "bmi")),
      "an aggregate is repeated; ask for each aggregate once"),
     ((), "a query needs at least one aggregate: count, sum(column), mean(column), variance(column), "
-         "stddev(column) or survival(time, event)"),
+         "stddev(column), survival(time, event), histogram(column), quantile(column, 0.9) or median(column)"),
 ])
 def test_aggregate_shape(aggregates: tuple[Aggregate, ...], message: str) -> None:
     assert invalid(patients(aggregates=aggregates)) == message

@@ -308,6 +308,7 @@ def test_rows_with_missing_or_invalid_times_and_events_are_left_out(tmp_path: Pa
 
 NO_SURVIVAL = with_dataset(example_policy(), "patients", aggregates=("count", "mean"))
 NO_GRID = with_column(example_policy(), "patients", "survival_months", bins=None)
+NO_AGE_BINS = with_column(example_policy(), "patients", "age_at_diagnosis", bins=None)
 
 
 @pytest.mark.parametrize(("policy", "spec", "error", "message"), [
@@ -321,12 +322,13 @@ NO_GRID = with_column(example_policy(), "patients", "survival_months", bins=None
      "column is one the policy declares with the event role: an integer, 1 for the event and 0 for censored"),
     (None, ("survival", "stage", "death"), PolicyViolation,
      "stage: column may not be used for aggregate (its roles: filter, group_by)"),
-    (None, ("survival", "age_at_diagnosis", "death"), PolicyViolation,
+    (NO_AGE_BINS, ("survival", "age_at_diagnosis", "death"), PolicyViolation,
      "age_at_diagnosis: survival needs a time grid on its time column, and the policy declares none for this "
      "column (bins: {width: ..., max: ...}); ask the site's privacy officer"),
     (NO_GRID, ("survival", "survival_months", "death"), PolicyViolation, "survival needs a time grid"),
     (NO_SURVIVAL, ("survival", "survival_months", "death"), PolicyViolation,
-     "aggregate: 'survival' is not allowed on 'patients'; allowed: count, mean"),
+     "aggregate: 'survival' is not allowed on 'patients' by the site's policy (datasets.patients.aggregates); "
+     "allowed: count, mean"),
     (None, ("survival", "survival_months"), InvalidQuery, "survival needs 2 columns, e.g. survival(time, event)"),
     (None, ("survival", "survival_months", "death", "bmi"), InvalidQuery, "survival needs 2 columns"),
 ])

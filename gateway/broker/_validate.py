@@ -153,6 +153,8 @@ def _check_estimate(e: pb.Estimate, dry_run: bool) -> None:
         _number(f"its {name}", getattr(e, name), unknown=True)
     for name in ("std_error", "ci_half_width"):
         _number(f"its {name}", getattr(e, name), nonnegative=True, unknown=True)
+    if not 0 <= e.level < 1:  # a quantile's level q, post-processing the broker repeats (0: no quantile)
+        raise InvalidAnswer(f"its quantile level is {e.level!r}, not in [0, 1)")
     names, wanted = sorted(c.name for c in e.components), sorted(spec.name for spec in kind.components)
     if dry_run and not names:
         return  # a dry run's components (their noise, no values) are optional
@@ -162,7 +164,7 @@ def _check_estimate(e: pb.Estimate, dry_run: bool) -> None:
     specs = {spec.name: spec for spec in kind.components}
     for c in e.components:
         # a scalar, or a vector over the estimate's grid (survival's events and censorings: 2 x edges)
-        shape: list[int] = [2, len(e.edges)] if specs[c.name].sql == "survival_bins" else []
+        shape = list(specs[c.name].shape_over(len(e.edges)))
         if list(c.shape) != shape:
             raise InvalidAnswer(f"component {c.name} has the shape {list(c.shape)}, not {shape}")
         expected = math.prod(c.shape) if c.shape else 1

@@ -3,11 +3,12 @@
 Each estimate's released parts add over the sites (and so do their noise variances), vectors
 element by element; the kind's own post-processing, from the table of aggregate kinds, turns the
 pooled parts into the estimate (a mean: the ratio of pooled sums and counts with a delta-method
-interval; survival: the Kaplan-Meier curve of the pooled counts), with intervals from the pooled
-noise's exact distribution. Vectors over a grid pool only when every site declares the same grid,
-and means (sums about the bounds' midpoint) only under the same bounds; otherwise the pooled cell
-is withheld with a note and each site's answer stands. Dataset descriptions from several sites
-are merged with a line for every declaration on which they differ.
+interval; survival: the Kaplan-Meier curve of the pooled counts; a quantile: the quantile of the
+pooled histogram, at the level q the sites' answers carry), with intervals from the pooled noise's
+exact distribution. Vectors over a grid pool only when every site declares the same grid, and
+means (sums about the bounds' midpoint) only under the same bounds; otherwise the pooled cell is
+withheld with a note and each site's answer stands. Dataset descriptions from several sites are
+merged with a line for every declaration on which they differ.
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ def _pool_estimate(parts: list[pb.Estimate], dry_run: bool) -> pb.Estimate:
     kind = kind_of(head.function)
     out = pb.Estimate(aggregate=head.aggregate, function=head.function, mechanism=f"pooled({head.mechanism})",
                       epsilon=head.epsilon, noise_scale=math.nan, has_bounds=head.has_bounds, lower=head.lower,
-                      upper=head.upper, edges=head.edges)
+                      upper=head.upper, edges=head.edges, level=head.level)
     if dry_run:  # the pooled noise's accuracy, from the sites' components (noise only, no values)
         out.value = out.ci_low = out.ci_high = math.nan
         out.std_error = math.sqrt(sum(p.std_error ** 2 for p in parts))
@@ -173,7 +174,8 @@ def _pool_estimate(parts: list[pb.Estimate], dry_run: bool) -> pb.Estimate:
     pooled = kind.pool([parts_from_wire(p) for p in parts])
     # like each site, the broker clamps into the column's bounds, where the true value lies, and
     # intersects the interval with them (post-processing: it costs no privacy and no coverage)
-    value = kind.estimate(pooled, Declared(bounds_from_wire(head), tuple(head.edges)), clamp=True)
+    declared = Declared(bounds_from_wire(head), tuple(head.edges), head.level or 0.5)
+    value = kind.estimate(pooled, declared, clamp=True)
     out.value, out.std_error, out.clamped = value.value, value.std_error, value.clamped
     out.ci_half_width, out.ci_low, out.ci_high = value.half_width, value.ci_low, value.ci_high
     if value.vector is not None:

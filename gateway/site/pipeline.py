@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from fractions import Fraction
@@ -152,9 +152,17 @@ def budget_scopes(policy: Policy, project: str, dataset: str, rule: BudgetRule, 
     return tuple(scopes)
 
 
-def requested_epsilon(request: pb.QueryRequest, policy: Policy, dataset: str) -> Fraction:
-    """The epsilon the request asks for (0: the policy default), within the policy's per-query limits."""
-    limits = policy.epsilon_limits(dataset)
+def requested_epsilon(request: pb.QueryRequest, policy: Policy, dataset: str, kinds: Sequence[str] = ()) -> Fraction:
+    """The epsilon the request asks for (0: the policy default), within the policy's per-query limits.
+
+    The limits are the strictest of the dataset's and those of each aggregate kind in ``kinds``.
+    """
+    limits = policy.epsilon_limits(dataset, kinds)
+    if limits.min > limits.max:
+        raise PolicyViolation("aggregates", f"the aggregates {', '.join(kinds)} cannot be asked together on "
+                                            f"{dataset!r}: their epsilon limits exclude each other (min "
+                                            f"{float(limits.min):g} > max {float(limits.max):g}); ask for them in "
+                                            "separate queries")
     if request.delta != 0:
         raise InvalidQuery("delta must be 0: this site uses pure epsilon-DP")
     if not math.isfinite(request.epsilon) or request.epsilon < 0:
@@ -162,12 +170,15 @@ def requested_epsilon(request: pb.QueryRequest, policy: Policy, dataset: str) ->
     if request.epsilon == 0:
         return limits.default
     epsilon = to_fraction(request.epsilon)
+    where = f"dataset {dataset!r}"
+    if limits is not policy.epsilon_limits(dataset):  # a kind's own limits are in force: say which
+        where += f" with {', '.join(kinds)} (datasets.{dataset}.aggregates.<kind>.epsilon)"
     if epsilon > limits.max:
         raise PolicyViolation("epsilon", f"requested {request.epsilon:g} exceeds the per-query maximum "
-                                         f"{float(limits.max):g} for dataset {dataset!r}; ask for at most that")
+                                         f"{float(limits.max):g} for {where}; ask for at most that")
     if epsilon < limits.min:
         raise PolicyViolation("epsilon", f"requested {request.epsilon:g} is below the per-query minimum "
-                                         f"{float(limits.min):g} for dataset {dataset!r}; ask for at least that")
+                                         f"{float(limits.min):g} for {where}; ask for at least that")
     return epsilon
 
 
@@ -183,7 +194,7 @@ def check(request: pb.QueryRequest, query: Query, identity: Identity, policy: Po
             raise PolicyViolation("body", f"dataset {name!r} may only be queried through approved "
                                           f"templates; see ListDatasets for them")
     rule = access_rule(policy, identity, query.dataset)
-    epsilon = requested_epsilon(request, policy, query.dataset)
+    epsilon = requested_epsilon(request, policy, query.dataset, sorted({a.function for a in query.aggregates}))
     for name in cohorts:
         requested_epsilon(request, policy, name)  # within the cohort's dataset's limits as well
     scopes = budget_scopes(policy, identity.project, query.dataset, rule, now)

@@ -77,7 +77,8 @@ def aggregate_sql(kind: str) -> str:
     spec = KINDS[kind]
     if spec.columns == 0:
         return spec.example
-    return f"{kind}({', '.join(AUDIT_COLUMNS[role] for role in spec.roles)})"
+    levels = ["0.9"] * len(spec.parameters)  # a quantile's q: post-processing, it changes no release
+    return f"{kind}({', '.join([*(AUDIT_COLUMNS[role] for role in spec.roles), *levels])})"
 
 
 def single_component(kind: str) -> bool:

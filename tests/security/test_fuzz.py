@@ -315,9 +315,10 @@ def well_formed_structured(draw: st.DrawFn) -> pb.StructuredQuery:
     by_role = {role: [c for c, col in spec.columns.items() if role in col.roles]
                for role in ("filter", "group_by", "aggregate")}
     aggregates = []
-    for function in draw(st.lists(st.sampled_from(spec.aggregates), min_size=1, max_size=4, unique=True)):
+    for function in draw(st.lists(st.sampled_from(list(spec.aggregates)), min_size=1, max_size=4, unique=True)):
         column = "" if KINDS[function].columns == 0 else draw(st.sampled_from(by_role["aggregate"]))
-        aggregates.append(pb.Aggregate(function=function, column=column))
+        params = {name: pb.Value(double_value=draw(st.floats(0.01, 0.99))) for name in KINDS[function].parameters}
+        aggregates.append(pb.Aggregate(function=function, column=column, params=params))
     group_by = draw(st.lists(st.sampled_from(by_role["group_by"]), max_size=3, unique=True))
     filters = []
     for column in draw(st.lists(st.sampled_from(by_role["filter"]), max_size=4)):
@@ -450,12 +451,14 @@ def well_formed_sql(draw: st.DrawFn) -> str:
     by_role = {role: [c for c, col in spec.columns.items() if role in col.roles]
                for role in ("filter", "group_by", "aggregate")}
     items = []
-    for function in draw(st.lists(st.sampled_from(spec.aggregates), min_size=1, max_size=3, unique=True)):
+    for function in draw(st.lists(st.sampled_from(list(spec.aggregates)), min_size=1, max_size=3, unique=True)):
         kind = KINDS[function]
         if kind.columns == 0:
             items.append(draw(st.sampled_from(("count(*)", "COUNT(*)", "count(1)"))))
         else:
-            items.append(f"{draw(st.sampled_from(kind.sql_names))}({draw(st.sampled_from(by_role['aggregate']))})")
+            levels = "".join(f", {draw(st.sampled_from(('0.5', '0.1', '0.99')))}" for _ in kind.parameters)
+            items.append(f"{draw(st.sampled_from(kind.sql_names))}({draw(st.sampled_from(by_role['aggregate']))}"
+                         f"{levels})")
     group = draw(st.lists(st.sampled_from(by_role["group_by"]), max_size=2, unique=True))
     items += [c for c in group if draw(st.booleans())]
     conditions = []

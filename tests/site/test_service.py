@@ -338,7 +338,7 @@ def test_a_column_whose_type_does_not_match_the_data_is_refused_at_start(start_s
 def test_a_reload_with_a_mismatched_type_is_rejected_and_the_last_good_policy_stays(start_site, token, site_data):
     site = start_site()
     mistyped = with_column(example_policy(), "patients", "bmi", type="string", roles=("filter",), bounds=None,
-                           precision=-1)
+                           precision=-1, bins=None)
     dump_policy(for_tests(mistyped, site_data), site.watcher.path)
     assert site.watcher.reload() is False
     with client(site, token) as c:
