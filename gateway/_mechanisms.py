@@ -115,19 +115,24 @@ def plan_query(query: Query, dataset: Dataset, epsilon: Fraction) -> Plan:
     for agg in query.aggregates:
         kind = kind_of(agg.function)
         column: Column | None = dataset.columns[agg.column] if agg.column is not None else None
-        sensitivities = [k * spec.row_bound(column) for spec in kind.components]
+        arity = len(agg.columns)
+        sensitivities = [k * spec.row_bound(column, arity) for spec in kind.components]
         for spec, sensitivity in zip(kind.components, sensitivities, strict=True):
             _check_noise_fits(agg, spec.name, sensitivity, share * spec.share, epsilon)
         components = tuple(_component(spec.name, sensitivity, share * spec.share, spec.unit(column),
-                                      spec.shape(column))
+                                      spec.shape(column, arity))
                            for spec, sensitivity in zip(kind.components, sensitivities, strict=True))
-        bounds = None
-        if column is not None and column.bounds is not None:
-            low, high = column.fixed_bounds
-            bounds = (low / column.unit, high / column.unit)
+        bounds = _bounds(column) if column is not None and column.bounds is not None else None
         edges = column.grid if column is not None else ()
-        plans.append(AggregatePlan(agg, kind, components, Declared(bounds, edges), share))
+        every = tuple(_bounds(dataset.columns[c]) for c in agg.columns) if kind.bounds_of_every_column else ()
+        plans.append(AggregatePlan(agg, kind, components, Declared(bounds, edges, every), share))
     return Plan(tuple(plans), epsilon)
+
+
+def _bounds(column: Column) -> tuple[float, float]:
+    """A column's effective clamping bounds in its own units (its fixed-point bounds)."""
+    low, high = column.fixed_bounds
+    return low / column.unit, high / column.unit
 
 
 def _check_noise_fits(agg: Aggregate, name: str, sensitivity: int, epsilon: Fraction, total: Fraction) -> None:
@@ -214,7 +219,8 @@ def predicted(plan: Plan, groups: tuple[tuple[Scalar, ...], ...]) -> list[Row]:
         std_error, half_width = agg.kind.predict({c.name: c.part([math.nan] * c.size) for c in agg.components})
         estimates.append(Estimate(agg.aggregate.label, agg.kind.name, math.nan, std_error, first.scale / first.unit,
                                   math.nan, math.nan, half_width, agg.mechanism("discrete_laplace"), agg.epsilon,
-                                  bounds=agg.declared.bounds, edges=agg.declared.edges))
+                                  bounds=agg.declared.bounds, edges=agg.declared.edges,
+                                  column_bounds=agg.declared.column_bounds))
     return [Row(keys, tuple(estimates)) for keys in groups]
 
 
@@ -224,4 +230,4 @@ def _estimate(agg: AggregatePlan, parts: dict[str, Part], mechanism: str) -> Est
     return Estimate(agg.aggregate.label, agg.kind.name, value.value, value.std_error, first.scale / first.unit,
                     value.ci_low, value.ci_high, value.half_width, agg.mechanism(mechanism), agg.epsilon,
                     clamped=value.clamped, parts=tuple(parts.values()), bounds=agg.declared.bounds,
-                    vector=value.vector, edges=agg.declared.edges)
+                    vector=value.vector, edges=agg.declared.edges, column_bounds=agg.declared.column_bounds)

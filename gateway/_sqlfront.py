@@ -206,8 +206,9 @@ class _Converter:
         kind = BY_SQL_NAME.get(name)
         if kind is None:
             raise InvalidQuery(f"unsupported select item {node.sql()!r}; {SUPPORTED}")
-        if kind.columns != len(args):
-            raise InvalidQuery(f"unsupported select item {node.sql()!r}: {kind.name} takes {kind.columns} "
+        if not kind.takes(len(args)):
+            takes = f"{kind.columns} to {kind.max_columns}" if kind.max_columns else str(kind.columns)
+            raise InvalidQuery(f"unsupported select item {node.sql()!r}: {kind.name} takes {takes} "
                                f"column(s), e.g. {kind.example}; {SUPPORTED}")
         columns = [self._column(a) for a in args]
         return Aggregate(kind.name, columns[0], tuple(columns[1:]))

@@ -94,6 +94,7 @@ class Estimate:
     bounds: tuple[float, float] | None = None
     vector: Vector | None = None
     edges: tuple[float, ...] = ()
+    column_bounds: tuple[tuple[float, float], ...] = ()  # each column's, for kinds over several bounded columns
 
     def withheld(self) -> Estimate:
         """The same estimate suppressed: its value, interval and any vector withheld from display.
@@ -104,7 +105,8 @@ class Estimate:
         return Estimate(self.aggregate, self.function, math.nan, self.std_error, self.noise_scale, math.nan,
                         math.nan, self.ci_half_width, self.mechanism, self.epsilon, suppressed=True,
                         parts=self.parts, bounds=self.bounds,
-                        vector=self.vector.withheld() if self.vector is not None else None, edges=self.edges)
+                        vector=self.vector.withheld() if self.vector is not None else None, edges=self.edges,
+                        column_bounds=self.column_bounds)
 
 
 @dataclass(frozen=True)

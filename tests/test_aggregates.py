@@ -41,8 +41,8 @@ def test_every_sql_spelling_parses_to_its_kind(kind) -> None:
 
 def test_unknown_kind_names_what_is_supported() -> None:
     with pytest.raises(InvalidQuery, match=r"unknown aggregate 'median'; supported: count, sum\(column\), "
-                                           r"mean\(column\), variance\(column\), stddev\(column\) or "
-                                           r"survival\(time, event\)"):
+                                           r"mean\(column\), variance\(column\), stddev\(column\), "
+                                           r"survival\(time, event\) or regression\(y, x1, x2\)"):
         kind_of("median")
 
 

@@ -3,10 +3,12 @@
 Each estimate's released parts add over the sites (and so do their noise variances), vectors
 element by element; the kind's own post-processing, from the table of aggregate kinds, turns the
 pooled parts into the estimate (a mean: the ratio of pooled sums and counts with a delta-method
-interval; survival: the Kaplan-Meier curve of the pooled counts). Vectors over a grid pool only
-when every site declares the same grid; otherwise the pooled cell is withheld with a note and each
-site's answer stands. Dataset descriptions from several sites are merged with a line for every
-declaration on which they differ.
+interval; survival: the Kaplan-Meier curve of the pooled counts; regression: the least-squares fit
+of the pooled ZᵀZ). Vectors over a grid pool only when every site declares the same grid, and a
+regression's statistics (standardised by each column's bounds) only when every site declares the
+same bounds; otherwise the pooled cell is withheld with a note and each site's answer stands.
+Dataset descriptions from several sites are merged with a line for every declaration on which
+they differ.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import math
 from collections.abc import Sequence
 
 from .._proto.gateway.v1 import gateway_pb2 as pb
-from .._wire import bounds_from_wire, part_to_wire, parts_from_wire
+from .._wire import bounds_from_wire, column_bounds_from_wire, part_to_wire, parts_from_wire
 from ..aggregates import Declared, kind_of
 from ..answers import Z95
 
@@ -73,28 +75,37 @@ def pool(answered: Sequence[tuple[str, pb.QueryResponse]], served_by: str) -> pb
         if not first.dry_run and _small(estimates, out.suppression_min_count):
             estimates = [_suppressed(e) for e in estimates]
         out.rows.add(keys=row.keys, estimates=estimates)
-    out.notes.extend(f"{label}: the sites declare different grids ({'; '.join(grids)}), so their counts cannot "
-                     "be added: the pooled values are withheld; see each site's answer"
-                     for label, grids in differing.values())
+    out.notes.extend(f"{label}: the sites declare different {what} ({'; '.join(grids)}), so their statistics "
+                     "cannot be added: the pooled values are withheld; see each site's answer"
+                     for label, what, grids in differing.values())
     return out
 
 
-def _differing_grids(answered: Sequence[tuple[str, pb.QueryResponse]]) -> dict[int, tuple[str, list[str]]]:
-    """Aggregates (by position) whose grid differs between sites: their label and each site's grid."""
+def _differing_grids(answered: Sequence[tuple[str, pb.QueryResponse]]) -> dict[int, tuple[str, str, list[str]]]:
+    """Aggregates (by position) whose grid, or bounds that standardise a regression, differ between sites."""
     grids: dict[int, dict[str, tuple[float, ...]]] = {}
     labels: dict[int, str] = {}
+    kinds: dict[int, bool] = {}  # whether the aggregate is over a grid (otherwise over several columns' bounds)
     for site, response in answered:
         for row in response.rows[:1]:
             for j, e in enumerate(row.estimates):
-                grids.setdefault(j, {})[site] = tuple(e.edges)
+                kinds[j] = bool(e.edges)
+                grids.setdefault(j, {})[site] = tuple(e.edges) or tuple(e.column_bounds)
                 labels[j] = e.aggregate
-    return {j: (labels[j], [f"{site} {_grid(edges)}" for site, edges in by_site.items()])
+    described = {j: _grid if kinds[j] else _bounds for j in grids}
+    return {j: (labels[j], "grids" if kinds[j] else "column bounds",
+                [f"{site} {described[j](edges)}" for site, edges in by_site.items()])
             for j, by_site in grids.items() if len(set(by_site.values())) > 1}
 
 
 def _grid(edges: Sequence[float]) -> str:
     """A grid as a reader compares it: '0..120 (121 times, #digest)', or '(none)'."""
     return f"{edges[0]:g}..{edges[-1]:g} ({len(edges)} times, #{_digest(list(edges))})" if edges else "(none)"
+
+
+def _bounds(flat: Sequence[float]) -> str:
+    """Several columns' bounds as a reader compares them: '[0, 180] [18, 99]'."""
+    return " ".join(f"[{low:g}, {high:g}]" for low, high in zip(flat[0::2], flat[1::2], strict=True)) or "(none)"
 
 
 def _digest(values: object) -> str:
@@ -140,7 +151,7 @@ def _pool_estimate(parts: list[pb.Estimate], dry_run: bool) -> pb.Estimate:
     kind = kind_of(head.function)
     out = pb.Estimate(aggregate=head.aggregate, function=head.function, mechanism=f"pooled({head.mechanism})",
                       epsilon=head.epsilon, noise_scale=math.nan, has_bounds=head.has_bounds, lower=head.lower,
-                      upper=head.upper, edges=head.edges)
+                      upper=head.upper, edges=head.edges, column_bounds=head.column_bounds)
     if dry_run:
         out.value = out.ci_low = out.ci_high = math.nan
         out.std_error = math.sqrt(sum(p.std_error ** 2 for p in parts))
@@ -153,7 +164,8 @@ def _pool_estimate(parts: list[pb.Estimate], dry_run: bool) -> pb.Estimate:
     pooled = kind.pool([parts_from_wire(p) for p in parts])
     # like each site, the broker clamps into the column's bounds, where the true value lies, and
     # intersects the interval with them (post-processing: it costs no privacy and no coverage)
-    value = kind.estimate(pooled, Declared(bounds_from_wire(head), tuple(head.edges)), clamp=True)
+    declared = Declared(bounds_from_wire(head), tuple(head.edges), column_bounds_from_wire(head))
+    value = kind.estimate(pooled, declared, clamp=True)
     out.value, out.std_error, out.clamped = value.value, value.std_error, value.clamped
     out.ci_half_width, out.ci_low, out.ci_high = value.half_width, value.ci_low, value.ci_high
     if value.vector is not None:
