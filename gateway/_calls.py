@@ -38,7 +38,7 @@ from .errors import (
     error_from_rpc,
 )
 from .proof import ANY_SERVER, ProofKey
-from .results import QueryResult, SurvivalResult
+from .results import QueryResult, RegressionResult, SurvivalResult
 
 StructuredSpec = Mapping[str, Any]
 
@@ -127,14 +127,24 @@ def survival_spec(dataset: str, time: str, event: str, by: str | Sequence[str] |
             "filters": list(filters)}
 
 
+def regression_spec(dataset: str, y: str, x: Sequence[str], by: str | Sequence[str] | None,
+                    filters: Sequence[tuple[str, str, Any]]) -> StructuredSpec:
+    """The structured query of a regression of ``y`` on the features ``x`` per group of ``by``."""
+    features = [x] if isinstance(x, str) else list(x)
+    group_by = [by] if isinstance(by, str) else list(by or ())
+    return {"dataset": dataset, "aggregates": [("regression", y, *features)], "group_by": group_by,
+            "filters": list(filters)}
+
+
 def finish(response: pb.QueryResponse, require_all_sites: bool, survival_time: str | None = None,
-           stacklevel: int = 3) -> QueryResult:
-    """The answer as a result.
+           stacklevel: int = 3, regression: bool = False) -> QueryResult:
+    """The answer as a result: a :class:`SurvivalResult` given the time column, a regression's with ``regression``.
 
     Sites missing from it give a :class:`MissingSitesWarning`, or :class:`IncompleteAnswer` when the
     caller required them all.
     """
-    result = QueryResult(response) if survival_time is None else SurvivalResult(response, survival_time)
+    result = (RegressionResult(response) if regression else
+              QueryResult(response) if survival_time is None else SurvivalResult(response, survival_time))
     missing = result.missing_sites
     if missing:
         listed = "; ".join(f"{site} ({why})" for site, why in missing.items())

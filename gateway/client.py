@@ -32,6 +32,13 @@ Survival in a few lines (a Kaplan-Meier curve per stage over the grid the policy
     print(curves.frame)        # stage, time, survival, ci_low, ci_high, at_risk, events
     print(curves.medians)      # stage, median, ci_low, ci_high
     curves.plot("survival.png")   # needs the plot extra: pip install 'gateway[plot]'
+
+A linear regression pooled over the sites (least squares from each site's noisy sufficient
+statistics; standard errors include the noise)::
+
+    fit = gw.regression("patients", y="survival_months", x=["age_at_diagnosis", "bmi"], epsilon=0.5)
+    print(fit.frame)           # term, estimate, std_error, ci_low, ci_high (the intercept first)
+    print(fit.n, fit.r_squared)
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ from ._calls import (
     finish,
     plan_from,
     query_request,
+    regression_spec,
     structured_message,
     survival_spec,
 )
@@ -66,14 +74,15 @@ from .results import (
     Dataset,
     HistoryResult,
     QueryResult,
+    RegressionResult,
     SurvivalResult,
     Template,
     budget_frame,
     dataset_from_wire,
 )
 
-__all__ = ["Client", "Column", "Dataset", "QueryResult", "StructuredSpec", "SurvivalResult", "Template", "Tls",
-           "structured_message"]
+__all__ = ["Client", "Column", "Dataset", "QueryResult", "RegressionResult", "StructuredSpec", "SurvivalResult",
+           "Template", "Tls", "structured_message"]
 
 T = TypeVar("T")
 
@@ -189,6 +198,22 @@ class Client:
                                 dry_run, query_id, sites)
         result = finish(self._call(self._stub.Query, request), self._require(require_all_sites), time)
         assert isinstance(result, SurvivalResult)
+        return result
+
+    def regression(self, dataset: str, *, y: str, x: str | Sequence[str], by: str | Sequence[str] | None = None,
+                   epsilon: float = 0.0, filters: Sequence[tuple[str, str, Any]] = (), dry_run: bool = False,
+                   query_id: str | None = None, sites: Sequence[str] = (),
+                   require_all_sites: bool | None = None) -> RegressionResult:
+        """Least squares of ``y`` on the features ``x`` (1 to 10 numeric columns), with an intercept, by ``by``.
+
+        Through a broker the sites' statistics are pooled first. Rows missing any of the variables
+        are left out; values are clamped to the policy's bounds. Its SQL form is
+        ``SELECT regression(y, x1, x2) FROM dataset``.
+        """
+        request = query_request(None, regression_spec(dataset, y, x, by, filters), None, None, epsilon, dry_run,
+                                query_id, sites)
+        result = finish(self._call(self._stub.Query, request), self._require(require_all_sites), regression=True)
+        assert isinstance(result, RegressionResult)
         return result
 
     def _require(self, given: bool | None) -> bool:
