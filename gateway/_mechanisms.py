@@ -123,7 +123,7 @@ def plan_query(query: Query, dataset: Dataset, epsilon: Fraction) -> Plan:
                                       spec.shape(column, arity))
                            for spec, sensitivity in zip(kind.components, sensitivities, strict=True))
         bounds = _bounds(column) if column is not None and column.bounds is not None else None
-        edges = column.grid if column is not None else ()
+        edges = column.grid if column is not None and not kind.bounds_of_every_column else ()
         every = tuple(_bounds(dataset.columns[c]) for c in agg.columns) if kind.bounds_of_every_column else ()
         plans.append(AggregatePlan(agg, kind, components, Declared(bounds, edges, every), share))
     return Plan(tuple(plans), epsilon)

@@ -89,8 +89,8 @@ def _differing_grids(answered: Sequence[tuple[str, pb.QueryResponse]]) -> dict[i
     for site, response in answered:
         for row in response.rows[:1]:
             for j, e in enumerate(row.estimates):
-                kinds[j] = bool(e.edges)
-                grids.setdefault(j, {})[site] = tuple(e.edges) or tuple(e.column_bounds)
+                kinds[j] = not e.column_bounds
+                grids.setdefault(j, {})[site] = tuple(e.column_bounds) or tuple(e.edges)
                 labels[j] = e.aggregate
     described = {j: _grid if kinds[j] else _bounds for j in grids}
     return {j: (labels[j], "grids" if kinds[j] else "column bounds",
