@@ -23,25 +23,31 @@ exactly the single vector. A split could only move noise from one block to anoth
 The fit (:func:`fit`), in standardised units, then back:
 
 - A = ZᵀZ without y's row and column, b = Zᵀs_y, c = s_yᵀs_y, from the noisy vector;
-- A is made positive definite by flooring its eigenvalues at :func:`ridge` = s sqrt(p + 1), where
-  s is the noise's standard deviation on one entry (about half the spectral norm of the noise
-  matrix): in the directions where the noise swamps the data this is a ridge of the noise's size,
-  which keeps the solve stable; where the data dominate the noise nothing is added. A ridge of that
-  size on every direction shrank the coefficients by 8% at n = 3000 and epsilon 1 (an error the
-  intervals do not cover); without noise the floor is a negligible fraction of the largest
-  eigenvalue, and this is least squares;
+- A is made positive definite by flooring its eigenvalues at :func:`ridge` = s, the noise's
+  standard deviation on one entry: in the directions where the noise swamps the data this is a
+  ridge of the noise's size, which keeps the solve stable; where the data dominate the noise
+  nothing is added. A larger floor, or a ridge on every direction, shrinks the coefficients of
+  weakly varying features: a floor of s sqrt(p + 1) left a coefficient biased by 0.4 standard
+  errors at 400 rows and epsilon 0.5 (its interval covered 90%), and a ridge of s sqrt(p + 1) on
+  every direction shrank coefficients by 8% at 3000 rows and epsilon 1. Without noise the floor
+  is a negligible fraction of the largest eigenvalue, and this is least squares;
 - beta = A⁻¹ b; the residual sum of squares RSS = c - 2 betaᵀb + betaᵀA beta (at least s),
   sigma^2 = RSS / (n - p - 1), R^2 = 1 - RSS / (c - b_0^2 / n);
-- the covariance of beta is the sampling part sigma^2 A⁻¹ plus the noise's, estimated by a
-  parametric bootstrap: :data:`DRAWS` fresh noise vectors of the released noise's variance (Laplace,
-  as one site draws it; pooled over sites a sum of Laplaces, whose tails are lighter) added to the
-  released statistics, each solved as above; their covariance;
+- the noise's part, by a parametric bootstrap: :data:`DRAWS` fresh noise vectors of the released
+  noise's variance (Laplace, as one site draws it; pooled over sites a sum of Laplaces, whose tails
+  are lighter) added to the released statistics, each solved as above. The inverse of a noisy
+  matrix is biased (noise in A attenuates beta, as errors in variables do): the draws' mean minus
+  beta estimates that bias, which is subtracted; the draws' covariance is added to the sampling
+  part sigma^2 A⁻¹;
 - un-standardising is exact and linear: the coefficient of x_j is h_y beta_j / h_j, the intercept
   c_y + h_y beta_0 - sum of (h_y beta_j / h_j) c_j; covariances follow (T cov Tᵀ); the 95%
   intervals are estimate ± 1.96 standard errors.
 
-The tests show the intervals cover the true coefficients near 95% over simulated data and noise,
-and that half as wide ones do not.
+The tests show by simulation (fresh data from a known model, OpenDP's noise) that the intervals
+cover the true coefficients near 95% where the data dominate the noise, and that half as wide ones
+do not. Where the noise dominates, the bootstrap around values that are already noisy overstates
+the noise's variance and the intervals err on the wide side (at 300-400 rows and epsilon 0.5-1,
+95% intervals covered 95-99%).
 
 Logistic regression is not offered yet. The sound route is noisy sufficient statistics of a
 polynomial approximation of the log-likelihood (Zhang et al.'s functional mechanism): a second
@@ -95,9 +101,9 @@ def terms(y: str, features: Sequence[str]) -> list[str]:
     return ["(intercept)", *features]
 
 
-def ridge(noise_sd: float, features: int) -> float:
-    """The eigenvalue floor, in standardised units: s sqrt(p + 1) (0 without noise)."""
-    return noise_sd * math.sqrt(features + 1)
+def ridge(noise_sd: float) -> float:
+    """The eigenvalue floor, in standardised units: the noise's standard deviation s (0 without noise)."""
+    return noise_sd
 
 
 def fit(values: Sequence[float], noise_sd: float, bounds: Sequence[tuple[float, float]], z: float = Z95) -> Fit:
@@ -112,7 +118,7 @@ def fit(values: Sequence[float], noise_sd: float, bounds: Sequence[tuple[float, 
     matrix = _symmetric(np.asarray(values, dtype=float), p + 2)
     a, b, c = matrix[:-1, :-1], matrix[:-1, -1], matrix[-1, -1]
     n = float(a[0, 0])
-    lam = ridge(noise_sd, p)
+    lam = ridge(noise_sd)
     if n < p + 2 or not np.all(np.isfinite(matrix)):
         nan = (math.nan,) * (p + 1)
         return Fit(nan, nan, nan, nan, n, math.nan, True)
@@ -124,7 +130,9 @@ def fit(values: Sequence[float], noise_sd: float, bounds: Sequence[tuple[float, 
     sigma2 = rss / max(n - p - 1, 1.0)
     cov = sigma2 * np.linalg.inv(solved[0])
     if noise_sd > 0:
-        cov = cov + _noise_covariance(matrix, noise_sd, lam, values)
+        drawn = _bootstrap(matrix, noise_sd, lam, values)
+        beta = beta - (drawn.mean(axis=0) - beta)  # the noise's bias, as the bootstrap sees it, taken away
+        cov = cov + np.atleast_2d(np.cov(drawn, rowvar=False))
     transform, offset = _unstandardise(bounds)
     estimate = transform @ beta + offset
     cov = transform @ cov @ transform.T
@@ -156,16 +164,16 @@ def _regularised(a: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
     return out, np.asarray(raised.any(axis=-1))
 
 
-def _noise_covariance(matrix: np.ndarray, noise_sd: float, lam: float, values: Sequence[float]) -> np.ndarray:
-    """The covariance of the coefficients that the noise causes: a parametric bootstrap around the released values."""
+def _bootstrap(matrix: np.ndarray, noise_sd: float, lam: float, values: Sequence[float]) -> np.ndarray:
+    """Coefficients fitted from the released statistics with fresh noise added, one row per draw."""
     d = matrix.shape[-1]
     seed = int.from_bytes(hashlib.sha256(np.asarray(values, dtype=float).tobytes()).digest()[:8], "big")
     rng = np.random.default_rng(seed)
     noise = rng.laplace(0.0, noise_sd / math.sqrt(2), size=(DRAWS, entries(d - 1)))
     drawn = matrix[None] + _symmetric(noise, d)
     solved, _ = _regularised(drawn[:, :-1, :-1], lam)
-    betas = np.linalg.solve(solved, drawn[:, :-1, -1:])[..., 0]
-    return np.atleast_2d(np.cov(betas, rowvar=False))
+    betas: np.ndarray = np.linalg.solve(solved, drawn[:, :-1, -1:])[..., 0]
+    return betas
 
 
 def _unstandardise(bounds: Sequence[tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
