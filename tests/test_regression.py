@@ -12,6 +12,7 @@ bounds are not pooled.
 from __future__ import annotations
 
 import math
+import re
 import textwrap
 from collections.abc import Sequence
 from fractions import Fraction
@@ -27,8 +28,9 @@ from gateway._proto.gateway.v1 import gateway_pb2 as pb
 from gateway._sqlfront import parse_sql
 from gateway.aggregates import KINDS, MAX_FEATURES, REGRESSION_UNIT
 from gateway.answers import discrete_laplace_std
+from gateway.broker._validate import check_answer
 from gateway.demo.synth import synthesize
-from gateway.errors import InvalidQuery, PolicyViolation
+from gateway.errors import InvalidAnswer, InvalidQuery, PolicyViolation
 from gateway.policy import Column, load_policy
 from gateway.query import check_query
 from gateway.regression import fit
@@ -161,6 +163,30 @@ def test_the_engine_releases_the_documented_standardised_products_at_and_past_th
     # a row at a corner adds exactly R^2 in magnitude to every entry: the sensitivity is reached
     assert statistics([CORNERS[0]], units, fixed) == [R * R * s for s in (1, -1, -1, -1, 1, 1, 1, 1, 1, 1)]
     assert statistics([CORNERS[2]], units, fixed) == [R * R * s for s in (1, -1, 1, -1, 1, -1, 1, 1, -1, 1)]
+
+
+def test_the_widest_bounds_a_policy_allows_stay_exact(tmp_path) -> None:
+    """|bound| x 10^precision up to 2^31: the standardisation's integers stay far inside 64 bits, the sums
+    are HUGEINT, and every entry is still exactly the documented one."""
+    policy = POLICY.replace("bounds: [-3, 5], precision: 2", "bounds: [-21474836.48, 21474836.47], precision: 2")
+    policy = policy.replace("bounds: [0, 10]", "bounds: [-2147483648, 2147483647]")
+    (tmp_path / "policy.yaml").write_text(policy)
+    rng = np.random.default_rng(5)
+    rows = [(pid, 1, y, a, 0.0) for pid, (y, a) in enumerate([(-1e300, -2**40), (1e300, 2**40), (21474836.475, 0)])]
+    rows += [(10 + i, 2, float(rng.uniform(-3e7, 3e7)), int(rng.integers(-2**33, 2**33)), float(rng.uniform(-2, 2)))
+             for i in range(300)]
+    with duckdb.connect(str(tmp_path / "data.duckdb")) as con:
+        con.execute("CREATE TABLE d (pid BIGINT, g BIGINT, y DOUBLE, a BIGINT, b DOUBLE)")
+        con.executemany("INSERT INTO d VALUES (?, ?, ?, ?, ?)", rows)
+    loaded = load_policy(tmp_path / "policy.yaml")
+    columns = loaded.policy.datasets["d"].columns
+    engine = Engine(loaded)
+    try:
+        got = engine.run(check_query(parse_sql("SELECT regression(y, a, b) FROM d"), loaded.policy))
+    finally:
+        engine.close()
+    want = statistics([r[2:] for r in rows], [columns[c].unit for c in "yab"], [columns[c].fixed_bounds for c in "yab"])
+    assert got.components[0] == tuple(want)
 
 
 def test_the_kind_releases_one_measurement_whose_sensitivity_is_every_entrys_largest_product() -> None:
@@ -424,3 +450,24 @@ def test_sites_with_different_bounds_are_not_pooled(start_site, start_broker, to
 def test_a_column_without_bounds_cannot_be_aggregated() -> None:
     with pytest.raises(ValueError, match="an aggregate column needs bounds"):
         Column(type="float", roles=("aggregate",))
+
+
+def test_the_broker_refuses_a_regression_answer_whose_bounds_or_statistics_do_not_fit_its_columns() -> None:
+    def answer(column_bounds: list[float], values: int, shape: int) -> pb.QueryResponse:
+        estimate = pb.Estimate(aggregate="regression(y, x)", function="regression", value=0.5, std_error=math.nan,
+                               ci_low=math.nan, ci_high=math.nan, ci_half_width=math.nan, epsilon=1, has_bounds=True,
+                               lower=0, upper=1, column_bounds=column_bounds,
+                               components=[pb.Component(name="products", values=[1.0] * values, shape=[shape],
+                                                        std_error=1, ci_half_width=2)])
+        return pb.QueryResponse(dataset="d", aggregates=["regression(y, x)"], epsilon_charged=1,
+                                rows=[pb.ResultRow(estimates=[estimate])])
+
+    check_answer(answer([0, 1, -1, 1], 6, 6), dry_run=False)
+    for bad, why in [(answer([0, 1, -1, 1], 10, 10), "has the shape [10], not [6]"),
+                     (answer([0, 1], 3, 3), "its column bounds hold 2 numbers"),
+                     (answer([0, 1, -1], 6, 6), "its column bounds hold 3 numbers"),
+                     (answer([0, 1, 1, -1], 6, 6), "its column bounds include [1.0, -1.0]"),
+                     (answer([0, 1, -1, math.inf], 6, 6), "its column bounds include"),
+                     (answer([0, 1] * 13, 378, 378), "its column bounds hold 26 numbers")]:
+        with pytest.raises(InvalidAnswer, match=re.escape(why)):
+            check_answer(bad, dry_run=False)
