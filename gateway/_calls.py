@@ -27,6 +27,7 @@ from typing import Any
 import grpc
 
 from ._proto.gateway.v1 import gateway_pb2 as pb
+from ._regression_result import RegressionResult
 from ._wire import to_value
 from .errors import (
     GatewayBug,
@@ -38,7 +39,7 @@ from .errors import (
     error_from_rpc,
 )
 from .proof import ANY_SERVER, ProofKey
-from .results import QueryResult, RegressionResult, SurvivalResult
+from .results import QueryResult, SurvivalResult
 
 StructuredSpec = Mapping[str, Any]
 

@@ -39,13 +39,13 @@ from ._calls import (
 )
 from ._proto.gateway.v1 import gateway_pb2 as pb
 from ._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
+from ._regression_result import RegressionResult
 from ._transport import Tls, open_aio_channel
 from .proof import ProofKey
 from .results import (
     Dataset,
     HistoryResult,
     QueryResult,
-    RegressionResult,
     SurvivalResult,
     budget_frame,
     dataset_from_wire,

@@ -67,6 +67,7 @@ from ._calls import (
 )
 from ._proto.gateway.v1 import gateway_pb2 as pb
 from ._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
+from ._regression_result import RegressionResult
 from ._transport import Tls, open_channel
 from .proof import ProofKey
 from .results import (
@@ -74,7 +75,6 @@ from .results import (
     Dataset,
     HistoryResult,
     QueryResult,
-    RegressionResult,
     SurvivalResult,
     Template,
     budget_frame,

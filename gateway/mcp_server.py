@@ -32,12 +32,13 @@ import polars as pl
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
+from ._regression_result import RegressionResult
 from ._sqlfront import SUPPORTED
 from ._version import __version__
 from .aggregates import KINDS
 from .client import Client
 from .errors import GatewayError, MissingSitesWarning
-from .results import QueryResult, RegressionResult, SurvivalResult
+from .results import QueryResult, SurvivalResult
 
 NOISE = ("Every answer is a differentially private estimate: noisy on purpose. Each estimate comes "
          "with std_error and a 95% interval [ci_low, ci_high]; report the interval, never the estimate "
