@@ -471,3 +471,23 @@ def test_the_broker_refuses_a_regression_answer_whose_bounds_or_statistics_do_no
                      (answer([0, 1] * 13, 378, 378), "its column bounds hold 26 numbers")]:
         with pytest.raises(InvalidAnswer, match=re.escape(why)):
             check_answer(bad, dry_run=False)
+
+
+@pytest.mark.parametrize("noise", [None, ExactNoise()], ids=["opendp", "exact"])
+def test_groups_with_few_or_no_rows_answer_without_error(start_site, token, noise) -> None:
+    """Stages II-IV hold no row here: without noise their fit is unknown (None); with noise it is whatever
+    the noise makes of nothing, with intervals to match, or unknown where the noisy n is under p + 2;
+    never an error."""
+    site = start_site(noise=noise)
+    with client(site, token) as c:
+        result = c.regression("patients", y="survival_months", x=FEATURES, by="stage", epsilon=0.5,
+                              filters=[("stage", "=", "I"), ("age_at_diagnosis", "<", 19)])
+    assert result.frame.height == 12
+    empty = result.frame.filter(result.frame["stage"] == "IV")
+    if noise is not None:
+        assert empty["estimate"].to_list() == [None, None, None]
+        assert result.summary.filter(result.summary["stage"] == "IV")["n"].to_list() == [0]
+    else:
+        for row in empty.iter_rows(named=True):
+            assert (row["estimate"] is None) == (row["std_error"] is None)
+            assert row["std_error"] is None or row["std_error"] > 0
