@@ -135,6 +135,15 @@ def histogram_spec(dataset: str, column: str, by: str | Sequence[str] | None,
             "filters": list(filters)}
 
 
+def regression_spec(dataset: str, y: str, x: Sequence[str], by: str | Sequence[str] | None,
+                    filters: Sequence[tuple[str, str, Any]]) -> StructuredSpec:
+    """The structured query of a regression of ``y`` on the features ``x`` per group of ``by``."""
+    features = [x] if isinstance(x, str) else list(x)
+    group_by = [by] if isinstance(by, str) else list(by or ())
+    return {"dataset": dataset, "aggregates": [("regression", y, *features)], "group_by": group_by,
+            "filters": list(filters)}
+
+
 def finish(response: pb.QueryResponse, require_all_sites: bool, survival_time: str | None = None,
            stacklevel: int = 3, wrap: Callable[[pb.QueryResponse], QueryResult] | None = None) -> QueryResult:
     """The answer as a result (``wrap`` makes it: a histogram's, say).

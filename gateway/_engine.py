@@ -32,7 +32,7 @@ import duckdb
 import yaml
 
 from ._yamlfile import line_index
-from .aggregates import ComponentSpec, kind_of
+from .aggregates import REGRESSION_UNIT, ComponentSpec, kind_of
 from .answers import Scalar
 from .errors import DeadlineExceeded, FailedPrecondition, Unavailable
 from .policy import MAX_SOURCE_ROWS, MISSING_GROUP, OTHER_GROUP, Column, Dataset, LoadedPolicy
@@ -192,7 +192,7 @@ class Engine:
             log.error("query on %s failed: %s", query.dataset, _without_values(err))
             raise FailedPrecondition(f"the site could not run the query on its data ({type(err).__name__}); "
                                      "ask the site operator to check the data source") from err
-        shapes = [spec.shape(dataset.columns[a.column] if a.column is not None else None)
+        shapes = [spec.shape(dataset.columns[a.column] if a.column is not None else None, len(a.columns))
                   for a in query.aggregates for spec in kind_of(a.function).components]
         if not query.group_by:
             return ExactResult(groups, tuple(_dense(rows[0][i], shape) for i, shape in enumerate(shapes)))
@@ -355,12 +355,14 @@ def _type_fits(declared: str, actual: str) -> bool:
 
 
 def _dense(value: Any, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """One group's exact value of a component: a scalar (NULL is 0), or a vector from a map.
+    """One group's exact value of a component: a scalar (NULL is 0), or a vector from a map or a list.
 
-    The map is the ``histogram`` of {index: rows}; absent indexes are 0.
+    The map is the ``histogram`` of {index: rows}; absent indexes are 0. A list holds every value.
     """
     if not shape:
         return (int(value or 0),)
+    if isinstance(value, list):
+        return tuple(int(v or 0) for v in value)
     dense = [0] * math.prod(shape)
     for index, rows in (value or {}).items():
         dense[int(index)] = int(rows)
@@ -372,7 +374,7 @@ def _check_fits(query: Query, dataset: Dataset, rows: int) -> None:
     for agg in query.aggregates:
         column = dataset.columns[agg.column] if agg.column is not None else None
         for spec in kind_of(agg.function).components:
-            if spec.row_bound(column) * rows >= _I64_SAFE:
+            if spec.row_bound(column, len(agg.columns)) * rows >= _I64_SAFE:
                 raise FailedPrecondition(f"{agg.label} is not available on dataset {query.dataset!r}: over its "
                                          f"{rows} rows the exact {spec.name} could exceed 64 bits with the column's "
                                          "bounds; ask the site's privacy officer to narrow them")
@@ -467,7 +469,8 @@ def product_of_keys(keys: Sequence[Sequence[Scalar]]) -> tuple[tuple[Scalar, ...
 
 
 def _aggregate_sql(agg: Aggregate, dataset: Dataset, params: list[object]) -> list[str]:
-    return [_component_sql(spec, agg, dataset, params) for spec in kind_of(agg.function).components]
+    return [_regression_sql(agg.columns, dataset, params) if spec.sql == "regression_products"
+            else _component_sql(spec, agg, dataset, params) for spec in kind_of(agg.function).components]
 
 
 def _component_sql(spec: ComponentSpec, agg: Aggregate, dataset: Dataset,  # noqa: PLR0911 (one per kind of sql)
@@ -515,6 +518,37 @@ def _fixed_point(name: str, column: Column, params: list[object]) -> str:
     params += [low, low, high, high]
     # CASE rather than least/greatest: same result, about twice as fast in DuckDB
     return f"CAST(CASE WHEN {value} < ? THEN ? WHEN {value} > ? THEN ? ELSE {value} END AS BIGINT)"
+
+
+def _regression_sql(names: Sequence[str], dataset: Dataset, params: list[object]) -> str:
+    """The upper triangle of ZᵀZ, Z = [1, x1..xp, y] (``names`` is y, x1..xp), as one list per group.
+
+    Each variable is standardised as an integer: its clamped fixed-point value f in [l, u] becomes
+    round(R (2f - l - u) / (u - l)), R = REGRESSION_UNIT, computed as (4R (f - l) + w) // 2w - R
+    with w = u - l (a non-negative numerator, so integer division rounds half up, never toward
+    zero): exactly -R at l and R at u, within [-R, R] between. The constant column is R, so every
+    entry is a sum of products of at most R^2 (BIGINT products, summed into HUGEINT). A row where
+    any of the variables is missing adds to no entry.
+    """
+    order = [*names[1:], names[0]]
+    complete = " AND ".join(f"{quote(name)} IS NOT NULL" for name in order)
+
+    def standardised(name: str) -> str:  # each use binds its own parameters (they are positional)
+        column = dataset.columns[name]
+        low, high = column.fixed_bounds
+        fixed = _fixed_point(name, column, params)
+        params.extend([low, high - low, 2 * (high - low)])
+        return f"((4 * {REGRESSION_UNIT} * ({fixed} - ?) + ?) // ? - {REGRESSION_UNIT})"
+
+    def factor(i: int) -> str:
+        return str(REGRESSION_UNIT) if i == 0 else standardised(order[i - 1])
+
+    entries = []
+    for i in range(len(order) + 1):
+        for j in range(i, len(order) + 1):
+            left = factor(i)
+            entries.append(f"coalesce(sum(CASE WHEN {complete} THEN CAST({left} AS BIGINT) * {factor(j)} END), 0)")
+    return f"list_value({', '.join(entries)})"
 
 
 def _cohort_sql(f: Filter, source: tuple[str, str], params: list[object]) -> str:

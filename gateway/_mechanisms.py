@@ -118,22 +118,28 @@ def plan_query(query: Query, dataset: Dataset, epsilon: Fraction) -> Plan:
     for agg in query.aggregates:
         kind = kind_of(agg.function)
         column: Column | None = dataset.columns[agg.column] if agg.column is not None else None
-        sensitivities = [k * spec.row_bound(column) for spec in kind.components]
+        arity = len(agg.columns)
+        sensitivities = [k * spec.row_bound(column, arity) for spec in kind.components]
         for spec, sensitivity in zip(kind.components, sensitivities, strict=True):
             _check_noise_fits(agg, spec.name, sensitivity, share * spec.share, epsilon)
         components = tuple(_component(spec.name, sensitivity, share * spec.share, spec.unit(column),
-                                      spec.shape(column))
+                                      spec.shape(column, arity))
                            for spec, sensitivity in zip(kind.components, sensitivities, strict=True))
-        bounds = None
-        if column is not None and column.bounds is not None:
-            low, high = column.fixed_bounds
-            bounds = (low / column.unit, high / column.unit)
+        bounds = _bounds(column) if column is not None and column.bounds is not None else None
         # only a kind released over the grid carries it: a mean of a binned column is pooled whatever its bins
-        edges = column.grid if column is not None and any(spec.shape(column) for spec in kind.components) else ()
+        edges = (column.grid if column is not None and not kind.bounds_of_every_column
+                 and any(spec.shape(column) for spec in kind.components) else ())
+        every = tuple(_bounds(dataset.columns[c]) for c in agg.columns) if kind.bounds_of_every_column else ()
         level = kind.level(agg)
-        declared = Declared(bounds, edges) if level is None else Declared(bounds, edges, level)
+        declared = Declared(bounds, edges, 0.5 if level is None else level, every)
         plans.append(AggregatePlan(agg, kind, components, declared, share))
     return Plan(tuple(plans), epsilon)
+
+
+def _bounds(column: Column) -> tuple[float, float]:
+    """A column's effective clamping bounds in its own units (its fixed-point bounds)."""
+    low, high = column.fixed_bounds
+    return low / column.unit, high / column.unit
 
 
 def _check_noise_fits(agg: Aggregate, name: str, sensitivity: int, epsilon: Fraction, total: Fraction) -> None:
@@ -226,7 +232,7 @@ def predicted(plan: Plan, groups: tuple[tuple[Scalar, ...], ...]) -> list[Row]:
         estimates.append(Estimate(agg.aggregate.label, agg.kind.name, math.nan, std_error, first.scale / first.unit,
                                   math.nan, math.nan, half_width, agg.mechanism("discrete_laplace"), agg.epsilon,
                                   parts=tuple(parts.values()), bounds=agg.declared.bounds, edges=agg.declared.edges,
-                                  level=agg.kind.level(agg.aggregate) or 0.0))
+                                  level=agg.kind.level(agg.aggregate) or 0.0, column_bounds=agg.declared.column_bounds))
     return [Row(keys, tuple(estimates)) for keys in groups]
 
 
@@ -236,4 +242,5 @@ def _estimate(agg: AggregatePlan, parts: dict[str, Part], mechanism: str) -> Est
     return Estimate(agg.aggregate.label, agg.kind.name, value.value, value.std_error, first.scale / first.unit,
                     value.ci_low, value.ci_high, value.half_width, agg.mechanism(mechanism), agg.epsilon,
                     clamped=value.clamped, parts=tuple(parts.values()), bounds=agg.declared.bounds,
-                    vector=value.vector, edges=agg.declared.edges, level=agg.kind.level(agg.aggregate) or 0.0)
+                    vector=value.vector, edges=agg.declared.edges, level=agg.kind.level(agg.aggregate) or 0.0,
+                    column_bounds=agg.declared.column_bounds)

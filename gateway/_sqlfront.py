@@ -208,14 +208,16 @@ class _Converter:
         kind = BY_SQL_NAME.get(name)
         if kind is None:
             raise InvalidQuery(f"unsupported select item {node.sql()!r}; {SUPPORTED}")
-        if kind.columns + len(kind.parameters) != len(args):
+        given = len(args) - len(kind.parameters)  # the columns, then the kind's parameters
+        if given < 1 or not kind.takes(given):
+            columns = f"{kind.columns} to {kind.max_columns}" if kind.max_columns else str(kind.columns)
             takes = f" and {', '.join(kind.parameters)}" if kind.parameters else ""
-            raise InvalidQuery(f"unsupported select item {node.sql()!r}: {kind.name} takes {kind.columns} "
+            raise InvalidQuery(f"unsupported select item {node.sql()!r}: {kind.name} takes {columns} "
                                f"column(s){takes}, e.g. {kind.example}; {SUPPORTED}")
-        columns = [self._column(a) for a in args[:kind.columns]]
-        params = tuple((p, self._parameter(kind.name, p, a)) for p, a in zip(kind.parameters, args[kind.columns:],
+        columns_given = [self._column(a) for a in args[:given]]
+        params = tuple((p, self._parameter(kind.name, p, a)) for p, a in zip(kind.parameters, args[given:],
                                                                                  strict=True))
-        return Aggregate(kind.name, columns[0], tuple(columns[1:]), params)
+        return Aggregate(kind.name, columns_given[0], tuple(columns_given[1:]), params)
 
     def _parameter(self, kind: str, name: str, node: exp.Expression) -> Scalar:
         """A kind's parameter: a number written in the query (or a template's :parameter), never a column."""

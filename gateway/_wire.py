@@ -93,6 +93,7 @@ def estimate_to_wire(e: Estimate) -> pb.Estimate:
                           components=[part_to_wire(p) for p in e.parts], edges=e.edges, level=e.level)
     if e.bounds is not None:
         message.has_bounds, message.lower, message.upper = True, e.bounds[0], e.bounds[1]
+    message.column_bounds[:] = [b for pair in e.column_bounds for b in pair]
     if e.vector is not None:
         message.values[:], message.shape[:] = e.vector.values, e.vector.shape
         message.std_errors[:], message.ci_lows[:], message.ci_highs[:] = (e.vector.std_errors, e.vector.ci_lows,
@@ -126,3 +127,9 @@ def parts_from_wire(message: pb.Estimate) -> dict[str, Part]:
 def bounds_from_wire(message: pb.Estimate) -> tuple[float, float] | None:
     """The column bounds an estimate was clamped to, if it has them."""
     return (message.lower, message.upper) if message.has_bounds else None
+
+
+def column_bounds_from_wire(message: pb.Estimate) -> tuple[tuple[float, float], ...]:
+    """Each column's bounds, for kinds over several bounded columns (empty otherwise)."""
+    flat = list(message.column_bounds)
+    return tuple(zip(flat[0::2], flat[1::2], strict=True))

@@ -34,9 +34,13 @@ if TYPE_CHECKING:
 # subtracting the bounds' midpoint (which makes what one row can add about half as large; a mean's
 # "midpoint_sum" centres on the exact midpoint, in half units, so post-processing can add it back);
 # or, over the time column's declared grid, rows with an event per bin and then rows censored per bin;
-# or, over a column's declared bins, rows per bin (a histogram).
+# or, over a column's declared bins, rows per bin (a histogram). Or, for a regression over several
+# columns, the upper triangle of ZᵀZ for Z = [1, x1..xp, y], each variable standardised into [-1, 1]
+# on a fixed-point grid of REGRESSION_UNIT steps per half-range.
 ComponentSql = Literal["rows", "values", "sum", "midpoint_sum", "centered_sum", "centered_squares", "survival_bins",
-                       "histogram_bins"]
+                       "histogram_bins", "regression_products"]
+REGRESSION_UNIT = 1 << 12  # a standardised value is an integer in [-2^12, 2^12]; a product at most 2^24
+MAX_FEATURES = 10
 
 
 @dataclass(frozen=True)
@@ -51,32 +55,42 @@ class ComponentSpec:
     sql: ComponentSql
     share: Fraction
 
-    def shape(self, column: Column | None) -> tuple[int, ...]:
-        """Its values per group: () for one; (2, n) for survival's events and censorings at n grid times."""
-        return self.shape_over(len(column.grid) if column is not None else 0)
+    def shape(self, column: Column | None, arity: int = 1) -> tuple[int, ...]:
+        """Its values per group: () for one; (2, n) for survival's events and censorings at n grid times.
 
-    def shape_over(self, edges: int) -> tuple[int, ...]:
+        For a histogram, (n - 1,) over its n edges; for a regression over ``arity`` columns, (m,):
+        the entries of the upper triangle of ZᵀZ.
+        """
+        return self.shape_over(len(column.grid) if column is not None else 0, arity)
+
+    def shape_over(self, edges: int, arity: int = 1) -> tuple[int, ...]:
         """Its shape over a grid of ``edges`` edges (a broker knows the grid from an answer, not a column).
 
-        (2, edges) for survival; (edges - 1,) for a histogram's bins between the edges; () for a scalar.
+        (2, edges) for survival; (edges - 1,) for a histogram's bins between the edges; the entries of
+        ZᵀZ's upper triangle for a regression over ``arity`` columns; () for a scalar.
         """
         if self.sql == "survival_bins":
             return (2, edges)
         if self.sql == "histogram_bins":
             return (edges - 1,)
+        if self.sql == "regression_products":
+            return (regression_entries(arity),)
         return ()
 
-    def size(self, column: Column | None) -> int:
+    def size(self, column: Column | None, arity: int = 1) -> int:
         """How many values it has per group."""
-        return math.prod(self.shape(column))
+        return math.prod(self.shape(column, arity))
 
-    def row_bound(self, column: Column | None) -> int:
+    def row_bound(self, column: Column | None, arity: int = 1) -> int:
         """The largest L1 norm of what one row adds to this component (in one group), in fixed-point units.
 
-        A row adds 1 to a count, and 1 to exactly one bin of a survival vector or a histogram.
+        A row adds 1 to a count, and 1 to exactly one bin of a survival vector or a histogram; to each
+        entry of a regression's ZᵀZ a product of two standardised values, at most REGRESSION_UNIT^2.
         """
         if self.sql in ("rows", "values", "survival_bins", "histogram_bins"):
             return 1
+        if self.sql == "regression_products":
+            return regression_entries(arity) * REGRESSION_UNIT ** 2
         assert column is not None
         if self.sql == "sum":
             return column.max_contribution
@@ -90,6 +104,8 @@ class ComponentSpec:
         """Fixed-point units per 1 of the component's value."""
         if self.sql in ("rows", "values", "survival_bins", "histogram_bins"):
             return 1
+        if self.sql == "regression_products":
+            return REGRESSION_UNIT ** 2
         assert column is not None
         if self.sql == "midpoint_sum":
             return 2 * column.unit
@@ -101,13 +117,20 @@ class Declared:
     """What the policy declares that post-processing uses (public values, never data).
 
     ``bounds``: the aggregated column's clamping bounds; ``edges``: its grid (survival's times, a
-    histogram's bin edges); ``level``: a quantile's q, from the query.
+    histogram's bin edges); ``level``: a quantile's q, from the query; ``column_bounds``: for a kind
+    over several bounded columns (regression), each one's bounds.
     A site reads them from its policy, a broker from the sites' answers.
     """
 
     bounds: tuple[float, float] | None = None
     edges: tuple[float, ...] = ()
     level: float = 0.5  # a quantile's q (public: the query's)
+    column_bounds: tuple[tuple[float, float], ...] = ()
+
+
+def regression_entries(variables: int) -> int:
+    """Entries of the upper triangle of ZᵀZ for Z = [1, and ``variables`` columns]."""
+    return (variables + 1) * (variables + 2) // 2
 
 
 class Kind:
@@ -117,6 +140,9 @@ class Kind:
     sql_names: ClassVar[tuple[str, ...]]
     example: ClassVar[str]
     columns: ClassVar[int] = 1
+    max_columns: ClassVar[int] = 0  # more than ``columns`` columns may be given, up to this many
+    # whether answers carry the bounds of every column (Declared.column_bounds), not just the first's
+    bounds_of_every_column: ClassVar[bool] = False
     # the role each column needs, in order (the first column is the one bounds and grids come from)
     roles: ClassVar[tuple[str, ...]] = ("aggregate",)
     components: ClassVar[tuple[ComponentSpec, ...]]
@@ -134,13 +160,17 @@ class Kind:
         """Refuse ``agg`` unless it has this kind's shape; ``column_for(name, role)`` checks a column's role."""
         if self.columns == 0 and agg.columns:
             raise InvalidQuery(f"{self.name} takes no column: use {self.example} (each row of the dataset counts)")
-        if len(agg.columns) != self.columns:
+        if not self.takes(len(agg.columns)):
             needs = "a column" if self.columns == 1 else f"{self.columns} columns"
             raise InvalidQuery(f"{self.name} needs {needs}, e.g. {self.example}")
         if agg.params and not self.parameters:
             raise InvalidQuery(f"{self.name} takes no parameters, e.g. {self.example}")
         for name, role in zip(agg.columns, self.roles, strict=False):
             column_for(name, role)
+
+    def takes(self, count: int) -> bool:
+        """Whether the kind can be asked over ``count`` columns."""
+        return count == self.columns or self.columns <= count <= self.max_columns
 
     def estimate(self, parts: Mapping[str, Part], declared: Declared, clamp: bool) -> Value:
         """The estimate that post-processing of the released ``parts`` gives.
@@ -448,8 +478,68 @@ def _needs_bins(kind: Kind, agg: Aggregate, column_for: Callable[[str, str], Col
                            "them, or use mean(column)")
 
 
+class Regression(Kind):
+    """Linear least squares of a response on 1 to :data:`MAX_FEATURES` features, with an intercept.
+
+    One component, one measurement: per group, the upper triangle of ZᵀZ for Z = [1, x1..xp, y],
+    each variable clamped to its bounds and standardised into [-1, 1] (centred on the bounds'
+    midpoint, divided by half their range) on a grid of :data:`REGRESSION_UNIT` steps, over the rows
+    where every one of the variables has a value. One row adds at most 1 (in standardised units) to
+    each of the (p + 2)(p + 3)/2 entries: that is its L1 bound. The fit, its standard errors (the
+    sampling variance and the noise's) and intervals are post-processing (:mod:`gateway.regression`);
+    the estimate's vector is the coefficients, intercept first, and its value R^2.
+
+    At most 10 features: the sensitivity, and so the noise on every entry, grows with the square of
+    the number of variables (78 entries at 10 features, 21 at 4), so past about ten features the
+    coefficients of a center-sized dataset are mostly noise at the epsilons policies allow.
+    """
+
+    name, sql_names, example, columns = "regression", ("regression",), "regression(y, x1, x2)", 2
+    max_columns = MAX_FEATURES + 1
+    roles = ("aggregate", "aggregate")
+    components = (ComponentSpec("products", "regression_products", Fraction(1)),)
+    mechanism = "least_squares({})"
+    summary = "r_squared"
+    bounds_of_every_column = True
+
+    def check(self, agg: Aggregate, column_for: Callable[[str, str], Column]) -> None:
+        if not self.takes(len(agg.columns)) or agg.params:
+            raise InvalidQuery(f"regression takes the response and then 1 to {MAX_FEATURES} features, "
+                               f"e.g. {self.example} (the response y on x1 and x2), and no parameters")
+        y, *features = agg.columns
+        if y in features:
+            raise InvalidQuery(f"the response {y!r} is also among the features; name it once, first")
+        repeated = sorted({x for x in features if features.count(x) > 1})
+        if repeated:
+            raise InvalidQuery(f"feature {repeated[0]!r} is named twice; name each feature once")
+        for name in agg.columns:
+            column_for(name, "aggregate")
+
+    def estimate(self, parts: Mapping[str, Part], declared: Declared, clamp: bool) -> Value:
+        from .regression import fit  # numpy: the site and the broker post-process; the client only reads
+
+        products = parts["products"]
+        result = fit(products.values, products.std_error, declared.column_bounds)
+        vector = Vector(result.estimate, result.std_error, result.ci_low, result.ci_high, (len(result.estimate),))
+        return Value(result.r_squared, math.nan, math.nan, math.nan, math.nan, result.projected, vector)
+
+    def predict(self, parts: Mapping[str, Part]) -> tuple[float, float]:
+        """Unknown before running: the coefficients' accuracy depends on the data."""
+        return math.nan, math.nan
+
+    def vector_doubles(self, column: Column | None) -> int:
+        most = MAX_FEATURES + 1
+        return regression_entries(most) + 4 * most + 2 * most  # statistics, fit with errors and intervals, bounds
+
+    def note(self, agg: Aggregate, column: Column | None) -> str:
+        y, *features = agg.columns
+        return (f"{agg.label}: least squares of {y} on {', '.join(features)} with an intercept, over the rows "
+                "where every one of them has a value, each clamped to its bounds; the standard errors include "
+                "the noise; the value is R^2")
+
+
 KINDS: dict[str, Kind] = {kind.name: kind for kind in (Count(), Sum(), Mean(), Variance(), StdDev(), Survival(),
-                                                       Histogram(), Quantile(), Median())}
+                                                       Histogram(), Quantile(), Median(), Regression())}
 BY_SQL_NAME: dict[str, Kind] = {sql: kind for kind in KINDS.values() for sql in kind.sql_names}
 
 

@@ -36,13 +36,22 @@ from ._calls import (
     histogram_spec,
     plan_from,
     query_request,
+    regression_spec,
     survival_spec,
 )
 from ._proto.gateway.v1 import gateway_pb2 as pb
 from ._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
+from ._regression_result import RegressionResult
 from ._transport import Tls, open_aio_channel
 from .proof import ProofKey
-from .results import Dataset, HistoryResult, QueryResult, SurvivalResult, budget_frame, dataset_from_wire
+from .results import (
+    Dataset,
+    HistoryResult,
+    QueryResult,
+    SurvivalResult,
+    budget_frame,
+    dataset_from_wire,
+)
 
 __all__ = ["Client"]
 
@@ -156,6 +165,19 @@ class Client:
         result = finish(await self._call(self._stub.Query, request), self._require(require_all_sites),
                         wrap=lambda response: QuantilesResult(response, column, levels))
         assert isinstance(result, QuantilesResult)
+        return result
+
+    async def regression(self, dataset: str, *, y: str, x: str | Sequence[str],
+                         by: str | Sequence[str] | None = None, epsilon: float = 0.0,
+                         filters: Sequence[tuple[str, str, Any]] = (), dry_run: bool = False,
+                         query_id: str | None = None, sites: Sequence[str] = (),
+                         require_all_sites: bool | None = None) -> RegressionResult:
+        """Least squares of ``y`` on ``x`` per group (see :meth:`gateway.client.Client.regression`)."""
+        request = query_request(None, regression_spec(dataset, y, x, by, filters), None, None, epsilon, dry_run,
+                                query_id, sites)
+        result = finish(await self._call(self._stub.Query, request), self._require(require_all_sites),
+                        wrap=RegressionResult)
+        assert isinstance(result, RegressionResult)
         return result
 
     def _require(self, given: bool | None) -> bool:

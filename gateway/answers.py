@@ -115,6 +115,7 @@ class Estimate:
     vector: Vector | None = None
     edges: tuple[float, ...] = ()
     level: float = 0.0  # a quantile's q (0: the kind is no quantile)
+    column_bounds: tuple[tuple[float, float], ...] = ()  # each column's, for kinds over several bounded columns
 
     def withheld(self) -> Estimate:
         """The same estimate suppressed: its value, interval and any vector withheld from display.
@@ -126,7 +127,7 @@ class Estimate:
                         math.nan, self.ci_half_width, self.mechanism, self.epsilon, suppressed=True,
                         parts=self.parts, bounds=self.bounds,
                         vector=self.vector.withheld() if self.vector is not None else None, edges=self.edges,
-                        level=self.level)
+                        level=self.level, column_bounds=self.column_bounds)
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,13 @@ epsilon)::
     ages.frame                 # stage, bin_low, bin_high, count, ci_low, ci_high
     ages.plot("ages.png")
     gw.quantiles("patients", "age_at_diagnosis", qs=(0.25, 0.5, 0.75), epsilon=0.5).frame  # q, value, ci
+
+A linear regression pooled over the sites (least squares from each site's noisy sufficient
+statistics; standard errors include the noise)::
+
+    fit = gw.regression("patients", y="survival_months", x=["age_at_diagnosis", "bmi"], epsilon=0.5)
+    print(fit.frame)           # term, estimate, std_error, ci_low, ci_high (the intercept first)
+    print(fit.n, fit.r_squared)
 """
 
 from __future__ import annotations
@@ -64,11 +71,13 @@ from ._calls import (
     histogram_spec,
     plan_from,
     query_request,
+    regression_spec,
     structured_message,
     survival_spec,
 )
 from ._proto.gateway.v1 import gateway_pb2 as pb
 from ._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
+from ._regression_result import RegressionResult
 from ._transport import Tls, open_channel
 from .proof import ProofKey
 from .results import (
@@ -82,8 +91,8 @@ from .results import (
     dataset_from_wire,
 )
 
-__all__ = ["Client", "Column", "Dataset", "HistogramResult", "QuantilesResult", "QueryResult", "StructuredSpec",
-           "SurvivalResult", "Template", "Tls", "structured_message"]
+__all__ = ["Client", "Column", "Dataset", "HistogramResult", "QuantilesResult", "QueryResult", "RegressionResult",
+           "StructuredSpec", "SurvivalResult", "Template", "Tls", "structured_message"]
 
 T = TypeVar("T")
 
@@ -235,6 +244,22 @@ class Client:
         result = finish(self._call(self._stub.Query, request), self._require(require_all_sites),
                         wrap=lambda response: QuantilesResult(response, column, levels))
         assert isinstance(result, QuantilesResult)
+        return result
+
+    def regression(self, dataset: str, *, y: str, x: str | Sequence[str], by: str | Sequence[str] | None = None,
+                   epsilon: float = 0.0, filters: Sequence[tuple[str, str, Any]] = (), dry_run: bool = False,
+                   query_id: str | None = None, sites: Sequence[str] = (),
+                   require_all_sites: bool | None = None) -> RegressionResult:
+        """Least squares of ``y`` on the features ``x`` (1 to 10 numeric columns), with an intercept, by ``by``.
+
+        Through a broker the sites' statistics are pooled first. Rows missing any of the variables
+        are left out; values are clamped to the policy's bounds. Its SQL form is
+        ``SELECT regression(y, x1, x2) FROM dataset``.
+        """
+        request = query_request(None, regression_spec(dataset, y, x, by, filters), None, None, epsilon, dry_run,
+                                query_id, sites)
+        result = finish(self._call(self._stub.Query, request), self._require(require_all_sites), wrap=RegressionResult)
+        assert isinstance(result, RegressionResult)
         return result
 
     def _require(self, given: bool | None) -> bool:

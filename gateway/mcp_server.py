@@ -32,8 +32,10 @@ import polars as pl
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
+from ._regression_result import RegressionResult
 from ._sqlfront import SUPPORTED
 from ._version import __version__
+from .aggregates import KINDS
 from .client import Client
 from .errors import GatewayError, MissingSitesWarning
 from .results import QueryResult, SurvivalResult
@@ -163,7 +165,16 @@ def _answer(result: QueryResult) -> dict[str, Any]:
 
 def _rows(result: QueryResult) -> list[dict[str, Any]]:
     frame: pl.DataFrame = result.frame if isinstance(result, SurvivalResult) else result.to_long()
+    if _a_fit(result):  # SELECT regression(y, x...) alone: the coefficients, not only R^2
+        frame = RegressionResult(result.response).frame
     return frame.to_dicts()
+
+
+def _a_fit(result: QueryResult) -> bool:
+    """Whether the answer is one regression (its estimates carry each column's bounds)."""
+    rows = result.response.rows
+    kind = KINDS.get(rows[0].estimates[0].function) if rows and rows[0].estimates else None
+    return len(result.response.aggregates) == 1 and kind is not None and kind.bounds_of_every_column
 
 
 def _object(value: dict[str, Any]) -> dict[str, Any]:

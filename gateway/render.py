@@ -94,6 +94,10 @@ def _cell(e: pb.Estimate, dry_run: bool) -> str:
     if e.suppressed:
         return "suppressed (small cell)"
     kind = KINDS.get(e.function)
+    if kind is not None and kind.bounds_of_every_column and e.values:  # a fit: its summary, then its coefficients
+        coefficients = ", ".join(f"{v:.4g} [{low:.4g}, {high:.4g}]"
+                                 for v, low, high in zip(e.values, e.ci_lows, e.ci_highs, strict=False))
+        return f"{kind.summary} {e.value:.3g}; coefficients (intercept first): {coefficients}"
     if kind is not None and kind.summary:  # a vector kind whose value summarises it, e.g. a median
         low = "-" if math.isnan(e.ci_low) else f"{e.ci_low:g}"
         high = "not reached" if math.isnan(e.ci_high) else f"{e.ci_high:g}"

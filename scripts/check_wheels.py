@@ -28,13 +28,14 @@ PACKAGE = "gateway"
 # Every client needs these; the rest of the listed modules may come and go with the package layout.
 REQUIRED = ("__init__.py", "_version.py", "py.typed", "client.py", "errors.py",
             "_proto/gateway/v1/gateway_pb2.py", "_proto/gateway/v1/gateway_pb2_grpc.py")
-CLIENT_DEPENDENCIES = {"grpcio", "grpcio-status", "protobuf", "polars", "pyjwt",
+CLIENT_DEPENDENCIES = {"grpcio", "grpcio-status", "protobuf", "polars", "pyjwt", "numpy",
                        "matplotlib", "pandas", "pyarrow"}  # only with the `plot` and `pandas` extras
 # What those dependencies are imported as. A shipped module importing anything else (duckdb, opendp,
 # pydantic, yaml, ...) is a server module, whatever its name. PyJWT and cryptography sign proofs;
-# gateway/plot.py imports matplotlib when a picture is drawn.
+# gateway/plot.py imports matplotlib when a picture is drawn; gateway/regression.py (a regression's fit,
+# named by the table of aggregate kinds) numpy.
 CLIENT_IMPORTS = {"grpc", "grpc_status", "google", "polars", "jwt", "cryptography", "matplotlib", "pandas", "pyarrow",
-                  PACKAGE}
+                  "numpy", PACKAGE}
 
 
 def _one(dist: Path, pattern: str) -> Path:

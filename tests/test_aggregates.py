@@ -43,7 +43,7 @@ def test_unknown_kind_names_what_is_supported() -> None:
     with pytest.raises(InvalidQuery, match=r"unknown aggregate 'mode'; supported: count, sum\(column\), "
                                            r"mean\(column\), variance\(column\), stddev\(column\), "
                                            r"survival\(time, event\), histogram\(column\), "
-                                           r"quantile\(column, 0.9\) or median\(column\)"):
+                                           r"quantile\(column, 0.9\), median\(column\) or regression\(y, x1, x2\)"):
         kind_of("mode")
 
 

@@ -407,7 +407,7 @@ def test_validate_templates_reports_each_broken_template(tmp_path: Path) -> None
         f"{p}:28: templates.uses_or.sql: OR is not supported (use IN for alternatives); "
         "supported: SELECT <count(*) | sum(col) | avg(col) | mean(col) | variance(col) | var_samp(col) | "
         "stddev(col) | stddev_samp(col) | survival(time, event) | histogram(col) | quantile(col, q) | "
-        "median(col), group-by columns> FROM <dataset> "
+        "median(col) | regression(y, x1, x2), group-by columns> FROM <dataset> "
         "[WHERE <col> <op> <value> [AND ...]] [GROUP BY <col>, ...]; ops: =, !=, <, <=, >, >=, IN (...), "
         "NOT IN (...), BETWEEN a AND b; cohorts: <patient id> [NOT] IN (SELECT <patient id> FROM <dataset> "
         "[WHERE <conditions>])",

@@ -120,7 +120,8 @@ def test_unknown_aggregate_function() -> None:
     ((Aggregate("mean", "bmi"), COUNT, Aggregate("mean", "bmi")),
      "an aggregate is repeated; ask for each aggregate once"),
     ((), "a query needs at least one aggregate: count, sum(column), mean(column), variance(column), "
-         "stddev(column), survival(time, event), histogram(column), quantile(column, 0.9) or median(column)"),
+         "stddev(column), survival(time, event), histogram(column), quantile(column, 0.9), median(column) or "
+         "regression(y, x1, x2)"),
 ])
 def test_aggregate_shape(aggregates: tuple[Aggregate, ...], message: str) -> None:
     assert invalid(patients(aggregates=aggregates)) == message

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from .._proto.gateway.v1 import gateway_pb2 as pb
 from .._wire import from_structured
-from ..aggregates import KINDS
+from ..aggregates import KINDS, Kind
 from ..errors import GatewayError, InvalidAnswer
 from ..query import MAX_AGGREGATES, MAX_CELLS
 
@@ -161,10 +161,12 @@ def _check_estimate(e: pb.Estimate, dry_run: bool) -> None:
     if names != wanted:
         raise InvalidAnswer(f"it releases components {names}, not {wanted}")
     _check_edges(e)
+    arity = _check_column_bounds(e, kind)
     specs = {spec.name: spec for spec in kind.components}
     for c in e.components:
-        # a scalar, or a vector over the estimate's grid (survival's events and censorings: 2 x edges)
-        shape = list(specs[c.name].shape_over(len(e.edges)))
+        # a scalar, or a vector over the estimate's grid (survival's events and censorings: 2 x edges,
+        # a histogram's counts: edges - 1), or a regression's statistics over its columns
+        shape = list(specs[c.name].shape_over(len(e.edges), arity))
         if list(c.shape) != shape:
             raise InvalidAnswer(f"component {c.name} has the shape {list(c.shape)}, not {shape}")
         expected = math.prod(c.shape) if c.shape else 1
@@ -184,6 +186,25 @@ def _check_edges(e: pb.Estimate) -> None:
     if len(e.edges) > MAX_VECTOR // 2 or any(not _finite(x) for x in e.edges) or any(
             b <= a for a, b in zip(e.edges, e.edges[1:], strict=False)):
         raise InvalidAnswer(f"its grid ({len(e.edges)} edges) is not finite and strictly increasing")
+
+
+def _check_column_bounds(e: pb.Estimate, kind: Kind) -> int:
+    """Each column's bounds (a regression's): as many pairs as the kind can take, each finite and ordered.
+
+    Returns the number of columns they are for (1 for a kind without them).
+    """
+    flat = list(e.column_bounds)
+    if not kind.bounds_of_every_column:
+        if flat:
+            raise InvalidAnswer(f"it carries column bounds, which {kind.name} does not have")
+        return 1
+    pairs = len(flat) // 2
+    if len(flat) % 2 or not kind.takes(pairs):
+        raise InvalidAnswer(f"its column bounds hold {len(flat)} numbers, not two for each of its columns")
+    for low, high in zip(flat[0::2], flat[1::2], strict=True):
+        if not (_finite(low) and _finite(high) and low < high):
+            raise InvalidAnswer(f"its column bounds include [{low!r}, {high!r}]")
+    return pairs
 
 
 def _check_vector(e: pb.Estimate) -> None:

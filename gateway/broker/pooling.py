@@ -4,11 +4,13 @@ Each estimate's released parts add over the sites (and so do their noise varianc
 element by element; the kind's own post-processing, from the table of aggregate kinds, turns the
 pooled parts into the estimate (a mean: the ratio of pooled sums and counts with a delta-method
 interval; survival: the Kaplan-Meier curve of the pooled counts; a quantile: the quantile of the
-pooled histogram, at the level q the sites' answers carry), with intervals from the pooled noise's
-exact distribution. Vectors over a grid pool only when every site declares the same grid, and
-means (sums about the bounds' midpoint) only under the same bounds; otherwise the pooled cell is
-withheld with a note and each site's answer stands. Dataset descriptions from several sites are
-merged with a line for every declaration on which they differ.
+pooled histogram, at the level q the sites' answers carry; regression: the least-squares fit of the
+pooled ZᵀZ), with intervals from the pooled noise's exact distribution. Vectors over a grid pool
+only when every site declares the same grid, a regression's statistics (standardised by each
+column's bounds) only when every site declares the same bounds, and means (sums about the bounds'
+midpoint) likewise; otherwise the pooled cell is withheld with a note and each site's answer
+stands. Dataset descriptions from several sites are merged with a line for every declaration on
+which they differ.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import math
 from collections.abc import Sequence
 
 from .._proto.gateway.v1 import gateway_pb2 as pb
-from .._wire import bounds_from_wire, part_to_wire, parts_from_wire
+from .._wire import bounds_from_wire, column_bounds_from_wire, part_to_wire, parts_from_wire
 from ..aggregates import KINDS, Declared, kind_of
 from ..answers import Z95
 
@@ -86,16 +88,19 @@ def _differing_declarations(answered: Sequence[tuple[str, pb.QueryResponse]]
     """Aggregates (by position) that cannot pool because the sites declare them differently.
 
     Per aggregate: its label, what differs, what therefore cannot be added, and each site's
-    declaration. Vectors over a grid add only over the same grid; a mean's sums of distances from
-    the bounds' midpoint only about the same midpoint.
+    declaration. Vectors over a grid add only over the same grid; a regression's statistics,
+    standardised by each column's bounds, only under the same bounds; a mean's sums of distances
+    from the bounds' midpoint only about the same midpoint.
     """
     grids: dict[int, dict[str, tuple[float, ...]]] = {}
+    every: dict[int, dict[str, tuple[float, ...]]] = {}
     bounds: dict[int, dict[str, tuple[float, float]]] = {}
     labels: dict[int, tuple[str, bool]] = {}
     for site, response in answered:
         for row in response.rows[:1]:
             for j, e in enumerate(row.estimates):
                 grids.setdefault(j, {})[site] = tuple(e.edges)
+                every.setdefault(j, {})[site] = tuple(e.column_bounds)
                 bounds.setdefault(j, {})[site] = (e.lower, e.upper)
                 labels[j] = e.aggregate, e.function in KINDS and KINDS[e.function].midpoint
     out = {}
@@ -103,6 +108,9 @@ def _differing_declarations(answered: Sequence[tuple[str, pb.QueryResponse]]
         label, midpoint = labels[j]
         if len(set(by_site.values())) > 1:
             out[j] = label, "grids", "counts", [f"{site} {_grid(edges)}" for site, edges in by_site.items()]
+        elif len(set(every[j].values())) > 1:
+            out[j] = label, "column bounds", "statistics", [f"{site} {_bounds(flat)}"
+                                                            for site, flat in every[j].items()]
         elif midpoint and len(set(bounds[j].values())) > 1:
             out[j] = label, "bounds", "sums (of distances from the bounds' midpoint)", [
                 f"{site} [{low:g}, {high:g}]" for site, (low, high) in bounds[j].items()]
@@ -112,6 +120,11 @@ def _differing_declarations(answered: Sequence[tuple[str, pb.QueryResponse]]
 def _grid(edges: Sequence[float]) -> str:
     """A grid as a reader compares it: '0..120 (121 times, #digest)', or '(none)'."""
     return f"{edges[0]:g}..{edges[-1]:g} ({len(edges)} times, #{_digest(list(edges))})" if edges else "(none)"
+
+
+def _bounds(flat: Sequence[float]) -> str:
+    """Several columns' bounds as a reader compares them: '[0, 180] [18, 99]'."""
+    return " ".join(f"[{low:g}, {high:g}]" for low, high in zip(flat[0::2], flat[1::2], strict=True)) or "(none)"
 
 
 def _digest(values: object) -> str:
@@ -157,7 +170,7 @@ def _pool_estimate(parts: list[pb.Estimate], dry_run: bool) -> pb.Estimate:
     kind = kind_of(head.function)
     out = pb.Estimate(aggregate=head.aggregate, function=head.function, mechanism=f"pooled({head.mechanism})",
                       epsilon=head.epsilon, noise_scale=math.nan, has_bounds=head.has_bounds, lower=head.lower,
-                      upper=head.upper, edges=head.edges, level=head.level)
+                      upper=head.upper, edges=head.edges, level=head.level, column_bounds=head.column_bounds)
     if dry_run:  # the pooled noise's accuracy, from the sites' components (noise only, no values)
         out.value = out.ci_low = out.ci_high = math.nan
         out.std_error = math.sqrt(sum(p.std_error ** 2 for p in parts))
@@ -174,7 +187,7 @@ def _pool_estimate(parts: list[pb.Estimate], dry_run: bool) -> pb.Estimate:
     pooled = kind.pool([parts_from_wire(p) for p in parts])
     # like each site, the broker clamps into the column's bounds, where the true value lies, and
     # intersects the interval with them (post-processing: it costs no privacy and no coverage)
-    declared = Declared(bounds_from_wire(head), tuple(head.edges), head.level or 0.5)
+    declared = Declared(bounds_from_wire(head), tuple(head.edges), head.level or 0.5, column_bounds_from_wire(head))
     value = kind.estimate(pooled, declared, clamp=True)
     out.value, out.std_error, out.clamped = value.value, value.std_error, value.clamped
     out.ci_half_width, out.ci_low, out.ci_high = value.half_width, value.ci_low, value.ci_high

@@ -78,11 +78,12 @@ def _tour(client: Client) -> None:
     _step(client, "4. Treatment episodes and mean cost by type (each patient counts at most 5 rows):",
           "SELECT treatment_type, count(*), mean(cost_usd) FROM treatments GROUP BY treatment_type", 0.5)
     _survival(client)
-    _step(client, "6. Question 2 asked again: the stored answers, at no cost:", sql, 0.3)
-    _say("\n7. Pricing a question before asking it (dry run, nothing charged):")
+    _regression(client)
+    _step(client, "7. Question 2 asked again: the stored answers, at no cost:", sql, 0.3)
+    _say("\n8. Pricing a question before asking it (dry run, nothing charged):")
     _say(_indent(query_table(client.query("SELECT sex, count(*) FROM patients WHERE diagnosis_year >= 2020 "
                                           "GROUP BY sex", epsilon=1, dry_run=True).response)))
-    _say("\n8. Spending the rest of the budget until a question is refused:")
+    _say("\n9. Spending the rest of the budget until a question is refused:")
     try:
         for year in range(2010, 2025):
             question = (f"SELECT vital_status, count(*) FROM patients WHERE diagnosis_year = {year} "
@@ -91,7 +92,7 @@ def _tour(client: Client) -> None:
             _say(f"   {question}: charged 1 at every site")
     except GatewayError as err:
         _say(f"   refused ({err.code.name}): {err.message[:300]}")
-    _say("\n9. The project's remaining budget at every site:")
+    _say("\n10. The project's remaining budget at every site:")
     _say(_indent(budget_table(client.budget())))
 
 
@@ -112,6 +113,18 @@ def _survival(client: Client) -> None:
     path = curves.plot(Path(tempfile.gettempdir()) / "gateway-demo-survival-by-stage.png",
                        title="Survival by stage, pooled over the sites (epsilon 0.5)")
     _say(f"   curves with 95% bands and numbers at risk: {path}")
+
+
+def _regression(client: Client) -> None:
+    """A linear regression pooled over the sites: coefficients with intervals that include the noise."""
+    _say("\n6. Survival months on age at diagnosis and BMI, a linear regression pooled over all sites:\n"
+         "   client.regression('patients', y='survival_months', x=['age_at_diagnosis', 'bmi'], epsilon=0.2)")
+    fit = client.regression("patients", y="survival_months", x=["age_at_diagnosis", "bmi"], epsilon=0.2)
+    _say("   term                 estimate   std error   95% CI")
+    for row in fit.frame.iter_rows(named=True):
+        _say(f"   {row['term']:<20} {row['estimate']:>8.3f}   {row['std_error']:>9.3f}   "
+             f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}]")
+    _say(f"   n = {fit.n:.0f} patients with all three values (noisy), R^2 = {fit.r_squared:.3f}")
 
 
 def _months(median: float | None, low: float | None, high: float | None) -> str:

@@ -15,7 +15,9 @@ end, a centred sum's at the other), so there are two D': the patient at the low 
 bound of ``x``; :meth:`Neighbours.worst` keeps the one farther from D in the plan's own metric.
 ``x`` is also a time with a grid, and ``e`` an event (0 or 1; ordinary patients also have missing
 and invalid ones), so survival(x, e) is audited on the same patients: each of the extra patient's
-rows counts, at or past the grid's ends.
+rows counts, at or past the grid's ends. regression(x, z) too: each of the extra patient's rows is
+at a corner of the two bounds (x low or high, z high), where every product of the standardised
+values is largest, so the patient moves every entry of ZᵀZ by its bound.
 """
 
 from __future__ import annotations

@@ -69,16 +69,18 @@ AUDITED = [pytest.param(kind, form, id=f"{kind}-{form}", marks=slow(kind, form))
 Audited = Callable[[str, str], list[LowerBound]]
 
 
-AUDIT_COLUMNS = {"aggregate": "x", "event": "e"}  # the audit tables' column for each role a kind needs
+# the audit tables' columns for each role a kind needs, taken in turn (a regression of x on z)
+AUDIT_COLUMNS = {"aggregate": ("x", "z"), "event": ("e",)}
 
 
 def aggregate_sql(kind: str) -> str:
-    """The kind over the audit columns its roles need (``x``, the event ``e``), or its own example."""
+    """The kind over the audit columns its roles need (``x``, then ``z``; the event ``e``), or its own example."""
     spec = KINDS[kind]
     if spec.columns == 0:
         return spec.example
+    columns = [AUDIT_COLUMNS[role][spec.roles[:i].count(role)] for i, role in enumerate(spec.roles)]
     levels = ["0.9"] * len(spec.parameters)  # a quantile's q: post-processing, it changes no release
-    return f"{kind}({', '.join([*(AUDIT_COLUMNS[role] for role in spec.roles), *levels])})"
+    return f"{kind}({', '.join([*columns, *levels])})"
 
 
 def single_component(kind: str) -> bool:
@@ -147,7 +149,7 @@ def test_no_release_loses_more_privacy_than_it_is_charged(audited, kind, form):
 
 
 @pytest.mark.parametrize(("kind", "form"), AUDITED)
-def test_the_audit_sees_most_of_the_charged_loss(audited, kind, form):
+def test_the_audit_sees_most_of_the_charged_loss(neighbours, audited, kind, form):
     """At the worst case the true loss is the charge; a weak audit would let a planted bug hide.
 
     Over 300 simulated runs (the same discrete Laplace, drawn outside OpenDP for speed) the bound of a
@@ -155,9 +157,18 @@ def test_the_audit_sees_most_of_the_charged_loss(audited, kind, form):
     grouped stddev on the bounded table, each component 0.80 of its share (sd 0.05) and the whole
     release, a product event over 3 components and their groups, 0.70 (sd 0.05). Each threshold is
     about 6 sd below.
+
+    A release whose extra patient moves many coordinates by a little each (a regression moves every
+    entry of ZᵀZ, 6 per group for regression(x, z), by a sixth of the sensitivity) is harder to see
+    with these events: measured 0.64-0.81 ungrouped on the table of one row per patient, down to 0.39
+    grouped on the bounded table; there the bound must reach 0.2, and the planted half noise must
+    still be caught (:func:`test_half_the_noise_is_caught`).
     """
     *components, whole = audited(kind, form)
-    assert whole.lower95 >= (0.8 if single_component(kind) else 0.4) * whole.charged, whole.row()
+    _, _, releases = released(neighbours, kind, form)
+    spread = max(sum(a != b for a, b in zip(r.base, r.neighbour, strict=True)) for r in releases) > 4
+    least = 0.2 if spread else 0.8 if single_component(kind) else 0.4
+    assert whole.lower95 >= least * whole.charged, whole.row()
     for bound in components:
         assert bound.lower95 >= 0.5 * bound.charged, bound.row()
 

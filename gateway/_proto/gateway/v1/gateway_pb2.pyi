@@ -208,7 +208,7 @@ class QueryRequest(_message.Message):
     def __init__(self, query_id: _Optional[str] = ..., structured: _Optional[_Union[StructuredQuery, _Mapping]] = ..., sql: _Optional[str] = ..., template: _Optional[_Union[TemplateCall, _Mapping]] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., dry_run: _Optional[bool] = ..., sites: _Optional[_Iterable[str]] = ..., proofs: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Estimate(_message.Message):
-    __slots__ = ("aggregate", "value", "std_error", "noise_scale", "ci_low", "ci_high", "suppressed", "clamped", "mechanism", "epsilon", "ci_half_width", "function", "components", "has_bounds", "lower", "upper", "values", "shape", "std_errors", "ci_lows", "ci_highs", "edges", "level")
+    __slots__ = ("aggregate", "value", "std_error", "noise_scale", "ci_low", "ci_high", "suppressed", "clamped", "mechanism", "epsilon", "ci_half_width", "function", "components", "has_bounds", "lower", "upper", "values", "shape", "std_errors", "ci_lows", "ci_highs", "edges", "column_bounds", "level")
     AGGREGATE_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     STD_ERROR_FIELD_NUMBER: _ClassVar[int]
@@ -231,6 +231,7 @@ class Estimate(_message.Message):
     CI_LOWS_FIELD_NUMBER: _ClassVar[int]
     CI_HIGHS_FIELD_NUMBER: _ClassVar[int]
     EDGES_FIELD_NUMBER: _ClassVar[int]
+    COLUMN_BOUNDS_FIELD_NUMBER: _ClassVar[int]
     LEVEL_FIELD_NUMBER: _ClassVar[int]
     aggregate: str
     value: float
@@ -254,8 +255,9 @@ class Estimate(_message.Message):
     ci_lows: _containers.RepeatedScalarFieldContainer[float]
     ci_highs: _containers.RepeatedScalarFieldContainer[float]
     edges: _containers.RepeatedScalarFieldContainer[float]
+    column_bounds: _containers.RepeatedScalarFieldContainer[float]
     level: float
-    def __init__(self, aggregate: _Optional[str] = ..., value: _Optional[float] = ..., std_error: _Optional[float] = ..., noise_scale: _Optional[float] = ..., ci_low: _Optional[float] = ..., ci_high: _Optional[float] = ..., suppressed: _Optional[bool] = ..., clamped: _Optional[bool] = ..., mechanism: _Optional[str] = ..., epsilon: _Optional[float] = ..., ci_half_width: _Optional[float] = ..., function: _Optional[str] = ..., components: _Optional[_Iterable[_Union[Component, _Mapping]]] = ..., has_bounds: _Optional[bool] = ..., lower: _Optional[float] = ..., upper: _Optional[float] = ..., values: _Optional[_Iterable[float]] = ..., shape: _Optional[_Iterable[int]] = ..., std_errors: _Optional[_Iterable[float]] = ..., ci_lows: _Optional[_Iterable[float]] = ..., ci_highs: _Optional[_Iterable[float]] = ..., edges: _Optional[_Iterable[float]] = ..., level: _Optional[float] = ...) -> None: ...
+    def __init__(self, aggregate: _Optional[str] = ..., value: _Optional[float] = ..., std_error: _Optional[float] = ..., noise_scale: _Optional[float] = ..., ci_low: _Optional[float] = ..., ci_high: _Optional[float] = ..., suppressed: _Optional[bool] = ..., clamped: _Optional[bool] = ..., mechanism: _Optional[str] = ..., epsilon: _Optional[float] = ..., ci_half_width: _Optional[float] = ..., function: _Optional[str] = ..., components: _Optional[_Iterable[_Union[Component, _Mapping]]] = ..., has_bounds: _Optional[bool] = ..., lower: _Optional[float] = ..., upper: _Optional[float] = ..., values: _Optional[_Iterable[float]] = ..., shape: _Optional[_Iterable[int]] = ..., std_errors: _Optional[_Iterable[float]] = ..., ci_lows: _Optional[_Iterable[float]] = ..., ci_highs: _Optional[_Iterable[float]] = ..., edges: _Optional[_Iterable[float]] = ..., column_bounds: _Optional[_Iterable[float]] = ..., level: _Optional[float] = ...) -> None: ...
 
 class Component(_message.Message):
     __slots__ = ("name", "values", "shape", "std_error", "ci_half_width", "noise_scale", "lattice")
