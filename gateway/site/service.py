@@ -192,9 +192,12 @@ class SiteService(pb_grpc.GatewayServicer):
         live = self.state.live  # the one policy snapshot this request sees
         answered = self.pipeline.run(request, identity, live.loaded.policy, live.engine, datetime.now(UTC), record,
                                      expired=lambda: _gone(context))
-        for scope, state in answered.budgets[:1]:  # the project's own budget
+        for scope, state in answered.budgets:  # the project's own budget, then the population's cap
             population = live.loaded.policy.datasets[scope.dataset].population_name
-            self.state.metrics.set_budget(population, identity.project, float(state.limit), float(state.spent))
+            if scope.shared:
+                self.state.metrics.set_cap(population, float(state.limit), float(state.spent))
+            else:
+                self.state.metrics.set_budget(population, identity.project, float(state.limit), float(state.spent))
         return answered
 
     # -- policy and budget helpers --------------------------------------------------------------

@@ -307,6 +307,9 @@ def test_engine_failure_refunds_the_charge(start_site, token, tmp_path, site_dat
             c.query("SELECT count(*) FROM patients WHERE sex = 'M'", epsilon=0.2, query_id="after-loss")
         assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
         assert c.budget("patients")["spent"][0] == pytest.approx(0.1)
+    queries = site.state.metrics.queries  # the operator's to fix, not counted as a bug
+    assert queries.labels("patients", "failed_precondition")._value.get() == 1
+    assert queries.labels("patients", "error")._value.get() == 0
     record = site.state.ledger.find("onc-test", "after-loss")
     assert record is None  # refunded charges free their query_id for a retry
 
