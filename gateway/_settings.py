@@ -144,7 +144,7 @@ def load_settings(model: type[S], prefix: str, sources: Sources, error: type[Con
         said = tuple(f": {name}: is required" for name in missing)  # said again below, with where to give it
         problems = [p for p in problems_of(err, model, lines, where) if not p.endswith(said)]
         raise error([*_missing(missing, prefix, lambda name: where(lines.get((), 1), name)), *problems]) from err
-    together = [f"{where(lines.get((name,), 1), name)}: {name}: {reason}"
+    together = [f"{where(lines.get((name,), lines.get((), 1)), name)}: {name}: {reason}"
                 for name, reason in (settings.problems() if complete else [])]
     if together:
         raise error(together)
