@@ -139,6 +139,12 @@ def _parser() -> argparse.ArgumentParser:
     budget.add_argument("--json", action="store_true", help="print the budgets as JSON")
     budget.set_defaults(run=_budget)
 
+    status = sub.add_parser("status", help="who serves at which version; from a broker, each site's health, "
+                                           "version and last error (exit 1 when a site is not serving)")
+    _target_args(status)
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.set_defaults(run=_status)
+
     history = sub.add_parser("history", help="your project's past answers, newest first, with what each cost")
     _target_args(history)
     history.add_argument("--limit", type=int, default=20, help="at most this many per site (default: 20)")
@@ -353,15 +359,39 @@ def _query(args: argparse.Namespace) -> int:
 
 
 def _budget(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    from .errors import MissingSitesWarning
+
+    with _client(args) as client, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MissingSitesWarning)  # said below, in one line of our own
         frame = client.budget(args.dataset)
+    missing = {site: why for w in caught if isinstance(w.message, MissingSitesWarning)
+               for site, why in w.message.missing.items()}
+    listed = [dict(zip(("site", "reason", "message"), (site, *why.split(": ", 1)), strict=True))
+              for site, why in missing.items()]  # as in a query's answer
     if args.json:
-        print(json.dumps({"budgets": frame.to_dicts()}, default=_rfc3339))
+        print(json.dumps({"budgets": frame.to_dicts(), "missing_sites": listed}, default=_rfc3339))
     else:
         from .render import budget_table
 
         print(budget_table(frame))
+    if listed:
+        print("warning: no budget from site(s) " + ", ".join(f"{m['site']} ({m['reason']})" for m in listed)
+              + ": they did not answer", file=sys.stderr)
     return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        status = client.status()
+    rows = status.sites.to_dicts()
+    if args.json:
+        print(json.dumps({"served_by": status.served_by, "version": status.version, "component": status.component,
+                          "sites": rows}, default=_rfc3339))
+    else:
+        from .render import status_table
+
+        print(status_table(status))
+    return 1 if any(r["health"] != "serving" for r in rows) else 0
 
 
 def _rfc3339(value: Any) -> str:

@@ -48,12 +48,14 @@ from ._calls import (
     Caller,
     Plan,
     Progress,
+    ServerStatus,
     StructuredSpec,
     check_plan,
     epsilon_search,
     finish,
     plan_from,
     query_request,
+    server_status,
     structured_message,
     survival_spec,
 )
@@ -72,8 +74,8 @@ from .results import (
     dataset_from_wire,
 )
 
-__all__ = ["Client", "Column", "Dataset", "QueryResult", "StructuredSpec", "SurvivalResult", "Template", "Tls",
-           "structured_message"]
+__all__ = ["Client", "Column", "Dataset", "QueryResult", "ServerStatus", "StructuredSpec", "SurvivalResult",
+           "Template", "Tls", "structured_message"]
 
 T = TypeVar("T")
 
@@ -123,6 +125,10 @@ class Client:
         never).
         """
         return budget_frame(self._call(self._stub.GetBudget, pb.GetBudgetRequest(dataset=dataset)))
+
+    def status(self) -> ServerStatus:
+        """Who serves and at which version; from a broker, each site's health, version and last error."""
+        return server_status(self._call(self._stub.Status, pb.StatusRequest()))
 
     def history(self, limit: int = 50) -> HistoryResult:
         """The project's own past answers, newest first, with when, what and what each cost.
