@@ -21,10 +21,12 @@ import uuid
 import warnings
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import grpc
+import polars as pl
 
 from ._proto.gateway.v1 import gateway_pb2 as pb
 from ._wire import to_value
@@ -41,6 +43,38 @@ from .proof import ANY_SERVER, ProofKey
 from .results import QueryResult, SurvivalResult
 
 StructuredSpec = Mapping[str, Any]
+
+
+STATUS_SCHEMA: dict[str, Any] = {"site": pl.String, "health": pl.String, "version": pl.String,
+                                  "latency_seconds": pl.Float64,
+                                  "last_error_reason": pl.String, "last_error": pl.String,
+                                  "last_error_at": pl.Datetime("ms", "UTC"), "last_ok_at": pl.Datetime("ms", "UTC")}
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    """Who serves (``component``: ``site`` or ``broker``) at which version; from a broker, its sites.
+
+    ``sites``: one row per configured site: ``health`` (``serving``, or why not, e.g.
+    ``unavailable``), its ``version``, ``latency_seconds``, and the last failure (reason, message,
+    time) and last success of any call the broker made to it since it started.
+    """
+
+    served_by: str
+    version: str
+    component: str
+    sites: pl.DataFrame
+
+
+def server_status(response: pb.StatusResponse) -> ServerStatus:
+    """The status answer as a :class:`ServerStatus`."""
+    def at(text: str) -> datetime | None:
+        return datetime.fromisoformat(text) if text else None
+    rows = [{"site": s.site, "health": s.health, "version": s.version, "latency_seconds": s.latency_seconds,
+             "last_error_reason": s.last_error_reason, "last_error": s.last_error,
+             "last_error_at": at(s.last_error_at), "last_ok_at": at(s.last_ok_at)} for s in response.sites]
+    return ServerStatus(response.served_by, response.version, response.component,
+                        pl.DataFrame(rows, schema=STATUS_SCHEMA))
 
 
 class Caller:

@@ -14,6 +14,7 @@ worker is not held for an answer nobody can receive.
 
 from __future__ import annotations
 
+import glob
 import itertools
 import logging
 import math
@@ -235,7 +236,14 @@ class Engine:
     def _source(self, dataset: Dataset) -> str:
         source = dataset.source
         if source.parquet is not None:
-            pattern = str(self._loaded.resolve(source.parquet)).replace("'", "''")
+            resolved = self._loaded.resolve(source.parquet)
+            if not glob.glob(str(resolved), recursive=True):
+                # as for a database: the operator learns the path and the rule from the log (DuckDB's own
+                # message would be masked, since it may quote values); a caller only that data is missing
+                log.error("data source %s of the policy %s matches no file (a relative parquet path is resolved "
+                          "from the policy file's folder)", resolved, self._loaded.path)
+                raise FailedPrecondition(f"data source {resolved.name} is missing; ask the site operator")
+            pattern = str(resolved).replace("'", "''")
             return f"read_parquet('{pattern}')"
         assert source.database is not None and source.table is not None
         path = self._loaded.resolve(source.database)

@@ -9,6 +9,7 @@ it is completed.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import duckdb
@@ -24,7 +25,7 @@ _TYPES = {"TINYINT": "integer", "SMALLINT": "integer", "INTEGER": "integer", "BI
 def skeleton(source: Path, table: str | None, policy_dir: Path, site: str = "CHANGE-ME") -> str:
     """The skeleton's YAML text; data paths are written relative to ``policy_dir`` (where the policy goes)."""
     relation, described = _describe(source, table)
-    name = (table or source.stem).replace("-", "_")
+    name = table or _dataset_name(source)
     where = os.path.relpath(source.resolve(), policy_dir.resolve())
     src = f"{{database: {where}, table: {table}}}" if table else f"{{parquet: '{where}'}}"
     ids = [c for c, _ in described if c.lower().endswith("id")]
@@ -78,6 +79,15 @@ def _describe(source: Path, table: str | None) -> tuple[str, list[tuple[str, str
         except duckdb.Error as err:
             raise ValueError(f"cannot read {label}: {str(err).splitlines()[0]}") from None
     return label, [(str(c), str(t)) for c, t in rows]
+
+
+def _dataset_name(source: Path) -> str:
+    """A dataset name from parquet file names: ``registry/patients-*.parquet`` gives ``patients``."""
+    for part in (source.stem, source.parent.name):
+        name = re.sub(r"[^A-Za-z0-9_]+", "_", re.sub(r"[*?\[\]]", "", part)).strip("_")
+        if name and not name[0].isdigit():
+            return name
+    return "CHANGE_ME"
 
 
 def _candidates(ids: list[str]) -> str:

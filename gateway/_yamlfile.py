@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, get_args, get_origin, get_type_hints
 
@@ -30,6 +31,15 @@ class ConfigFileError(ValueError):
 
 def load_model(path: Path, model: type[M], error: type[ConfigFileError]) -> tuple[M, str]:
     """Parse and validate ``path`` as ``model``: (the model, the file's text), or raise ``error``."""
+    data, node, text = read_mapping(path, error)
+    try:
+        return model.model_validate(data), text
+    except ValidationError as err:
+        raise error(problems_of(err, model, line_index(node), lambda line, _key: f"{path}:{line}")) from err
+
+
+def read_mapping(path: Path, error: type[ConfigFileError]) -> tuple[dict[str, Any], yaml.Node | None, str]:
+    """The YAML mapping in ``path``: (its data, its node for line numbers, its text), or raise ``error``."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
@@ -46,20 +56,25 @@ def load_model(path: Path, model: type[M], error: type[ConfigFileError]) -> tupl
     duplicates = _duplicate_keys(node)
     if duplicates:
         raise error([f"{path}:{line}: {field}: key appears more than once" for field, line in duplicates])
-    try:
-        return model.model_validate(data), text
-    except ValidationError as err:
-        lines = line_index(node)
-        errors = err.errors()
-        # a list too short only because its items failed: the items' errors say what is wrong
-        errors = [e for e in errors if e["type"] != "too_short" or not any(
-            len(o["loc"]) > len(e["loc"]) and o["loc"][:len(e["loc"])] == e["loc"] for o in errors)]
-        described = [_describe(path, lines, e, model) for e in errors]
-        # a union's type errors ("should be a list") beside a real error at the same key are noise
-        at = {text.split(": ", 2)[1] for _, text, kind in described if kind not in _TYPE_ERRORS}
-        kept = [(line, text) for line, text, kind in described
-                if kind not in _TYPE_ERRORS or text.split(": ", 2)[1] not in at]
-        raise error([text for _, text in sorted(dict.fromkeys(kept), key=lambda d: d[0])]) from err
+    return data, node, text
+
+
+Where = Callable[[int, str], str]
+"""Where a value came from, given its line in the file and its top-level key: e.g. ``file:line``."""
+
+
+def problems_of(err: ValidationError, model: type[BaseModel], lines: dict[tuple[str, ...], int], where: Where
+                ) -> list[str]:
+    """Every error of a validation as ``where: field: reason``, in the order of the file's lines."""
+    errors = err.errors()
+    # a list too short only because its items failed: the items' errors say what is wrong
+    errors = [e for e in errors if e["type"] != "too_short" or not any(
+        len(o["loc"]) > len(e["loc"]) and o["loc"][:len(e["loc"])] == e["loc"] for o in errors)]
+    described = [_describe(where, lines, e, model) for e in errors]
+    # a union's type errors ("should be a list") beside a real error at the same key are noise
+    at = {field for _, _, field, kind in described if kind not in _TYPE_ERRORS}
+    kept = [(line, text) for line, text, field, kind in described if kind not in _TYPE_ERRORS or field not in at]
+    return [text for _, text in sorted(dict.fromkeys(kept), key=lambda d: d[0])]
 
 
 # What a value of a field with a pattern must look like, in words (pydantic would quote the pattern).
@@ -77,9 +92,9 @@ _TYPE_ERRORS = frozenset({"tuple_type", "list_type", "dict_type", "model_type", 
                           "string_type", "int_type", "int_parsing", "float_type", "float_parsing"})
 
 
-def _describe(path: Path, lines: dict[tuple[str, ...], int], error: Any, model: type[BaseModel]
-              ) -> tuple[int, str, str]:
-    """One error as ``file:line: field: reason`` in plain words, its line (to order them) and kind."""
+def _describe(where: Where, lines: dict[tuple[str, ...], int], error: Any, model: type[BaseModel]
+              ) -> tuple[int, str, str, str]:
+    """One error as ``where: field: reason`` in plain words, its line (to order them), field and kind."""
     loc = tuple(str(part) for part in error["loc"])
     # pydantic adds union-branch and type names to loc; keep the part that names the file's keys
     while loc and loc not in lines:
@@ -90,7 +105,8 @@ def _describe(path: Path, lines: dict[tuple[str, ...], int], error: Any, model: 
             kept.append(part)
     field = ".".join(kept) or "(top)"
     line = lines.get(loc, 1)
-    return line, f"{path}:{line}: {field}: {_reason(error, kept, model)}", str(error["type"])
+    reason = _reason(error, kept, model)
+    return line, f"{where(line, kept[0] if kept else '')}: {field}: {reason}", field, str(error["type"])
 
 
 def _reason(error: Any, keys: list[str], model: type[BaseModel]) -> str:  # noqa: PLR0911, PLR0912 (one per kind)

@@ -29,6 +29,7 @@ from ._calls import (
     Caller,
     Plan,
     Progress,
+    ServerStatus,
     StructuredSpec,
     check_plan,
     epsilon_search,
@@ -37,6 +38,7 @@ from ._calls import (
     plan_from,
     query_request,
     regression_spec,
+    server_status,
     survival_spec,
 )
 from ._proto.gateway.v1 import gateway_pb2 as pb
@@ -94,6 +96,10 @@ class Client:
     async def budget(self, dataset: str = "") -> pl.DataFrame:
         """The caller's budget per population (see :meth:`gateway.client.Client.budget`)."""
         return budget_frame(await self._call(self._stub.GetBudget, pb.GetBudgetRequest(dataset=dataset)))
+
+    async def status(self) -> ServerStatus:
+        """Who serves; from a broker, each site's health (see :meth:`gateway.client.Client.status`)."""
+        return server_status(await self._call(self._stub.Status, pb.StatusRequest()))
 
     async def plan(self, sql: str | None = None, *, structured: StructuredSpec | None = None,
                    template: str | None = None, params: Mapping[str, Any] | None = None,

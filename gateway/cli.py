@@ -25,7 +25,7 @@ from ._cli_officer import (
     _policy_init,
     _policy_schema,
 )
-from ._cli_serve import _broker_serve, _lifecycle_args, _site_serve, _token_key_args, metrics_host
+from ._cli_serve import _site_check_config, add_broker_serve, add_site_serve, metrics_host
 from ._version import __version__
 from .errors import GatewayError
 
@@ -82,47 +82,16 @@ def _parser() -> argparse.ArgumentParser:
     synth.set_defaults(run=_synth)
 
     site = sub.add_parser("site", help="site gateway").add_subparsers(required=True, metavar="ACTION")
-    serve = site.add_parser("serve", help="serve a site gateway")
-    serve.add_argument("--policy", type=Path, required=True, help="the site's policy file (reloaded when it changes)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=50051, help="port to serve on; 0: any free port (default: 50051)")
-    serve.add_argument("--metrics-port", type=int, default=None,
-                       help="serve Prometheus /metrics on this port (default: none)")
-    serve.add_argument("--metrics-host", default=None,
-                       help="where /metrics listens (default: loopback for a loopback site, else --host)")
-    serve.add_argument("--state-dir", type=Path, default=None,
-                       help="ledger, audit log and snapshots (default: ./state, said at start)")
-    serve.add_argument("--init", action="store_true",
-                       help="begin a new ledger although the state dir's audit log has a history")
-    _token_key_args(serve)
-    serve.add_argument("--tls-cert", type=Path, help="server certificate (PEM) for TLS; plaintext only on loopback")
-    serve.add_argument("--tls-key", type=Path, help="the server certificate's private key (PEM)")
-    serve.add_argument("--client-ca", type=Path, help="require client certificates signed by this CA (mTLS)")
-    serve.add_argument("--allow-peer", action="append", default=[],
-                       help="accept only clients whose certificate CN is this (repeatable; needs --client-ca)")
-    serve.add_argument("--port-file", type=Path, help="write the bound port here once serving")
-    _lifecycle_args(serve)
-    serve.set_defaults(run=_site_serve, serves=True)
+    add_site_serve(site)
+    scheck = site.add_parser("check-config", help="validate site config files (file:line: field: reason)")
+    scheck.add_argument("files", type=Path, nargs="+", help="site config files (see docs/server-config.md)")
+    scheck.set_defaults(run=_site_check_config)
 
     broker = sub.add_parser("broker", help="broker").add_subparsers(required=True, metavar="ACTION")
     bcheck = broker.add_parser("check", help="validate broker config files (file:line: field: reason)")
     bcheck.add_argument("files", type=Path, nargs="+", help="broker config files")
     bcheck.set_defaults(run=_broker_check)
-    bserve = broker.add_parser("serve", help="serve a broker in front of the sites in a config file")
-    bserve.add_argument("--config", type=Path, required=True,
-                        help="the broker config file (its sites; see gateway broker check)")
-    bserve.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1)")
-    bserve.add_argument("--port", type=int, default=50050, help="port to serve on; 0: any free port (default: 50050)")
-    bserve.add_argument("--metrics-port", type=int, default=None,
-                        help="serve Prometheus /metrics on this port (default: none)")
-    bserve.add_argument("--metrics-host", default=None,
-                        help="where /metrics listens (default: loopback for a loopback broker, else --host)")
-    _token_key_args(bserve)
-    bserve.add_argument("--tls-cert", type=Path, help="server certificate (PEM) for TLS; plaintext only on loopback")
-    bserve.add_argument("--tls-key", type=Path, help="the server certificate's private key (PEM)")
-    bserve.add_argument("--port-file", type=Path, help="write the bound port here once serving")
-    _lifecycle_args(bserve)
-    bserve.set_defaults(run=_broker_serve, serves=True)
+    add_broker_serve(broker)
 
     token = sub.add_parser("token", help="development tokens").add_subparsers(required=True, metavar="ACTION")
     keygen = token.add_parser("keygen", help="write a DEVELOPMENT signing key pair")
@@ -169,6 +138,12 @@ def _parser() -> argparse.ArgumentParser:
     budget.add_argument("--dataset", default="", help="only this dataset's population (default: all you may use)")
     budget.add_argument("--json", action="store_true", help="print the budgets as JSON")
     budget.set_defaults(run=_budget)
+
+    status = sub.add_parser("status", help="who serves at which version; from a broker, each site's health, "
+                                           "version and last error (exit 1 when a site is not serving)")
+    _target_args(status)
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.set_defaults(run=_status)
 
     history = sub.add_parser("history", help="your project's past answers, newest first, with what each cost")
     _target_args(history)
@@ -384,15 +359,39 @@ def _query(args: argparse.Namespace) -> int:
 
 
 def _budget(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    from .errors import MissingSitesWarning
+
+    with _client(args) as client, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MissingSitesWarning)  # said below, in one line of our own
         frame = client.budget(args.dataset)
+    missing = {site: why for w in caught if isinstance(w.message, MissingSitesWarning)
+               for site, why in w.message.missing.items()}
+    listed = [dict(zip(("site", "reason", "message"), (site, *why.split(": ", 1)), strict=True))
+              for site, why in missing.items()]  # as in a query's answer
     if args.json:
-        print(json.dumps({"budgets": frame.to_dicts()}, default=_rfc3339))
+        print(json.dumps({"budgets": frame.to_dicts(), "missing_sites": listed}, default=_rfc3339))
     else:
         from .render import budget_table
 
         print(budget_table(frame))
+    if listed:
+        print("warning: no budget from site(s) " + ", ".join(f"{m['site']} ({m['reason']})" for m in listed)
+              + ": they did not answer", file=sys.stderr)
     return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        status = client.status()
+    rows = status.sites.to_dicts()
+    if args.json:
+        print(json.dumps({"served_by": status.served_by, "version": status.version, "component": status.component,
+                          "sites": rows}, default=_rfc3339))
+    else:
+        from .render import status_table
+
+        print(status_table(status))
+    return 1 if any(r["health"] != "serving" for r in rows) else 0
 
 
 def _rfc3339(value: Any) -> str:

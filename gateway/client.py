@@ -64,6 +64,7 @@ from ._calls import (
     Caller,
     Plan,
     Progress,
+    ServerStatus,
     StructuredSpec,
     check_plan,
     epsilon_search,
@@ -72,6 +73,7 @@ from ._calls import (
     plan_from,
     query_request,
     regression_spec,
+    server_status,
     structured_message,
     survival_spec,
 )
@@ -92,7 +94,7 @@ from .results import (
 )
 
 __all__ = ["Client", "Column", "Dataset", "HistogramResult", "QuantilesResult", "QueryResult", "RegressionResult",
-           "StructuredSpec", "SurvivalResult", "Template", "Tls", "structured_message"]
+           "ServerStatus", "StructuredSpec", "SurvivalResult", "Template", "Tls", "structured_message"]
 
 T = TypeVar("T")
 
@@ -142,6 +144,10 @@ class Client:
         never).
         """
         return budget_frame(self._call(self._stub.GetBudget, pb.GetBudgetRequest(dataset=dataset)))
+
+    def status(self) -> ServerStatus:
+        """Who serves and at which version; from a broker, each site's health, version and last error."""
+        return server_status(self._call(self._stub.Status, pb.StatusRequest()))
 
     def history(self, limit: int = 50) -> HistoryResult:
         """The project's own past answers, newest first, with when, what and what each cost.

@@ -231,7 +231,8 @@ class QueryIdConflict(GatewayError):
 class FailedPrecondition(GatewayError):
     """The site cannot serve the request in its current state (e.g. data unavailable)."""
 
-    code, reason_code = grpc.StatusCode.FAILED_PRECONDITION, "FAILED_PRECONDITION"
+    # its own outcome: a missing data file or a newer ledger is the operator's to fix, not a bug
+    code, reason_code, outcome = grpc.StatusCode.FAILED_PRECONDITION, "FAILED_PRECONDITION", "failed_precondition"
 
 
 class Unavailable(GatewayError):

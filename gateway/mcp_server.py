@@ -123,10 +123,16 @@ def build_server(client: Client, max_epsilon_per_session: float | None = None) -
         return out
 
     @server.tool(description="The researcher's privacy budget per population (and per site through a broker): "
-                             "total, spent, remaining and when it resets, plus what this session may still spend.")
+                             "total, spent, remaining and when it resets, the sites that did not answer, plus what "
+                             "this session may still spend.")
     def get_budget(dataset: str = "") -> dict[str, Any]:
-        frame = _guarded(lambda: client.budget(dataset))
-        return _object({"budgets": frame.to_dicts(), "session_cap": session.cap, "session_spent": session.spent})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", MissingSitesWarning)
+            frame = _guarded(lambda: client.budget(dataset))
+        missing = {site: why for w in caught if isinstance(w.message, MissingSitesWarning)
+                   for site, why in w.message.missing.items()}  # sites whose budget is not in the list
+        return _object({"budgets": frame.to_dicts(), "missing_sites": missing, "session_cap": session.cap,
+                        "session_spent": session.spent})
 
     @server.tool(description=f"The project's own past answers, newest first: when, which site, the query, the "
                              f"epsilon each cost and the answer as released (tidy rows). Reuse a past answer "

@@ -26,7 +26,9 @@ _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 QUERY_OUTCOMES: tuple[str, ...] = tuple(dict.fromkeys(
     ("ok", "cached", "dry_run", "error", *(cls.outcome for cls in ERRORS))))
 """Every ``outcome`` of ``gateway_queries_total``: answered (ok, cached, dry_run), refused (the error
-classes' outcomes, ``unavailable`` for a disk that refuses the ledger or audit log), or ``error`` (a bug)."""
+classes' outcomes: ``unavailable`` for a disk that refuses the ledger or audit log,
+``failed_precondition`` for a site that cannot serve the query in its state, such as a missing data
+file), or ``error`` (a bug)."""
 UNKNOWN_DATASET = "_unknown"  # a call refused before its dataset is known (no credentials, bad SQL)
 RELOAD_RESULTS = ("ok", "rejected")
 SITE_OUTCOMES = ("ok", "unavailable", "deadline_exceeded", "invalid_answer", "cancelled")
@@ -50,6 +52,16 @@ class SiteMetrics:
                                   labels, registry=registry)
         self.budget_remaining = Gauge("gateway_budget_epsilon_remaining",
                                       "Privacy budget remaining (epsilon) this period", labels, registry=registry)
+        cap = ("dataset",)  # the population's name; a cap spans all projects
+        self.cap_limit = Gauge("gateway_population_cap_epsilon_limit",
+                               "A population's cap over all projects together (epsilon) per period", cap,
+                               registry=registry)
+        self.cap_spent = Gauge("gateway_population_cap_epsilon_spent",
+                               "Spent by all projects together against a population's cap (epsilon) this period",
+                               cap, registry=registry)
+        self.cap_remaining = Gauge("gateway_population_cap_epsilon_remaining",
+                                   "A population's cap remaining for all projects together (epsilon) this period",
+                                   cap, registry=registry)
         self.queries = Counter("gateway_queries", "Queries by dataset and outcome", ("dataset", "outcome"),
                                registry=registry)
         self.duration = Histogram("gateway_query_duration_seconds", "A site's query handling time", ("dataset",),
@@ -60,6 +72,7 @@ class SiteMetrics:
             self.policy_reloads.labels(result)
         _build_info(registry, "site")
         self._published: set[tuple[str, str]] = set()
+        self._caps: set[str] = set()
         self._lock = threading.Lock()
 
     def set_budget(self, dataset: str, project: str, limit: float, spent: float) -> None:
@@ -83,6 +96,28 @@ class SiteMetrics:
                 self._published.discard(key)
             for population, project, limit, spent in fresh:
                 self._set(population, project, limit, spent)
+
+    def set_cap(self, population: str, limit: float, spent: float) -> None:
+        """Publish one population's cap over all projects."""
+        with self._lock:
+            self._set_cap(population, limit, spent)
+
+    def _set_cap(self, population: str, limit: float, spent: float) -> None:
+        self.cap_limit.labels(population).set(limit)
+        self.cap_spent.labels(population).set(spent)
+        self.cap_remaining.labels(population).set(max(0.0, limit - spent))
+        self._caps.add(population)
+
+    def publish_caps(self, caps: Iterable[tuple[str, float, float]]) -> None:
+        """Publish exactly these caps, (population, limit, spent): a cap the policy dropped is removed."""
+        fresh = list(caps)
+        with self._lock:
+            for population in self._caps - {c[0] for c in fresh}:
+                for gauge in (self.cap_limit, self.cap_spent, self.cap_remaining):
+                    gauge.remove(population)
+                self._caps.discard(population)
+            for population, limit, spent in fresh:
+                self._set_cap(population, limit, spent)
 
     def init_datasets(self, datasets: Iterable[str]) -> None:
         """Create every outcome of ``datasets`` (and of ``_unknown``) at 0; a dataset once seen is kept."""

@@ -117,6 +117,30 @@ def budget_table(frame: Any) -> str:
     return "\n".join(lines)
 
 
+def status_table(status: Any) -> str:
+    """A :class:`~gateway.client.ServerStatus` for people: the server, then its sites (a broker's)."""
+    lines = [f"{status.component} {status.served_by}, version {status.version}"]
+    if status.sites.height:
+        header = ["site", "health", "version", "latency_seconds", "last_ok_at", "last_error_at", "last_error"]
+        rows = [[_fmt(r[h]) if r[h] not in (None, "") else "-" for h in header]
+                for r in status.sites.with_columns(
+                    last_error=_error_text()).iter_rows(named=True)]
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+        lines += ["", "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip(),
+                  "  ".join("-" * w for w in widths)]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def _error_text() -> Any:
+    """``reason: message`` of each site's last error (empty without one)."""
+    import polars as pl
+
+    return (pl.when(pl.col("last_error_reason") != "")
+            .then(pl.col("last_error_reason") + ": " + pl.col("last_error").str.slice(0, 80))
+            .otherwise(pl.lit("")))
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "never"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import html
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,6 +24,7 @@ import polars as pl
 
 from ._proto.gateway.v1 import gateway_pb2 as pb
 from ._wire import parts_from_wire
+from .errors import MissingSitesWarning
 from .survival import numbers_at_risk, split_counts
 
 _STATS = ("std_error", "ci_low", "ci_high")
@@ -311,7 +313,15 @@ BUDGET_SCHEMA: dict[str, Any] = {"site": pl.Utf8, "population": pl.Utf8, "datase
 
 
 def budget_frame(response: pb.GetBudgetResponse) -> pl.DataFrame:
-    """One row per budget; ``resets_at`` is a UTC datetime (None when the budget never resets)."""
+    """One row per budget; ``resets_at`` is a UTC datetime (None when the budget never resets).
+
+    Sites that did not answer a broker are not in it: a :class:`~gateway.errors.MissingSitesWarning`
+    names them, with why.
+    """
+    if response.missing_sites:
+        missing = {m.site: f"{m.reason}: {m.message}" for m in response.missing_sites}  # as a query's
+        warnings.warn(MissingSitesWarning("the budgets lack site(s) " + "; ".join(
+            f"{site} ({why})" for site, why in missing.items()) + ": they did not answer", missing), stacklevel=3)
     return pl.DataFrame([{"site": b.site, "population": b.population or b.dataset, "dataset": b.dataset,
                           "datasets": ", ".join(b.datasets) or b.dataset, "project": b.project,
                           "limit": b.limit, "spent": b.spent, "remaining": b.remaining, "period": b.period,

@@ -13,7 +13,9 @@
 - every `gateway` command line in these files (compose, the init script, the Dockerfile,
   Kubernetes args and probes, systemd ExecStart) with the real argparse parser;
 - the configuration embedded in them (the broker configs, the Kubernetes policy) with the real
-  loaders; and that no private key or certificate is committed under deploy/.
+  loaders, and the server settings: the examples in deploy/config and each compose service's as it
+  starts (its config file, environment and flags together); and that no private key or
+  certificate is committed under deploy/.
 
 Prints one line per problem (``file: what``) and exits 1 if there is any.
 """
@@ -380,6 +382,52 @@ def check_embedded_configs(folder: Path, compose_broker: Path) -> list[str]:
     return problems
 
 
+def check_server_settings(deploy: Path) -> list[str]:
+    """The example settings files, and every compose service's settings as it starts (file, environment
+    and flags together), load with the gateway's own loader."""
+    from gateway._yamlfile import ConfigFileError
+    from gateway.broker.config import load_broker_settings
+    from gateway.cli import _parser
+    from gateway.site.settings import load_site_settings
+
+    loaders = {"site": load_site_settings, "broker": load_broker_settings}
+    problems: list[str] = []
+
+    def load(where: str, component: str, file: Path, env: dict[str, str], flags: dict[str, Any]) -> None:
+        try:
+            loaders[component](file, env, flags)
+        except ConfigFileError as err:
+            problems.extend(f"{where}: {line}" for line in err.problems)
+
+    for component in loaders:
+        example = deploy / "config" / f"{component}.yaml"
+        load(rel(example), component, example, {}, {})
+    compose_path = deploy / "compose.yaml"
+    compose = yaml.safe_load(compose_path.read_text())
+    for name, service in compose.get("services", {}).items():
+        command = [str(c) for c in service.get("command") or []]
+        if command[1:2] != ["serve"] or command[:1] not in (["site"], ["broker"]):
+            continue
+        args = vars(_parser().parse_args(command))
+        targets = {c["target"]: compose["configs"][c["source"]]["file"] for c in service.get("configs", [])}
+        if args.get("config") is None or str(args["config"]) not in targets:
+            problems.append(f"{rel(compose_path)}: services/{name}: no config file mounted at {args.get('config')}")
+            continue
+        file = compose_path.parent / targets[str(args["config"])]
+        env = {str(k): str(v) for k, v in (service.get("environment") or {}).items()}
+        model_fields = _settings_model(command[0]).model_fields
+        load(f"{rel(compose_path)}: services/{name}", command[0], file, env,
+             {k: v for k, v in args.items() if k in model_fields})
+    return problems
+
+
+def _settings_model(component: str) -> Any:
+    from gateway.broker.config import BrokerConfig
+    from gateway.site.settings import SiteSettings
+
+    return SiteSettings if component == "site" else BrokerConfig
+
+
 # -- systemd -------------------------------------------------------------------------------------
 
 def check_systemd(folder: Path) -> list[str]:
@@ -524,6 +572,8 @@ def run_all() -> dict[str, list[str]]:
         f"{len(lines)} gateway command lines against the real parser": check_command_lines(lines),
         "broker configs and policy with the gateway's loaders":
             check_embedded_configs(DEPLOY / "k8s" / "base", DEPLOY / "compose" / "broker.yaml"),
+        "server settings (deploy/config, each compose service's) with the gateway's loader":
+            check_server_settings(DEPLOY),
         "no key or certificate committed": check_no_key_material(DEPLOY),
     }
 

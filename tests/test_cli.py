@@ -194,8 +194,10 @@ def test_sigkill_loses_no_charge_and_no_answer_goes_uncharged(tmp_path, keys, to
     (["--jwks-url", "http://idp.example.org/jwks"], "refusing JWKS URL 'http://idp.example.org/jwks': keys must "
                                                     "come over https (http only for a loopback host)"),
     (["--jwks-url", "https://idp.example.org/jwks", "--max-token-lifetime", "12x"],
-     "--max-token-lifetime: bad ttl '12x'"),
-    ([], "no token keys: pass --trusted-key PEM (repeatable), --jwks FILE or --jwks-url URL"),
+     "invalid {} config: --max-token-lifetime: max_token_lifetime: bad ttl '12x'"),
+    # with no config file the flag is named, else the file (the broker's names its sites)
+    ([], "invalid {} config: {}: trusted_keys: no token keys: give trusted_keys (--trusted-key PEM), "
+         "jwks or jwks_url"),
 ])
 @pytest.mark.parametrize("server", ["site", "broker"])
 def test_serve_refuses_bad_token_key_flags_in_one_line(tmp_path, capsys, flags, message, server):
@@ -203,7 +205,9 @@ def test_serve_refuses_bad_token_key_flags_in_one_line(tmp_path, capsys, flags, 
     config = ["--policy", str(tmp_path / "p.yaml")] if server == "site" else ["--config", str(tmp_path / "broker.yaml")]
     assert cli.main([server, "serve", *config, *flags]) == 2
     stderr = capsys.readouterr().err
-    assert stderr.startswith(f"gateway: error: {message}") and len(stderr.strip().splitlines()) == 1
+    where = "--trusted-key" if server == "site" else f"{tmp_path / 'broker.yaml'}:1"
+    assert stderr.startswith(f"gateway: error: {message.format(server, where)}")
+    assert len(stderr.strip().splitlines()) == 1
     assert not (tmp_path / "state").exists()
 
 

@@ -131,6 +131,20 @@ def test_the_session_cap_refuses_the_query_that_would_exceed_it_before_the_site_
     assert site.state.ledger.total_spent() == Fraction(1, 4)
 
 
+@pytest.mark.slow  # a server process
+def test_the_budget_tool_names_the_sites_that_did_not_answer(start_site, start_broker, token):
+    sites = {name: start_site(name=name) for name in ("north", "south")}
+    broker = start_broker(sites, deadline_seconds=3)
+    sites["south"].stop(grace=0)
+
+    async def body(session: ClientSession) -> dict[str, Any]:
+        return await _call(session, "get_budget")
+
+    budget = _agent(broker.target, token())(body)
+    assert {b["site"] for b in budget["budgets"]} == {"north"}
+    assert list(budget["missing_sites"]) == ["south"] and budget["missing_sites"]["south"].startswith("unavailable")
+
+
 def test_without_the_extra_gateway_mcp_says_how_to_install_it(monkeypatch, capsys):
     for name in [m for m in sys.modules if m.startswith("mcp.")]:
         monkeypatch.delitem(sys.modules, name)

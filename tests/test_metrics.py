@@ -161,6 +161,38 @@ def test_a_restarted_site_publishes_every_configured_budget_from_its_ledger_befo
     assert {p for _, p in gauges} == {"stats", "tight", "nurses", "patients-only", "demo", "onc-lung"}
 
 
+def _caps(registry: CollectorRegistry) -> dict[str, tuple[float, float, float]]:
+    """population -> (limit, spent, remaining) of its cap over all projects, as the registry exports it."""
+    def values(name: str) -> dict[str, float]:
+        return {s.labels["dataset"]: s.value for f in registry.collect() if f.name == name for s in f.samples}
+    limits = values("gateway_population_cap_epsilon_limit")
+    spent = values("gateway_population_cap_epsilon_spent")
+    remaining = values("gateway_population_cap_epsilon_remaining")
+    return {key: (limits[key], spent[key], remaining[key]) for key in limits}
+
+
+def test_a_restarted_site_publishes_each_population_cap_from_its_ledger_across_projects(
+        start_site, token, tmp_path, two_populations):
+    registry, _site = _spend_then_restart(start_site, token, two_populations, tmp_path / "state")
+    caps = _caps(registry)
+    assert set(caps) == {"patients"}  # treatments, a population of its own, has no cap
+    assert caps["patients"] == pytest.approx((100.0, 0.3, 99.7))  # tight's 0.3; onc-lung spent on treatments
+
+
+def test_a_query_updates_the_cap_and_a_reload_that_drops_the_cap_removes_it(start_site, token, tmp_path, site_data):
+    policy = write_policy(tmp_path, site_data)
+    registry = CollectorRegistry()
+    site = start_site(policy=policy, metrics=SiteMetrics(registry))
+    assert _caps(registry) == {"patients": (100.0, 0.0, 100.0)}
+    for project in ("tight", "onc-lung"):
+        with client(site, token, project=project) as c:
+            c.query(COUNT.format(2011), epsilon=0.25)
+    assert _caps(registry)["patients"] == pytest.approx((100.0, 0.5, 99.5))  # both projects, before any refresh
+    dump_policy(with_policy(load_policy(policy).policy, population_caps={}, dataset_caps={}), policy)
+    wait_for(lambda: registry.get_sample_value("gateway_policy_reloads_total", {"result": "ok"}) == 1)
+    assert _caps(registry) == {}
+
+
 def test_counters_exist_at_zero_from_the_start_and_build_info_names_the_version(start_site):
     registry = CollectorRegistry()
     start_site(metrics=SiteMetrics(registry))

@@ -56,6 +56,18 @@ def test_check_data_finds_a_declared_type_the_data_does_not_have(tmp_path: Path,
     assert "declared integer, but column 'sex' of dataset 'patients' is VARCHAR" in result.stderr
 
 
+def test_init_names_a_dataset_of_parquet_files_after_the_files_never_a_glob(tmp_path: Path) -> None:
+    from gateway._policy_init import skeleton
+
+    folder = tmp_path / "registry"
+    folder.mkdir()
+    with duckdb.connect() as con:
+        con.execute(f"COPY (SELECT 'P1' AS patient_id, 61 AS age) TO '{folder / 'patients-2021.parquet'}'")
+    assert "\n  patients:\n    source: {parquet: 'registry/patients-*.parquet'}" in skeleton(
+        folder / "patients-*.parquet", None, tmp_path)
+    assert "\n  registry:\n" in skeleton(folder / "*.parquet", None, tmp_path)  # the folder's name
+
+
 def test_init_refuses_what_it_cannot_read(tmp_path: Path) -> None:
     missing = run_cli("policy", "init", "--source", str(tmp_path / "none.duckdb"), "--table", "t")
     assert missing.returncode == 2 and "does not exist" in missing.stderr

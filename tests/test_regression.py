@@ -396,7 +396,8 @@ NO_REGRESSION = with_dataset(example_policy(), "patients", aggregates=("count", 
     (None, ("regression", "bmi"), InvalidQuery, "regression takes the response and then 1 to 10 features"),
     (None, ("regression", "bmi", *["age_at_diagnosis"] * 11), InvalidQuery, "then 1 to 10 features"),
     (NO_REGRESSION, ("regression", "survival_months", "bmi"), PolicyViolation,
-     "aggregate: 'regression' is not allowed on 'patients' by the site's policy (datasets.patients.aggregates); allowed: count, mean"),
+     "aggregate: 'regression' is not allowed on 'patients' by the site's policy (datasets.patients.aggregates); "
+     "allowed: count, mean"),
 ])
 def test_refusals_say_why_and_cost_nothing(start_site, token, site_data, tmp_path, policy, aggregate, error,
                                            message) -> None:

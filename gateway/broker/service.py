@@ -9,6 +9,11 @@ counts and sums add with their variances; a mean is the ratio of the pooled nois
 counts with a delta-method interval; survival counts add time by time and the curve is drawn from
 their sums. It sees no row and holds no budget.
 
+Every answer names the sites that did not answer, with why: a query's and a budget's
+``missing_sites``. ``Status`` lists every configured site with its health now (a status call to
+each), its version and the broker's record of its last failure and last success
+(:mod:`._status`), for operators.
+
 Faults at a site cost the broker nothing but that site's answer: each call ends by its deadline
 (a site that accepts connections and never answers is missing with reason ``deadline``), all
 calls end when the caller goes, an answer that pooling cannot trust is left out with reason
@@ -22,7 +27,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
@@ -34,6 +39,7 @@ from .._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from .._server import drain_then_stop, make_server, target_of
 from .._sqlfront import parse_sql
 from .._transport import Tls, open_channel
+from .._version import __version__
 from .._wire import to_structured
 from ..auth import Verifier, authorization_header
 from ..errors import (
@@ -50,6 +56,7 @@ from ..errors import (
 )
 from ..metrics import BrokerMetrics
 from ..proof import ANY_SERVER, ProofChecker, check_possession
+from ._status import Seen, SiteRecord
 from ._validate import invalid_answers
 from .config import BrokerConfig
 from .pooling import dataset_differences, pool
@@ -66,6 +73,7 @@ class _Outcome:
     response: Any = None
     error: GatewayError | GatewayBug | None = None
     label: str = "ok"  # its gateway_broker_site_requests_total outcome
+    seconds: float = 0.0  # from the fan-out's start to this site's end
 
     @property
     def reason(self) -> str:
@@ -86,6 +94,7 @@ class BrokerService(pb_grpc.GatewayServicer):
         self._channels = {s.name: open_channel(s.address, s.tls, max_receive=SITE_ANSWER_MAX,
                                                reconnect_seconds=config.reconnect_seconds) for s in config.sites}
         self._stubs = {name: pb_grpc.GatewayStub(channel) for name, channel in self._channels.items()}
+        self.record = SiteRecord()
 
     def close(self) -> None:
         """Close the channels to the sites, ending any call still in flight."""
@@ -134,13 +143,21 @@ class BrokerService(pb_grpc.GatewayServicer):
         return pb.ListDatasetsResponse(datasets=datasets, served_by=self.config.name)
 
     def GetBudget(self, request: pb.GetBudgetRequest, context: grpc.ServicerContext) -> pb.GetBudgetResponse:
+        """Each answering site's budgets of the caller's project, and the sites that did not answer, with why."""
         outcomes = self._fan("GetBudget", request, context, self._all_sites(request, context))
         budgets = []
         for outcome in self._answered_or_abort(outcomes, context):
             for b in outcome.response.budgets:
                 b.site = outcome.site  # the name the broker knows the site by, as in `sites`
                 budgets.append(b)
-        return pb.GetBudgetResponse(budgets=budgets, served_by=self.config.name)
+        return pb.GetBudgetResponse(budgets=budgets, served_by=self.config.name, missing_sites=_missing(outcomes))
+
+    def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusResponse:
+        """Every configured site: whether it answers now, its version, and the broker's record of it."""
+        outcomes = self._fan("Status", request, context, self._all_sites(request, context))
+        sites = [self.record.status(o.site, _seen(o), o.response.version if o.response is not None else "", o.seconds)
+                 for o in outcomes]
+        return pb.StatusResponse(served_by=self.config.name, version=__version__, component="broker", sites=sites)
 
     def History(self, request: pb.HistoryRequest, context: grpc.ServicerContext) -> pb.HistoryResponse:
         """Each site's history of the caller's project, merged newest first (at most ``limit`` per site)."""
@@ -197,8 +214,7 @@ class BrokerService(pb_grpc.GatewayServicer):
                           f"({str(err)[:200]}); ask the network's operator")
         response.query_id = request.query_id
         response.names.update(output_names if output_names is not None else _agreed_names(answered))
-        response.missing_sites.extend(pb.MissingSite(site=o.site, reason=o.reason, message=o.message)
-                                      for o in outcomes if o.response is None)
+        response.missing_sites.extend(_missing(outcomes))
         return response
 
     def _names(self, requested: Sequence[str]) -> list[str]:
@@ -217,16 +233,22 @@ class BrokerService(pb_grpc.GatewayServicer):
             self.config.deadline_seconds
         # asynchronous calls, not a thread each: every call ends by its own deadline however many
         # queries wait on a silent site, and all of them end when the caller goes
+        started, ended = time.monotonic(), dict[str, float]()
         calls = {name: getattr(self._stubs[name], method).future(_for_site(request, name), metadata=metadata,
                                                                   timeout=timeout)
                  for name in names}
+        for name, call in calls.items():
+            call.add_done_callback(lambda _call, name=name: ended.setdefault(name, time.monotonic()))
         if not context.add_callback(lambda: _cancel(calls.values())):
             _cancel(calls.values())  # the caller had gone already
         outcomes = [_outcome(name, call) for name, call in calls.items()]
+        outcomes = [replace(o, seconds=ended.get(o.site, time.monotonic()) - started) for o in outcomes]
         if check is not None:
             outcomes = check(outcomes)
         for outcome in outcomes:
             self.metrics.site_requests.labels(outcome.site, outcome.label).inc()
+            if outcome.label != "cancelled":  # the caller went: nothing learned about the site
+                self.record.note(_seen(outcome))
         return outcomes
 
     def _answered_or_abort(self, outcomes: list[_Outcome], context: grpc.ServicerContext) -> list[_Outcome]:
@@ -303,6 +325,15 @@ def _outcome(site: str, call: grpc.Future) -> _Outcome:
                                        "broker's configuration must name it so")
         return _Outcome(site, error=error, label=err.code().name.lower())
 
+def _seen(outcome: _Outcome) -> Seen:
+    return Seen(outcome.site) if outcome.response is not None else Seen(outcome.site, outcome.reason, outcome.message)
+
+
+def _missing(outcomes: Iterable[_Outcome]) -> list[pb.MissingSite]:
+    """The sites that did not answer, with why."""
+    return [pb.MissingSite(site=o.site, reason=o.reason, message=o.message) for o in outcomes if o.response is None]
+
+
 def _agreed_names(answered: Sequence[_Outcome]) -> dict[str, str]:
     """The output names every answering site reports (a template's aliases, which only sites can read)."""
     names = [dict(o.response.names) for o in answered]
@@ -319,8 +350,8 @@ def _poolable(outcomes: list[_Outcome], request: pb.QueryRequest) -> list[_Outco
     problems = invalid_answers([(o.site, o.response) for o in outcomes if o.response is not None], request)
     for site, problem in problems.items():
         log.warning("site %s sent an answer that cannot be pooled: %s", site, problem)
-    return [_Outcome(o.site, error=InvalidAnswer(f"its answer cannot be pooled: {problems[o.site]}"),
-                     label="invalid_answer") if o.site in problems else o for o in outcomes]
+    return [replace(o, response=None, error=InvalidAnswer(f"its answer cannot be pooled: {problems[o.site]}"),
+                    label="invalid_answer") if o.site in problems else o for o in outcomes]
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """Loading a policy into a live engine, reloading it when the file changes, and publishing its budgets.
 
-The budget gauges are read from the ledger at start, after every reload and every
-``BUDGET_REFRESH_SECONDS`` (a window that resets while nobody queries shows its new budget), so a
-restart never makes a budget series vanish and a budget alert resolve.
+The budget gauges (each project's budget, each population's cap over all projects) are read from
+the ledger at start, after every reload and every ``BUDGET_REFRESH_SECONDS`` (a window that resets
+while nobody queries shows its new budget), so a restart never makes a budget series vanish and a
+budget alert resolve.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ from .._engine import Engine, file_stamp
 from .._logging import event
 from ..audit import AuditLog
 from ..errors import GatewayError
-from ..ledger import Ledger
+from ..ledger import BudgetState, Ledger
 from ..metrics import SiteMetrics
-from ..policy import LoadedPolicy, PolicyFileError, load_policy
+from ..policy import LoadedPolicy, Policy, PolicyFileError, load_policy
 from ..render import diff
 from ..templates import validate_templates
-from .pipeline import configured_budgets
+from .pipeline import cap_scope, configured_budgets
 
 log = logging.getLogger("gateway.site")
 RETIRE_SECONDS = 30.0
@@ -60,6 +61,22 @@ def publish_metrics(state: HasLive) -> None:
         return
     state.metrics.publish_budgets((population, project, float(b.limit), float(b.spent))
                                   for population, project, b in budgets)
+    try:
+        caps = configured_caps(state.ledger, policy, datetime.now(UTC))
+    except GatewayError as err:
+        log.warning("population cap gauges not refreshed: %s", err.message)
+        return
+    state.metrics.publish_caps((population, float(c.limit), float(c.spent)) for population, c in caps)
+
+
+def configured_caps(ledger: Ledger, policy: Policy, now: datetime) -> list[tuple[str, BudgetState]]:
+    """Every population cap the policy sets, as it stands in the ledger: (population, state)."""
+    found = []
+    for population, datasets in policy.populations().items():
+        scope = cap_scope(policy, population, datasets[0], now)
+        if scope is not None:
+            found.append((population, ledger.state(scope)))
+    return found
 
 
 def load_live(path: Path, state_dir: Path) -> Live:

@@ -144,12 +144,18 @@ def budget_scopes(policy: Policy, project: str, dataset: str, rule: BudgetRule, 
     start, end = window_bounds(rule.period, policy.period_start, now)
     scopes = [Scope(f"project:{project}:{population}", dataset, rule.epsilon, Window(start, end, at),
                     f"project {project!r} on population {population!r}")]
+    cap = cap_scope(policy, population, dataset, now)
+    return tuple(scopes) if cap is None else (*scopes, cap)
+
+
+def cap_scope(policy: Policy, population: str, dataset: str, now: datetime) -> Scope | None:
+    """The population's cap over all projects as a ledger scope (None without a cap)."""
     cap = policy.population_cap(population)
-    if cap is not None:
-        cap_start, cap_end = window_bounds(cap.period, policy.period_start, now)
-        scopes.append(Scope(f"population:{population}", dataset, cap.epsilon, Window(cap_start, cap_end, at),
-                            f"all projects on population {population!r} (site-wide cap)", shared=True))
-    return tuple(scopes)
+    if cap is None:
+        return None
+    start, end = window_bounds(cap.period, policy.period_start, now)
+    return Scope(f"population:{population}", dataset, cap.epsilon, Window(start, end, int(now.timestamp())),
+                 f"all projects on population {population!r} (site-wide cap)", shared=True)
 
 
 def requested_epsilon(request: pb.QueryRequest, policy: Policy, dataset: str, kinds: Sequence[str] = ()) -> Fraction:

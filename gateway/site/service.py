@@ -33,6 +33,7 @@ from .._proto.gateway.v1 import gateway_pb2 as pb
 from .._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from .._server import drain_then_stop, make_server, target_of
 from .._transport import Tls
+from .._version import __version__
 from ..audit import AuditLog, iso_time
 from ..auth import Identity, Verifier, authorization_header
 from ..errors import INTERNAL_MESSAGE, AuditUnavailable, GatewayError, InternalBug, InvalidQuery, PermissionDenied
@@ -91,6 +92,14 @@ class SiteService(pb_grpc.GatewayServicer):
 
     def History(self, request: pb.HistoryRequest, context: grpc.ServicerContext) -> pb.HistoryResponse:
         return _guarded(context, lambda: self._history(request, context))
+
+    def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusResponse:
+        return _guarded(context, lambda: self._status(request, context))
+
+    def _status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusResponse:
+        """Who serves and at which version (to a caller with valid credentials only)."""
+        self._identify(context, request)
+        return pb.StatusResponse(served_by=self.state.live.loaded.policy.site, version=__version__, component="site")
 
     def _history(self, request: pb.HistoryRequest, context: grpc.ServicerContext) -> pb.HistoryResponse:
         """The caller's project's own released answers, newest first (never another project's)."""
@@ -192,9 +201,12 @@ class SiteService(pb_grpc.GatewayServicer):
         live = self.state.live  # the one policy snapshot this request sees
         answered = self.pipeline.run(request, identity, live.loaded.policy, live.engine, datetime.now(UTC), record,
                                      expired=lambda: _gone(context))
-        for scope, state in answered.budgets[:1]:  # the project's own budget
+        for scope, state in answered.budgets:  # the project's own budget, then the population's cap
             population = live.loaded.policy.datasets[scope.dataset].population_name
-            self.state.metrics.set_budget(population, identity.project, float(state.limit), float(state.spent))
+            if scope.shared:
+                self.state.metrics.set_cap(population, float(state.limit), float(state.spent))
+            else:
+                self.state.metrics.set_budget(population, identity.project, float(state.limit), float(state.spent))
         return answered
 
     # -- policy and budget helpers --------------------------------------------------------------

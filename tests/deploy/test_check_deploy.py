@@ -41,6 +41,7 @@ def test_shipped_compose_manifests_dockerfile_configs_and_command_lines_pass():
                                         ROOT / "deploy" / "compose" / "broker.yaml") == []
     assert check.check_no_key_material(ROOT / "deploy") == []
     assert check.check_command_lines(check.all_command_lines()) == []
+    assert check.check_server_settings(ROOT / "deploy") == []
 
 
 @needs_systemd
@@ -72,13 +73,13 @@ def test_command_lines_are_found_in_every_kind_of_file():
 
 def test_a_misspelt_or_removed_flag_fails_the_real_parser():
     lines = [check.CommandLine("a", ("site", "serve", "--policy", "p.yaml", "--metric-port", "9464")),
-             check.CommandLine("b", ("broker", "serve")),
+             check.CommandLine("b", ("broker", "serve", "--config", "b.yaml", "--policy", "p.yaml")),
              check.CommandLine("c", ("site", "serve", "--policy", "p.yaml", "--port", "$(PORT)")),
              check.CommandLine("d", ("--version",))]
     problems = check.check_command_lines(lines)
     assert len(problems) == 3
     assert problems[0].startswith("a: gateway site serve") and "--metric-port" in problems[0]
-    assert problems[1].startswith("b: ") and "--config" in problems[1]
+    assert problems[1].startswith("b: ") and "--policy" in problems[1]  # a site's flag
     assert problems[2].startswith("c: ") and "invalid int value" in problems[2]
 
 
@@ -180,6 +181,21 @@ def test_embedded_broker_config_and_policy_are_loaded_with_the_gateway_loaders(d
     assert any("broker.yaml" in p and "deadline_secs" in p for p in problems), problems
     assert any("ConfigMap/gateway-site-policy/policy.yaml" in p and "max_rows_per_unit" in p for p in problems)
     assert any("compose/broker.yaml:" in p and "tlss" in p for p in problems), problems
+
+
+def test_server_settings_are_checked_as_each_compose_service_starts_and_in_the_examples(deploy):
+    edit(deploy / "compose.yaml", "      GATEWAY_SITE_TLS_KEY: /etc/gateway/certs/dev-south.key\n", "")
+    edit(deploy / "compose.yaml", "command: [broker, serve, --config, /etc/gateway/broker.yaml]",
+         "command: [broker, serve, --config, /etc/gateway/broker.yaml, --port, '70000']")
+    edit(deploy / "config" / "site.yaml", "metrics_port: 9464", "metrics_prot: 9464")
+    problems = check.check_server_settings(deploy)
+    compose = deploy / "compose.yaml"
+    assert f"{compose}: services/south: {deploy / 'compose' / 'site.yaml'}:4: tls_key: tls_cert and tls_key go " \
+           "together" in problems, problems
+    assert f"{compose}: services/broker: --port: port: should be at most 65535; got 70000" in problems
+    assert any(p.startswith(f"{deploy / 'config' / 'site.yaml'}: ") and "did you mean 'metrics_port'" in p
+               for p in problems)
+    assert len(problems) == 3, problems
 
 
 def test_a_committed_key_or_certificate_is_found(deploy, tmp_path):

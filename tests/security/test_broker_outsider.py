@@ -41,7 +41,8 @@ def _calls(stub):
     return [(stub.Query, pb.QueryRequest(sql="SELECT count(*) FROM patients")),
             (stub.Query, pb.QueryRequest(sql=NESTED)),
             (stub.Query, pb.QueryRequest(sql="SELECT count(*) FROM patients", sites=["nowhere"])),
-            (stub.ListDatasets, pb.ListDatasetsRequest()), (stub.GetBudget, pb.GetBudgetRequest())]
+            (stub.ListDatasets, pb.ListDatasetsRequest()), (stub.GetBudget, pb.GetBudgetRequest()),
+            (stub.Status, pb.StatusRequest())]  # the network's sites and versions are no outsider's business
 
 
 @pytest.mark.parametrize("credentials", ["none", "foreign key", "garbage", "two headers", "stolen token",

@@ -26,6 +26,7 @@ from gateway.errors import (
     PermissionDenied,
     QueryIdConflict,
 )
+from gateway.policy import Source
 from tests.helpers.data import copy_data, exact
 from tests.helpers.policies import dump_policy, example_policy, for_tests, with_column, with_dataset, write_policy
 from tests.helpers.servers import ExactNoise, client, signed
@@ -307,8 +308,30 @@ def test_engine_failure_refunds_the_charge(start_site, token, tmp_path, site_dat
             c.query("SELECT count(*) FROM patients WHERE sex = 'M'", epsilon=0.2, query_id="after-loss")
         assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
         assert c.budget("patients")["spent"][0] == pytest.approx(0.1)
+    queries = site.state.metrics.queries  # the operator's to fix, not counted as a bug
+    assert queries.labels("patients", "failed_precondition")._value.get() == 1
+    assert queries.labels("patients", "error")._value.get() == 0
     record = site.state.ledger.find("onc-test", "after-loss")
     assert record is None  # refunded charges free their query_id for a retry
+
+
+def test_parquet_files_gone_tell_the_caller_to_ask_the_operator_and_the_operator_the_path(
+        start_site, token, tmp_path, site_data, caplog):
+    folder = tmp_path / "registry"
+    folder.mkdir()
+    with duckdb.connect(str(site_data), read_only=True) as con:
+        con.execute(f"COPY patients TO '{folder / 'patients-1.parquet'}' (FORMAT parquet)")
+    policy = with_dataset(for_tests(example_policy(), site_data), "patients",
+                          source=Source(parquet="registry/patients-*.parquet"))
+    site = start_site(policy=dump_policy(policy, tmp_path / "north.yaml"))
+    (folder / "patients-1.parquet").unlink()
+    with client(site, token) as c, pytest.raises(GatewayError) as err:
+        c.query("SELECT count(*) FROM patients WHERE sex = 'M'", epsilon=0.2)
+    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert err.value.message == "data source patients-*.parquet is missing; ask the site operator"
+    logged = [r.getMessage() for r in caplog.records if r.name == "gateway.engine"]
+    assert any(f"{folder / 'patients-*.parquet'} of the policy" in m and "matches no file" in m for m in logged)
+    assert site.state.ledger.total_spent() == 0
 
 
 def test_engine_errors_never_echo_data_values():

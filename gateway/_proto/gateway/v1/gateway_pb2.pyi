@@ -410,12 +410,59 @@ class Budget(_message.Message):
     def __init__(self, dataset: _Optional[str] = ..., project: _Optional[str] = ..., limit: _Optional[float] = ..., spent: _Optional[float] = ..., remaining: _Optional[float] = ..., period: _Optional[str] = ..., resets_at: _Optional[str] = ..., site: _Optional[str] = ..., limit_exact: _Optional[str] = ..., spent_exact: _Optional[str] = ..., remaining_exact: _Optional[str] = ..., population: _Optional[str] = ..., datasets: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetBudgetResponse(_message.Message):
-    __slots__ = ("budgets", "served_by")
+    __slots__ = ("budgets", "served_by", "missing_sites")
     BUDGETS_FIELD_NUMBER: _ClassVar[int]
     SERVED_BY_FIELD_NUMBER: _ClassVar[int]
+    MISSING_SITES_FIELD_NUMBER: _ClassVar[int]
     budgets: _containers.RepeatedCompositeFieldContainer[Budget]
     served_by: str
-    def __init__(self, budgets: _Optional[_Iterable[_Union[Budget, _Mapping]]] = ..., served_by: _Optional[str] = ...) -> None: ...
+    missing_sites: _containers.RepeatedCompositeFieldContainer[MissingSite]
+    def __init__(self, budgets: _Optional[_Iterable[_Union[Budget, _Mapping]]] = ..., served_by: _Optional[str] = ..., missing_sites: _Optional[_Iterable[_Union[MissingSite, _Mapping]]] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ("proofs",)
+    class ProofsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    PROOFS_FIELD_NUMBER: _ClassVar[int]
+    proofs: _containers.ScalarMap[str, str]
+    def __init__(self, proofs: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class SiteStatus(_message.Message):
+    __slots__ = ("site", "health", "version", "latency_seconds", "last_error_reason", "last_error", "last_error_at", "last_ok_at")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_REASON_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_OK_AT_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    health: str
+    version: str
+    latency_seconds: float
+    last_error_reason: str
+    last_error: str
+    last_error_at: str
+    last_ok_at: str
+    def __init__(self, site: _Optional[str] = ..., health: _Optional[str] = ..., version: _Optional[str] = ..., latency_seconds: _Optional[float] = ..., last_error_reason: _Optional[str] = ..., last_error: _Optional[str] = ..., last_error_at: _Optional[str] = ..., last_ok_at: _Optional[str] = ...) -> None: ...
+
+class StatusResponse(_message.Message):
+    __slots__ = ("served_by", "version", "component", "sites")
+    SERVED_BY_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    COMPONENT_FIELD_NUMBER: _ClassVar[int]
+    SITES_FIELD_NUMBER: _ClassVar[int]
+    served_by: str
+    version: str
+    component: str
+    sites: _containers.RepeatedCompositeFieldContainer[SiteStatus]
+    def __init__(self, served_by: _Optional[str] = ..., version: _Optional[str] = ..., component: _Optional[str] = ..., sites: _Optional[_Iterable[_Union[SiteStatus, _Mapping]]] = ...) -> None: ...
 
 class HistoryRequest(_message.Message):
     __slots__ = ("limit", "proofs")

@@ -55,6 +55,11 @@ class GatewayStub:
                 request_serializer=gateway_dot_v1_dot_gateway__pb2.HistoryRequest.SerializeToString,
                 response_deserializer=gateway_dot_v1_dot_gateway__pb2.HistoryResponse.FromString,
                 _registered_method=True)
+        self.Status = channel.unary_unary(
+                '/gateway.v1.Gateway/Status',
+                request_serializer=gateway_dot_v1_dot_gateway__pb2.StatusRequest.SerializeToString,
+                response_deserializer=gateway_dot_v1_dot_gateway__pb2.StatusResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -88,6 +93,13 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Status(self, request, context):
+        """Who serves, at which version; from a broker, each site with its health, version and last error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +122,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.History,
                     request_deserializer=gateway_dot_v1_dot_gateway__pb2.HistoryRequest.FromString,
                     response_serializer=gateway_dot_v1_dot_gateway__pb2.HistoryResponse.SerializeToString,
+            ),
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=gateway_dot_v1_dot_gateway__pb2.StatusRequest.FromString,
+                    response_serializer=gateway_dot_v1_dot_gateway__pb2.StatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +237,33 @@ class Gateway:
             '/gateway.v1.Gateway/History',
             gateway_dot_v1_dot_gateway__pb2.HistoryRequest.SerializeToString,
             gateway_dot_v1_dot_gateway__pb2.HistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gateway.v1.Gateway/Status',
+            gateway_dot_v1_dot_gateway__pb2.StatusRequest.SerializeToString,
+            gateway_dot_v1_dot_gateway__pb2.StatusResponse.FromString,
             options,
             channel_credentials,
             insecure,
