@@ -99,8 +99,13 @@ def _token_key_args(parser: argparse.ArgumentParser) -> None:
                         help="refuse tokens valid for longer than this, exp - iat (e.g. 12h; default 24h)")
 
 
-def _verifier(args: argparse.Namespace) -> Any:
-    """The token verifier a site or broker is started with (both check every call)."""
+def _verifier(args: argparse.Namespace, required_claims: tuple[str, ...] | None = None) -> Any:
+    """The token verifier a site or broker is started with (both check every call).
+
+    ``required_claims``: other claims every token must carry than the default (sub, project, role).
+    """
+    import dataclasses
+
     from .auth import DEV_AUDIENCE, DEV_ISSUER, AuthConfig, Verifier, parse_ttl
 
     if not args.trusted_key and args.jwks is None and args.jwks_url is None:
@@ -109,9 +114,11 @@ def _verifier(args: argparse.Namespace) -> Any:
         max_lifetime = parse_ttl(args.max_token_lifetime)
     except ValueError as err:
         raise UserError(f"--max-token-lifetime: {err}") from None
-    return Verifier(AuthConfig.from_files(args.trusted_key, args.jwks, args.issuer or DEV_ISSUER,
-                                          args.audience or DEV_AUDIENCE, jwks_url=args.jwks_url,
-                                          max_lifetime=max_lifetime))
+    config = AuthConfig.from_files(args.trusted_key, args.jwks, args.issuer or DEV_ISSUER,
+                                   args.audience or DEV_AUDIENCE, jwks_url=args.jwks_url, max_lifetime=max_lifetime)
+    if required_claims is not None:
+        config = dataclasses.replace(config, required_claims=required_claims)
+    return Verifier(config)
 
 
 def metrics_host(host: str, chosen: str | None) -> str:
