@@ -22,12 +22,13 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from .._engine import file_stamp
+from .._scopes import budget_scopes, cap_scope
 from ..audit import Anchor, Verification, verify_lines
-from ..ledger import Scope, Window, read_in_force
-from ..policy import LoadedPolicy, Policy, PolicyFileError, load_policy, window_bounds
-from ..site._statedir import AUDIT, LEDGER
-from ..site.pipeline import budget_scopes
+from ..ledger import Scope, read_in_force
+from ..policy import LoadedPolicy, Policy, PolicyFileError, load_policy
+
+LEDGER, AUDIT = "ledger.sqlite", "audit.jsonl"  # in a site's state dir (gateway.site._statedir, not imported: it
+# would load the site's server and OpenDP into the console)
 
 
 class ConsoleDataError(Exception):
@@ -98,11 +99,9 @@ def budgets(state_dir: Path, policy: Policy, now: datetime) -> list[BudgetRow]:
                     scopes.append((project, dataset.population_name, rule.period, scope))
         for population, names in policy.populations().items():
             cap = policy.population_cap(population)
-            if cap is not None:  # the scope budget_scopes adds to every query on the population
-                start, end = window_bounds(cap.period, policy.period_start, now)
-                scope = Scope(f"population:{population}", names[0], cap.epsilon,
-                              Window(start, end, int(now.timestamp())), shared=True)
-                scopes.append(("", population, cap.period, scope))
+            cap, capped = policy.population_cap(population), cap_scope(policy, names[0], now)
+            if cap is not None and capped is not None:
+                scopes.append(("", population, cap.period, capped))
         states = [(project, population, period, scope, *read_in_force(con, scope))
                   for project, population, period, scope in scopes]
         earliest = min((start for *_, start in states), default=0)
@@ -200,14 +199,14 @@ class PolicyReader:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._stamp = file_stamp(path)
+        self._stamp = _stamp(path)
         self._good: LoadedPolicy = load_policy(path)  # the console does not start on a policy that does not load
         self._problem: str | None = None
 
     def current(self) -> tuple[LoadedPolicy, str | None]:
         """The policy to show and, when the file on disk does not load, why (one line)."""
         with self._lock:
-            stamp = file_stamp(self.path)
+            stamp = _stamp(self.path)
             if stamp != self._stamp:
                 self._stamp = stamp
                 try:
@@ -215,6 +214,15 @@ class PolicyReader:
                 except PolicyFileError as err:
                     self._problem = err.problems[0] if err.problems else "the policy file does not load"
             return self._good, self._problem
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    """(mtime_ns, size) of the file, (0, 0) when missing: a cheap change detector."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return (0, 0)
+    return (stat.st_mtime_ns, stat.st_size)
 
 
 def utc(epoch: float) -> str:

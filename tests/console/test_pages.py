@@ -253,3 +253,25 @@ def test_a_missing_ledger_is_a_503_page_that_says_what_to_check(tmp_path, served
     response = web.get("/budgets")
     assert response.status_code == 503 and "no ledger at" in text(response.text)
     assert web.get("/audit").status_code == 200  # no log yet: an empty, intact trail
+
+
+def test_a_population_cap_is_a_budget_row_over_all_projects(start_site, token, tmp_path, site_data, officer_verifier,
+                                                            officer_token) -> None:
+    from starlette.testclient import TestClient
+
+    from gateway.console import Console, build_app
+    from gateway.console._readers import PolicyReader
+    from tests.console.conftest import run_queries
+    from tests.helpers.policies import write_policy
+
+    policy = write_policy(tmp_path, site_data)
+    dump_policy(with_policy(load_policy(policy).policy,
+                            population_caps={"patients": {"epsilon": Fraction(20), "period": "30d"}}), policy)
+    site = start_site(policy=policy)
+    run_queries(site, token)
+    web = TestClient(build_app(Console(PolicyReader(policy), site.state.state_dir, officer_verifier, None)),
+                     follow_redirects=False)
+    sign_in(web, officer_token())
+    page = text(web.get("/budgets").text)
+    cap = re.search(r"all projects \(cap\) patients \(patients, treatments\) 20 ([\d.]+) ([\d.]+) \S+ \S+ 30d", page)
+    assert cap and (cap.group(1), cap.group(2)) == ("1.3", "18.7")
