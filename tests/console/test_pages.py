@@ -275,3 +275,21 @@ def test_a_population_cap_is_a_budget_row_over_all_projects(start_site, token, t
     page = text(web.get("/budgets").text)
     cap = re.search(r"all projects \(cap\) patients \(patients, treatments\) 20 ([\d.]+) ([\d.]+) \S+ \S+ 30d", page)
     assert cap and (cap.group(1), cap.group(2)) == ("1.3", "18.7")
+
+
+def test_too_many_failed_sign_ins_in_a_minute_are_refused_for_a_while(browse, officer_token) -> None:
+    web = browse()
+    for _ in range(21):
+        assert sign_in(web, "not a token").status_code == 401
+    throttled = sign_in(web, officer_token())
+    assert throttled.status_code == 429 and "Wait a minute" in text(throttled.text)
+    assert web.get("/budgets").status_code == 303
+
+
+def test_a_session_ends_when_its_time_is_up(browse, make_console, officer_token) -> None:
+    from gateway.console._sessions import Sessions
+
+    console = make_console(SignInLinks(), sessions=Sessions(seconds=0))
+    web = browse(console)
+    assert sign_in(web, officer_token()).status_code == 303
+    assert web.get("/budgets").status_code == 303  # expired at once: sign in again
