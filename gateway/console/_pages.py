@@ -14,7 +14,7 @@ from ..guarantee import describe
 from ..policy import Policy
 from ._charts import burn_down
 from ._filters import AuditFilter, BadParameter, paginate
-from ._readers import budgets, utc
+from ._readers import budgets, charged_projects, utc
 from ._sessions import Session
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ class Pages:
         policy = loaded.policy
         return self.render(request, "policy.html", current="policy", policy=policy, path=loaded.path,
                            guarantee=describe(policy), populations=policy.populations(),
-                           projects=project_access(policy))
+                           projects=project_access(policy, charged_projects(self.console.state_dir)))
 
     async def reloads(self, request: Request) -> Response:
         self.signed_in(request)
@@ -94,9 +94,9 @@ def _no_parameters(request: Request, page: str) -> None:
         raise BadParameter(f"the {page} page takes no parameters")
 
 
-def project_access(policy: Policy) -> list[tuple[str, list[tuple[str, Any, Any]]]]:
-    """Each project a rule names literally: per dataset it may query, the rule granting it, the per-query limits."""
-    projects = sorted({r.project for r in policy.budgets if not any(c in r.project for c in "*?[")})
+def project_access(policy: Policy, charged: list[str]) -> list[tuple[str, list[tuple[str, Any, Any]]]]:
+    """Per project a rule names literally, or that has spent: each dataset it may query, its rule and limits."""
+    projects = sorted({r.project for r in policy.budgets if not any(c in r.project for c in "*?[")} | set(charged))
     return [(project, [(name, rule, policy.epsilon_limits(name)) for name in policy.datasets
                        if (rule := policy.budget_rule(project, name)) is not None])
             for project in projects]

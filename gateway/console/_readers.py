@@ -118,6 +118,15 @@ def budgets(state_dir: Path, policy: Policy, now: datetime) -> list[BudgetRow]:
             for project, population, period, scope, state, start in states]
 
 
+def charged_projects(state_dir: Path) -> list[str]:
+    """Every project with a charge that still counts (none when the site has no ledger yet)."""
+    if not (state_dir / LEDGER).is_file():
+        return []
+    with read_only(state_dir / LEDGER) as con:
+        return [str(r[0]) for r in con.execute(
+            "SELECT DISTINCT project FROM charges WHERE status != 'refunded' ORDER BY project")]
+
+
 # -- the audit log -----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -140,16 +149,16 @@ class AuditReader:
         """The log as it is now (see the module)."""
         anchors = self._anchors()
         last_anchor = anchors[-1].seq if anchors else 0
+        key = (_stamp(self.log), len(anchors), last_anchor)  # any edit of the log changes its stamp
+        with self._lock:
+            if self._cached is not None and self._cached[0] == key:
+                return self._cached[1]
         lines = self._lines()
         for _ in range(40):  # a release is anchored in the ledger a moment before its record reaches the log
             if _last_seq(lines) >= last_anchor:
                 break
             time.sleep(0.025)
-            lines = self._lines()
-        key = (len(lines), lines[-1] if lines else "", len(anchors), last_anchor)
-        with self._lock:
-            if self._cached is not None and self._cached[0] == key:
-                return self._cached[1]
+            key, lines = (_stamp(self.log), *key[1:]), self._lines()
         records = tuple(r for r in map(_record, lines) if r is not None)
         snapshot = AuditSnapshot(records, verify_lines(lines, anchors))
         with self._lock:

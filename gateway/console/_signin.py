@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from ..errors import Unauthenticated
+from ..errors import Unauthenticated, Unavailable
 from ._pages import Pages
 from ._readers import utc
 from ._sessions import same_token
@@ -62,6 +62,10 @@ class SignIn:
         assert verifier is not None  # _refused says so without one
         try:
             identity = verifier.verify(f"Bearer {token}")
+        except Unavailable:
+            return self.pages.error(request, 503, "The identity provider cannot be reached",
+                                    "The site's identity provider has not answered yet, so no token can be checked. "
+                                    "Try again in a minute.")
         except Unauthenticated:
             self.console.sessions.failed_sign_in()
             return await self.form(request, 401, "The token is not valid here, or it has expired: get a fresh "

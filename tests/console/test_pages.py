@@ -198,15 +198,16 @@ def test_audit_pages_hold_fifty_records_newest_first(served, browse, officer_tok
 
 
 def test_a_tampered_log_shows_where_the_chain_breaks(served, browse, officer_token) -> None:
+    web = browse()
+    sign_in(web, officer_token())
     served.site.stop(grace=0)
+    assert "Chain intact" in web.get("/audit").text  # read once: the console's copy must not outlive an edit
     log_file = served.state_dir / "audit.jsonl"
     lines = log_file.read_text().splitlines()
     edited = json.loads(lines[1])
     edited["project"] = "someone-else"
     lines[1] = json.dumps(edited, sort_keys=True)
     log_file.write_text("\n".join(lines) + "\n")
-    web = browse()
-    sign_in(web, officer_token())
     page = text(web.get("/audit").text)
     assert "Chain broken at record 2:" in page and "line 2: record was modified" in page
 
