@@ -70,3 +70,39 @@ def test_pages_read_while_the_site_serves_and_charges_without_holding_it_up(serv
         spent = con.execute("SELECT spent FROM spend WHERE scope = 'project:stats:patients'").fetchone()[0]
     assert Fraction(spent) == 40 * Fraction(5, 100)
     assert "Chain intact" in web.get("/audit").text
+
+
+@pytest.mark.slow
+def test_over_tls_the_console_serves_https_with_secure_host_only_cookies(served, keys, tmp_path,
+                                                                         officer_token) -> None:
+    import ssl
+    import subprocess
+
+    import httpx
+
+    from gateway.demo.certs import make_dev_certs
+    from tests.console.conftest import form_token
+    from tests.helpers.cli import GATEWAY, wait_for_port_file
+
+    certs = make_dev_certs(tmp_path / "certs", ["console"])
+    port_file = tmp_path / "port"
+    proc = subprocess.Popen([*GATEWAY, "console", "serve", "--policy", str(served.policy), "--state-dir",
+                             str(served.state_dir), "--port", "0", "--port-file", str(port_file), "--trusted-key",
+                             str(keys[1]), "--tls-cert", str(certs.cert("console")), "--tls-key",
+                             str(certs.key("console"))], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        address = wait_for_port_file(proc, port_file)
+        with httpx.Client(base_url=f"https://{address}", verify=ssl.create_default_context(cafile=certs.ca)) as web:
+            page = web.get("/sign-in")
+            assert page.status_code == 200 and "Secure" in page.headers["set-cookie"]
+            signed = web.post("/sign-in", data={"form_token": form_token(page.text), "token": officer_token()})
+            cookie = signed.headers["set-cookie"]
+            assert signed.status_code == 303 and cookie.startswith("__Host-console_session=") and "Secure" in cookie
+            assert web.get("/budgets").status_code == 200
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://{address}/sign-in", timeout=5)  # no plain HTTP beside it
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=20)
+    assert out.startswith(f"console of site {served.site.state.live.loaded.policy.site} on https://")
+    assert "sign-in link" in out  # loopback: the link is printed too
