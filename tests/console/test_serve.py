@@ -106,3 +106,20 @@ def test_over_tls_the_console_serves_https_with_secure_host_only_cookies(served,
         out, _ = proc.communicate(timeout=20)
     assert out.startswith(f"console of site {served.site.state.live.loaded.policy.site} on https://")
     assert "sign-in link" in out  # loopback: the link is printed too
+
+
+@pytest.mark.timeout(60)  # were the import to succeed, the console would serve until stopped
+def test_without_the_console_extra_the_command_says_how_to_install_it(served, monkeypatch, capsys) -> None:
+    import sys
+
+    from gateway.cli import main
+
+    for name in [m for m in sys.modules if m == "gateway.console" or m.startswith("gateway.console.")]:
+        monkeypatch.delitem(sys.modules, name)
+    for name in [m for m in sys.modules if m == "starlette" or m.startswith("starlette.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if Starlette were not installed
+    monkeypatch.setitem(sys.modules, "starlette", None)
+    code = main(["console", "serve", "--policy", str(served.policy), "--state-dir", str(served.state_dir),
+                 "--port", "0"])
+    assert code == 2
+    assert "gateway console serve needs the console extra: pip install 'gateway[console]'" in capsys.readouterr().err
