@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from ._cli_common import UserError
@@ -211,3 +212,68 @@ def _audit_log(path: Path) -> Path:
     if not log_file.is_file():
         raise UserError(f"no audit log at {log_file}")
     return log_file
+
+
+def console_parser(sub: Any) -> None:
+    """``gateway console serve``: the officer's web console (needs the console extra)."""
+    from ._cli_serve import _token_key_args
+
+    console = sub.add_parser("console", help="the privacy officer's web console").add_subparsers(
+        required=True, metavar="ACTION")
+    serve = console.add_parser("serve", help="serve read-only pages of one site's budgets, audit trail, policy and "
+                                             "reloads (needs the console extra: pip install 'gateway[console]')")
+    serve.add_argument("--policy", type=Path, required=True, help="the policy file the site serves")
+    serve.add_argument("--state-dir", type=Path, required=True,
+                       help="the site's state dir (read only: the console never blocks the running site)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to serve on (default: 127.0.0.1); any other than loopback needs TLS")
+    serve.add_argument("--port", type=int, default=8470, help="port to serve on; 0: any free port (default: 8470)")
+    _token_key_args(serve)
+    serve.add_argument("--tls-cert", type=Path, help="server certificate (PEM) for HTTPS; needed off loopback")
+    serve.add_argument("--tls-key", type=Path, help="the server certificate's private key (PEM)")
+    serve.add_argument("--port-file", type=Path, help="write the bound port here once serving")
+    serve.set_defaults(run=_console_serve, serves=True)
+
+
+def _console_serve(args: argparse.Namespace) -> int:
+    from ._cli_serve import _verifier
+    from .auth import ROLE_CLAIM, parse_ttl
+    from .policy import PolicyFileError
+
+    try:
+        from .console import open_console
+    except ImportError as err:
+        if err.name is None or err.name.split(".")[0] not in ("starlette", "jinja2", "uvicorn", "markupsafe"):
+            raise
+        raise UserError("gateway console serve needs the console extra: pip install 'gateway[console]'") from None
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UserError("--tls-cert and --tls-key go together")
+    tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
+    # the token-key flags as the site's (absent ones are not set at all: their defaults here)
+    keys = SimpleNamespace(trusted_keys=getattr(args, "trusted_keys", ()), jwks=getattr(args, "jwks", None),
+                           jwks_url=getattr(args, "jwks_url", None), issuer=getattr(args, "issuer", None),
+                           audience=getattr(args, "audience", None),
+                           max_token_lifetime=getattr(args, "max_token_lifetime", "24h"))
+    try:
+        parse_ttl(keys.max_token_lifetime)
+    except ValueError as err:
+        raise UserError(f"--max-token-lifetime: {err}") from None
+    given = keys.trusted_keys or keys.jwks is not None or keys.jwks_url is not None
+    verifier = _verifier(keys, required_claims=("sub", ROLE_CLAIM)) if given else None  # officers need no project
+    try:
+        server = open_console(args.policy, args.state_dir, verifier, args.host, args.port, tls)
+    except PolicyFileError as err:
+        raise UserError("invalid policy:\n" + "\n".join(err.problems)) from None
+    except (ValueError, OSError) as err:
+        raise UserError(str(err)) from None
+    site = server.console.policy.current()[0].policy.site
+    print(f"console of site {site} on {server.url}" + ("" if tls else " (plain HTTP, loopback only)"), flush=True)
+    if verifier is None:
+        print("no token keys given: only the one-time sign-in link below signs in", flush=True)
+    link = server.sign_in_link()
+    if link is not None:
+        print(f"one-time sign-in link (works once, for 10 minutes): {link}", flush=True)
+    if args.port_file:
+        args.port_file.write_text(str(server.port))
+    server.serve()
+    return 0

@@ -206,13 +206,21 @@ def _token_key_args(parser: argparse.ArgumentParser) -> None:
                         help="refuse tokens valid for longer than this, exp - iat (e.g. 12h; default 24h)")
 
 
-def _verifier(settings: Any) -> Any:
-    """The token verifier a site or broker is started with (both check every call); settings are checked."""
+def _verifier(settings: Any, required_claims: tuple[str, ...] | None = None) -> Any:
+    """The token verifier a site, broker or console is started with (all check every call); settings are checked.
+
+    ``required_claims``: other claims every token must carry than the default (sub, project, role).
+    """
+    import dataclasses
+
     from .auth import DEV_AUDIENCE, DEV_ISSUER, AuthConfig, Verifier, parse_ttl
 
-    return Verifier(AuthConfig.from_files(list(settings.trusted_keys), settings.jwks, settings.issuer or DEV_ISSUER,
-                                          settings.audience or DEV_AUDIENCE, jwks_url=settings.jwks_url,
-                                          max_lifetime=parse_ttl(settings.max_token_lifetime)))
+    config = AuthConfig.from_files(list(settings.trusted_keys), settings.jwks, settings.issuer or DEV_ISSUER,
+                                   settings.audience or DEV_AUDIENCE, jwks_url=settings.jwks_url,
+                                   max_lifetime=parse_ttl(settings.max_token_lifetime))
+    if required_claims is not None:
+        config = dataclasses.replace(config, required_claims=required_claims)
+    return Verifier(config)
 
 
 def metrics_host(host: str, chosen: str | None) -> str:

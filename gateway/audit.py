@@ -474,6 +474,11 @@ def verify(path: Path, anchors: Iterable[Anchor] | None = None) -> Verification:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
         return Verification(0, f"cannot read {path}: {getattr(err, 'strerror', None) or err}")
+    return verify_lines(lines, anchors)
+
+
+def verify_lines(lines: Iterable[str], anchors: Iterable[Anchor] | None = None) -> Verification:
+    """:func:`verify` over lines already read (the console reads a live log up to its last whole line)."""
     pending = iter(anchors or ())
     anchor = next(pending, None)
     count = matched = 0

@@ -160,7 +160,7 @@ class Verifier:
             return cached
         try:
             claims, key = self._decode(token)
-            identity = Identity(str(claims["sub"]), str(claims[PROJECT_CLAIM]), str(claims[ROLE_CLAIM]),
+            identity = Identity(str(claims["sub"]), str(claims.get(PROJECT_CLAIM, "")), str(claims[ROLE_CLAIM]),
                                 _bound_key(claims), token_hash(token))
         except (jwt.PyJWTError, ValueError, TypeError, OverflowError) as err:
             log.warning("rejected token: %s: %s", type(err).__name__, err)

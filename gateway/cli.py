@@ -24,6 +24,7 @@ from ._cli_officer import (
     _policy_explain,
     _policy_init,
     _policy_schema,
+    console_parser,
 )
 from ._cli_serve import _site_check_config, add_broker_serve, add_site_serve, metrics_host
 from ._version import __version__
@@ -238,6 +239,7 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("--until", default=None, metavar="WHEN", help="only records before WHEN (same forms)")
     tail.add_argument("--json", action="store_true", help="the records as JSON lines, as stored")
     tail.set_defaults(run=_audit_tail)
+    console_parser(sub)
     return parser
 
 

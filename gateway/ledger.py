@@ -565,6 +565,12 @@ def _in_force(con: sqlite3.Connection, scope: Scope) -> tuple[int, int | None]:
     return start, scope.window.end
 
 
+def read_in_force(con: sqlite3.Connection, scope: Scope) -> tuple[BudgetState, int]:
+    """A scope's state and the start of its window in force, read on the caller's (e.g. read-only) connection."""
+    window = _in_force(con, scope)
+    return _state(con, scope, window), window[0]
+
+
 def _state(con: sqlite3.Connection, scope: Scope, window: tuple[int, int | None] | None = None) -> BudgetState:
     start, end = window if window is not None else _in_force(con, scope)
     resets = "" if end is None else datetime.fromtimestamp(end, UTC).isoformat().replace("+00:00", "Z")

@@ -531,6 +531,10 @@ class Policy(_Model):
     """Older spelling of caps, by dataset: a dataset's cap caps its whole population."""
     templates: Mapping[str, Template] = Field(default_factory=dict)
     """Approved, parameterised queries by name."""
+    officer_roles: tuple[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$")], ...] = ("officer",)
+    """Token roles (exact names, no patterns) that may sign in to this site's console (``gateway console
+    serve``), which shows every project's budget, the audit trail, the policy and its reloads. An
+    empty list lets no token in (the one-time sign-in link printed at a loopback start still works)."""
 
     @field_validator("period_start", mode="after")
     @classmethod

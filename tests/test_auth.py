@@ -566,3 +566,21 @@ def test_authorization_header_of_metadata(metadata: list[tuple[str, str]], expec
 def test_two_authorization_headers_are_refused(values: tuple[str, str]) -> None:
     with pytest.raises(Unauthenticated, match="send one authorization header"):
         authorization_header([("authorization", v) for v in values])
+
+
+def test_a_verifier_that_does_not_require_a_project_accepts_a_token_without_one(keys) -> None:
+    import dataclasses
+
+    from cryptography.hazmat.primitives import serialization
+
+    from gateway.auth import ROLE_CLAIM, AuthConfig, Verifier
+    from gateway.errors import Unauthenticated
+    from tests.helpers.tokens import DROP, claims, sign
+
+    private = serialization.load_pem_private_key(keys[0].read_bytes(), password=None)
+    officer = sign(private, payload=claims(role="officer", project=DROP))
+    relaxed = Verifier(dataclasses.replace(AuthConfig.from_files([keys[1]]), required_claims=("sub", ROLE_CLAIM)))
+    identity = relaxed.verify(f"Bearer {officer}")
+    assert (identity.subject, identity.project, identity.role) == ("alice", "", "officer")
+    with pytest.raises(Unauthenticated):
+        Verifier(AuthConfig.from_files([keys[1]])).verify(f"Bearer {officer}")  # the site's: a project is required

@@ -130,7 +130,7 @@ def test_to_fraction_rejects_non_numbers(value: object) -> None:
 @pytest.mark.parametrize(("name", "text", "expected"), [
     ("extra_top", BASE + "bogus: 1\n",
      ["22: bogus: unknown key 'bogus'; known keys here: accounting, budgets, dataset_caps, "
-      "datasets, epsilon, period_start, population_caps, site, suppression, templates"]),
+      "datasets, epsilon, officer_roles, period_start, population_caps, site, suppression, templates"]),
     ("extra_column", BASE.replace("        keys: [F, M]\n", "        keys: [F, M]\n        colour: red\n"),
      ["17: datasets.patients.columns.sex.colour: unknown key 'colour'; known keys here: bins, bounds, description, "
       "keys, other_groups, precision, roles, type"]),
@@ -209,7 +209,7 @@ def test_to_fraction_rejects_non_numbers(value: object) -> None:
     ("several_problems", BASE.replace("default: 0.5", "default: 2") + "bogus: 1\n",
      ["2: epsilon: need 0 < default <= max",
       "22: bogus: unknown key 'bogus'; known keys here: accounting, budgets, dataset_caps, datasets, "
-      "epsilon, period_start, population_caps, site, suppression, templates"]),
+      "epsilon, officer_roles, period_start, population_caps, site, suppression, templates"]),
 ])
 def test_broken_policy_lines(tmp_path: Path, name: str, text: str, expected: list[str]) -> None:
     path = write(tmp_path, text, f"{name}.yaml")
@@ -539,3 +539,17 @@ def test_resolve_template_on_a_policy_without_templates(tmp_path: Path) -> None:
     policy = load_policy(write(tmp_path, BASE)).policy
     with pytest.raises(NotFound, match=r"^unknown template 'x'; your templates here: none$"):
         resolve_template(policy, "x", {}, "p")
+
+
+def test_officer_roles_are_exact_names_never_patterns(tmp_path) -> None:
+    from tests.helpers.policies import dump_policy, example_policy
+
+    path = dump_policy(example_policy(), tmp_path / "p.yaml")
+    assert load_policy(path).policy.officer_roles == ("officer",)  # the default
+    for bad in ("['*']", "['off*']", "['']", "officer"):
+        path.write_text(path.read_text() + f"officer_roles: {bad}\n")
+        with pytest.raises(PolicyFileError, match="officer_roles"):
+            load_policy(path)
+        path = dump_policy(example_policy(), tmp_path / "p.yaml")
+    path.write_text(path.read_text() + "officer_roles: []\n")
+    assert load_policy(path).policy.officer_roles == ()

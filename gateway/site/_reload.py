@@ -18,6 +18,7 @@ from typing import Protocol
 
 from .._engine import Engine, file_stamp
 from .._logging import event
+from .._scopes import cap_scope
 from ..audit import AuditLog
 from ..errors import GatewayError
 from ..ledger import BudgetState, Ledger
@@ -25,7 +26,7 @@ from ..metrics import SiteMetrics
 from ..policy import LoadedPolicy, Policy, PolicyFileError, load_policy
 from ..render import diff
 from ..templates import validate_templates
-from .pipeline import cap_scope, configured_budgets
+from .pipeline import configured_budgets
 
 log = logging.getLogger("gateway.site")
 RETIRE_SECONDS = 30.0
@@ -73,7 +74,7 @@ def configured_caps(ledger: Ledger, policy: Policy, now: datetime) -> list[tuple
     """Every population cap the policy sets, as it stands in the ledger: (population, state)."""
     found = []
     for population, datasets in policy.populations().items():
-        scope = cap_scope(policy, population, datasets[0], now)
+        scope = cap_scope(policy, datasets[0], now)
         if scope is not None:
             found.append((population, ledger.state(scope)))
     return found

@@ -25,6 +25,7 @@ from fractions import Fraction
 from .._engine import Engine, product_of_keys
 from .._mechanisms import Noise, plan_query, predicted, release
 from .._proto.gateway.v1 import gateway_pb2 as pb
+from .._scopes import budget_scopes
 from .._sqlfront import parse_sql
 from .._wire import from_structured, rows_to_wire, to_scalar
 from ..aggregates import kind_of
@@ -38,8 +39,8 @@ from ..errors import (
     QueryIdConflict,
     Unavailable,
 )
-from ..ledger import BudgetState, Ledger, QueryIdInUse, Scope, Window
-from ..policy import BudgetRule, Dataset, Policy, to_fraction, window_bounds, window_of_index
+from ..ledger import BudgetState, Ledger, QueryIdInUse, Scope
+from ..policy import BudgetRule, Dataset, Policy, to_fraction, window_of_index
 from ..query import Query, check_query
 from ..templates import resolve_template
 
@@ -131,31 +132,6 @@ def may_query(policy: Policy, identity: Identity, dataset: str) -> BudgetRule:
         usable = usable_datasets(policy, identity)
         raise NotFound(f"unknown dataset {dataset!r}; you may query: {', '.join(usable) or 'no dataset at this site'}")
     return access_rule(policy, identity, dataset)
-
-
-def budget_scopes(policy: Policy, project: str, dataset: str, rule: BudgetRule, now: datetime) -> tuple[Scope, ...]:
-    """The budgets a query on ``dataset`` draws on.
-
-    The project's budget on the dataset's population (every dataset describing the same patients
-    draws on it), and the population's cap over all projects, if the policy sets one.
-    """
-    population = policy.datasets[dataset].population_name
-    at = int(now.timestamp())
-    start, end = window_bounds(rule.period, policy.period_start, now)
-    scopes = [Scope(f"project:{project}:{population}", dataset, rule.epsilon, Window(start, end, at),
-                    f"project {project!r} on population {population!r}")]
-    cap = cap_scope(policy, population, dataset, now)
-    return tuple(scopes) if cap is None else (*scopes, cap)
-
-
-def cap_scope(policy: Policy, population: str, dataset: str, now: datetime) -> Scope | None:
-    """The population's cap over all projects as a ledger scope (None without a cap)."""
-    cap = policy.population_cap(population)
-    if cap is None:
-        return None
-    start, end = window_bounds(cap.period, policy.period_start, now)
-    return Scope(f"population:{population}", dataset, cap.epsilon, Window(start, end, int(now.timestamp())),
-                 f"all projects on population {population!r} (site-wide cap)", shared=True)
 
 
 def requested_epsilon(request: pb.QueryRequest, policy: Policy, dataset: str, kinds: Sequence[str] = ()) -> Fraction:
