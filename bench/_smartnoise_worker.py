@@ -17,7 +17,6 @@ keep SmartNoise's sensitivity, so the privacy and the work are unchanged.
 
 import json
 import re
-import resource
 import sys
 import time
 
@@ -81,7 +80,9 @@ def main():
             rows = reader.execute(request["sql"])
             reply = {"rows": [list(r) for r in rows[1:]], "seconds": time.perf_counter() - start}
         elif op == "memory":
-            reply = {"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            # VmHWM, not ru_maxrss: that keeps the parent's high-water mark across exec
+            status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
+            reply = {"peak_bytes": int(status["VmHWM"].split()[0]) * 1024}
         else:
             reply = {"error": f"unknown op {op!r}"}
         print(json.dumps(reply, default=float), flush=True)
