@@ -358,7 +358,7 @@ def main() -> int:
     parser.add_argument("--epsilon", type=float, default=1.0, help="the epsilon at every size")
     parser.add_argument("--epsilons", type=float, nargs="+", default=[0.1, 0.3, 1.0],
                         help="the epsilons of the smallest size (accuracy against epsilon)")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 20,000 rows, 3 repeats")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 20,000 rows, 2 repeats")
     parser.add_argument("--no-context", action="store_true")
     parser.add_argument("--no-smartnoise", action="store_true")
     parser.add_argument("--workdir", type=Path, default=WORK)
@@ -370,7 +370,7 @@ def main() -> int:
         _probe(args.probe, args.probe_data)
         return 0
     if args.quick:
-        args.rows, args.repeats, args.epsilons = [20_000], 3, [0.3, 1.0]
+        args.rows, args.repeats, args.epsilons = [20_000], 2, [0.3, 1.0]
     args.workdir.mkdir(parents=True, exist_ok=True)
     sizes = [measure(rows, args) for rows in args.rows]
     write_json(args.out, {"kind": "smoke" if args.quick else "full", "repeats": args.repeats, "sizes": sizes})
