@@ -81,7 +81,8 @@ def main():
             reply = {"rows": [list(r) for r in rows[1:]], "seconds": time.perf_counter() - start}
         elif op == "memory":
             # VmHWM, not ru_maxrss: that keeps the parent's high-water mark across exec
-            status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
+            with open("/proc/self/status") as f:
+                status = dict(line.split(":", 1) for line in f.read().splitlines())
             reply = {"peak_bytes": int(status["VmHWM"].split()[0]) * 1024}
         else:
             reply = {"error": f"unknown op {op!r}"}

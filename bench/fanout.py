@@ -156,7 +156,7 @@ def serve_standins(count: int, delay: float, answer: Path, port_file: Path) -> N
         def __init__(self, name: str) -> None:
             self.name = name
 
-        async def Query(self, request: pb.QueryRequest, context: Any) -> pb.QueryResponse:  # noqa: N802
+        async def Query(self, request: pb.QueryRequest, context: Any) -> pb.QueryResponse:
             await asyncio.sleep(delay)  # a remote site's time: no CPU here
             response = pb.QueryResponse()
             response.CopyFrom(template)

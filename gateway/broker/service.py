@@ -32,7 +32,7 @@ from .._logging import event
 from .._proto.gateway.v1 import gateway_pb2 as pb
 from .._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from .._server import drain_then_stop, make_server, target_of
-from .._sqlfront import parse_sql
+from .._sqlfront import parse_sql_cached
 from .._transport import Tls, open_channel
 from .._wire import to_structured
 from ..auth import Verifier, authorization_header
@@ -179,7 +179,7 @@ class BrokerService(pb_grpc.GatewayServicer):
             if request.WhichOneof("body") == "sql":
                 # a caller's SQL mistake is answered once here, not by every site; the sites get the SQL
                 # as the caller signed it
-                parsed = parse_sql(request.sql)
+                parsed = parse_sql_cached(request.sql)
                 shape = pb.QueryRequest(dry_run=request.dry_run, structured=to_structured(parsed))
                 output_names = dict(parsed.names)
         except GatewayError as err:

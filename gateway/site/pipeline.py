@@ -25,7 +25,7 @@ from fractions import Fraction
 from .._engine import Engine, product_of_keys
 from .._mechanisms import Noise, plan_query, predicted, release
 from .._proto.gateway.v1 import gateway_pb2 as pb
-from .._sqlfront import parse_sql
+from .._sqlfront import parse_sql_cached
 from .._wire import from_structured, rows_to_wire, to_scalar
 from ..aggregates import kind_of
 from ..auth import Identity
@@ -82,7 +82,7 @@ def parse(request: pb.QueryRequest, policy: Policy, identity: Identity) -> Query
     if body == "structured":
         return from_structured(request.structured)
     if body == "sql":
-        return parse_sql(request.sql)
+        return parse_sql_cached(request.sql)
     if body == "template":
         template = policy.templates.get(request.template.name)
         params: dict[str, object] = {k: to_scalar(v) for k, v in request.template.params.items()}
