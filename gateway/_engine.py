@@ -355,8 +355,8 @@ class Engine:
         params: list[object] = []
         exprs = []
         for n in names:  # the unclamped expression binds no parameters; then the two bounds
-            exprs.append(f"count(*) FILTER (WHERE {_fixed_point(n, dataset.columns[n], params, clamp=False)} "
-                         "NOT BETWEEN ? AND ?)")
+            # compared before any cast: an infinite or huge value counts as outside instead of failing
+            exprs.append(f"count(*) FILTER (WHERE {_fixed_value(n, dataset.columns[n])} NOT BETWEEN ? AND ?)")
             params += list(dataset.columns[n].fixed_bounds)
         row = self._con.execute(f"SELECT {', '.join(exprs)} FROM {relation}", params).fetchone()
         return frozenset(n for n, outside in zip(names, row or (), strict=False) if outside == 0)
@@ -545,17 +545,21 @@ def _fixed_point(name: str, column: Column, params: list[object], clamp: bool = 
     where Python rounds half to even: clamping before rounding once let a row add one unit more).
     """
     low, high = column.fixed_bounds
-    if column.type == "integer" and column.scale_digits == 0:
-        # integers at unit precision are already fixed-point: clamping alone (about 4x faster)
-        value = quote(name)
-    else:
-        # |bounds| <= 2^31 (policy check), so these are exact integers in a double
-        value = f"round(CAST({quote(name)} AS DOUBLE) * {column.unit})"
+    value = _fixed_value(name, column)
     if not clamp:  # every value is known to lie within [low, high] (Engine._within_bounds): the same number
         return f"CAST({value} AS BIGINT)"
     params += [low, low, high, high]
     # CASE rather than least/greatest: same result, about twice as fast in DuckDB
     return f"CAST(CASE WHEN {value} < ? THEN ? WHEN {value} > ? THEN ? ELSE {value} END AS BIGINT)"
+
+
+def _fixed_value(name: str, column: Column) -> str:
+    """The value scaled to fixed point and rounded, not yet clamped nor cast."""
+    if column.type == "integer" and column.scale_digits == 0:
+        # integers at unit precision are already fixed-point: clamping alone (about 4x faster)
+        return quote(name)
+    # |bounds| <= 2^31 (policy check), so these are exact integers in a double
+    return f"round(CAST({quote(name)} AS DOUBLE) * {column.unit})"
 
 
 def _cohort_sql(f: Filter, source: tuple[str, str], params: list[object]) -> str:
