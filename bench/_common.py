@@ -2,7 +2,7 @@
 
 Data comes from ``gateway.demo.synth`` (the demo's generator) and is cached under the work folder
 (``bench/work/``, ignored by git). The benchmark policy is the demo's ``north`` policy with one
-budget for the project ``bench`` large enough for any run and no population cap, written next to
+budget for the projects ``bench*`` large enough for any run and no population cap, written next to
 the data; every query goes through the same checks, ledger, audit and noise as in production.
 """
 
@@ -54,7 +54,7 @@ def dataset(rows: int, workdir: Path = WORK, site: str = "north", seed: int = 1)
 
 
 def bench_policy(data: Path, out: Path, site: str = "north") -> Path:
-    """The demo's north policy over ``data``: a budget for project ``bench`` that no run exhausts, epsilon up to 10."""
+    """The demo's north policy over ``data``: for projects ``bench*`` a budget no run exhausts, epsilon up to 10."""
     policy = yaml.safe_load((POLICIES / "north.yaml").read_text())
     policy["site"] = site
     policy["epsilon"]["max"] = 10  # room for the benchmark's epsilon and its per-query perturbation
@@ -62,7 +62,7 @@ def bench_policy(data: Path, out: Path, site: str = "north") -> Path:
         ds["source"]["database"] = str(data)
         if "epsilon" in ds:
             ds["epsilon"]["max"] = 10
-    policy["budgets"] = [{"project": PROJECT, "datasets": ["*"], "epsilon": 100_000_000, "period": "never"}]
+    policy["budgets"] = [{"project": f"{PROJECT}*", "datasets": ["*"], "epsilon": 100_000_000, "period": "never"}]
     policy.pop("population_caps", None)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(policy, sort_keys=False))
@@ -77,9 +77,9 @@ class Keys:
     public: Path
     proof: ProofKey
 
-    def token(self) -> str:
-        """A token for project ``bench``, bound to :attr:`proof`."""
-        return mint_dev_token(self.private.read_bytes(), PROJECT, PROJECT, proof_jkt=self.proof.jkt)
+    def token(self, project: str = PROJECT) -> str:
+        """A token for ``project`` (``bench`` or ``bench-...``), bound to :attr:`proof`."""
+        return mint_dev_token(self.private.read_bytes(), PROJECT, project, proof_jkt=self.proof.jkt)
 
 
 def keys(workdir: Path = WORK) -> Keys:

@@ -7,8 +7,9 @@ same total epsilon per query:
 
 - raw DuckDB: the query itself on the file, no privacy (the physical limit, and the exact answer);
 - our site: a real ``gateway site serve`` process, end to end over gRPC from a :class:`Client`
-  (token, proof of possession, policy checks, durable ledger charge, audit, OpenDP noise); every
-  query is distinct (its epsilon differs in the ninth decimal), so none is a stored answer;
+  (token, proof of possession, policy checks, durable ledger charge, audit, OpenDP noise); each
+  round asks as another project (``bench-<round>``), so every query is new to the site (answered
+  and charged, never a stored answer) while its text and epsilon repeat, as a researcher's do;
 - OpenDP's polars ``Context`` on the same rows loaded into polars;
 - SmartNoise SQL in its own environment (``bench/work/smartnoise-venv``, made on first use) over
   the same DuckDB file (see ``bench/_smartnoise_worker.py``); reported unavailable if it cannot be
@@ -136,7 +137,7 @@ class Raw:
 class Site:
     name = "our site"
 
-    def __init__(self, data: Path, workdir: Path) -> None:
+    def __init__(self, data: Path, workdir: Path, rounds: int) -> None:
         from gateway.client import Client
 
         k = keys(workdir)
@@ -144,12 +145,16 @@ class Site:
         start = time.perf_counter()
         self.proc, port = start_site(policy, k.public, workdir / "state" / data.stem)
         self.load_s = time.perf_counter() - start
-        self.client = Client(f"127.0.0.1:{port}", token=k.token(), proof_key=k.proof)
+        # one researcher (project) per round: each round's query is new to the site, so it is answered
+        # and charged, never a stored answer, while text and epsilon repeat as a researcher's do
+        self.clients = [Client(f"127.0.0.1:{port}", token=k.token(f"bench-{r}"), proof_key=k.proof)
+                        for r in range(rounds)]
+        for client in self.clients:
+            client.budget()  # connected, and the token verified once, as for a researcher at work
 
-    def run(self, case: Case, epsilon: float, i: int) -> tuple[list[float], float, float | None]:
+    def run(self, case: Case, epsilon: float, r: int) -> tuple[list[float], float, float | None]:
         start = time.perf_counter()
-        # a distinct canonical query each time (epsilon differs in the ninth decimal): never a stored answer
-        result = self.client.query(case.gateway, epsilon=epsilon + i * 1e-9)
+        result = self.clients[r].query(case.gateway, epsilon=epsilon)
         seconds = time.perf_counter() - start
         rows = result.response.rows
         if case.keys:
@@ -165,7 +170,8 @@ class Site:
         return _vm_hwm(self.proc.pid)
 
     def close(self) -> None:
-        self.client.close()
+        for client in self.clients:
+            client.close()
         stop(self.proc)
 
 
@@ -268,7 +274,7 @@ def measure(rows: int, args: argparse.Namespace) -> dict[str, Any]:
     cases = _cases()
     systems: list[Any] = [Raw(data)]
     unavailable: dict[str, str] = {}
-    makers: list[tuple[str, Callable[[], Any]]] = [("our site", lambda: Site(data, args.workdir))]
+    makers: list[tuple[str, Callable[[], Any]]] = [("our site", lambda: Site(data, args.workdir, args.repeats + 1))]
     if not args.no_context:
         makers.append(("OpenDP Context", lambda: OpenDPContext(data)))
     if not args.no_smartnoise:
@@ -285,15 +291,13 @@ def measure(rows: int, args: argparse.Namespace) -> dict[str, Any]:
     times: dict[tuple[str, str], list[float]] = {}
     errors: dict[tuple[str, str, float], list[float]] = {}
     reported: dict[tuple[str, str], list[float]] = {}
-    i = 0
     try:
         for epsilon in epsilons:
-            for _ in range(args.repeats + 1):  # the first round warms up and is not counted
+            for r in range(args.repeats + 1):  # the first round warms up and is not counted
                 for case in cases:
                     for system in systems:  # round robin: drift hits every system alike
-                        i += 1
-                        vector, seconds, std_error = system.run(case, epsilon, i)
-                        if _ == 0:
+                        vector, seconds, std_error = system.run(case, epsilon, r)
+                        if r == 0:
                             continue
                         times.setdefault((system.name, case.name), []).append(seconds)
                         errors.setdefault((system.name, case.name, epsilon), []).extend(

@@ -5,8 +5,9 @@ One command: ``uv run --group bench python bench/fanout.py`` (``--quick`` for a 
 1. Throughput: 1, 8 and 32 concurrent clients (threads, one :class:`Client` each) for
    ``--seconds`` against one real site over ``--rows`` patients (1M), and against a real broker
    over 4 real sites (``--broker-patients`` each); queries per second and latency percentiles.
-   Every query is distinct (its epsilon differs), so none is a stored answer. Raw DuckDB with the
-   same threads and queries gives the machine's ceiling.
+   Each client is a project of its own whose every query is new (a filter value and epsilon it has
+   not asked before), so none is a stored answer. Raw DuckDB with the same threads and queries
+   gives the machine's ceiling.
 2. Broker overhead: stand-in sites, small asyncio gRPC servers in one separate process that
    answer after a fixed ``--delay-ms`` without using CPU (as remote machines would), each with a
    real site's answer to the same query (so the broker's validation and pooling do their full
@@ -42,9 +43,16 @@ SQL = "SELECT stage, count(*) FROM patients WHERE age_at_diagnosis >= {a} GROUP 
 STANDIN_SQL = "SELECT stage, count(*) FROM patients GROUP BY stage"
 
 
-def load(make_client: Callable[[], Client], clients: int, seconds: float, sign: int) -> dict[str, Any]:
-    """``clients`` threads querying for ``seconds``: queries/s, errors, latency percentiles."""
-    pool = [make_client() for _ in range(clients)]
+def load(make_client: Callable[[str], Client], clients: int, seconds: float, run: int) -> dict[str, Any]:
+    """``clients`` threads querying for ``seconds``: queries/s, errors, latency percentiles.
+
+    ``make_client(suffix)`` gives a client of its own project (``...-<run>-<worker>``): each
+    worker is a researcher whose every query is new to the sites (a filter value and an epsilon
+    not asked before by that project), so each is answered and charged.
+    """
+    pool = [make_client(f"{run}-{w}") for w in range(clients)]
+    for client in pool:
+        client.budget()  # connected and the token verified before the clock starts
     done = threading.Event()
     latencies: list[list[float]] = [[] for _ in range(clients)]
     errors = [0] * clients
@@ -55,7 +63,7 @@ def load(make_client: Callable[[], Client], clients: int, seconds: float, sign: 
             i += 1
             start = time.perf_counter()
             try:
-                pool[w].query(SQL.format(a=18 + i % 80), epsilon=1e-3 + sign * 1e-5 + w * 1e-7 + i * 1e-12)
+                pool[w].query(SQL.format(a=18 + i % 80), epsilon=1e-3 * (1 + i // 80))
                 latencies[w].append(time.perf_counter() - start)
             except Exception:  # counted, not hidden
                 errors[w] += 1
@@ -104,9 +112,8 @@ def site_throughput(args: argparse.Namespace) -> dict[str, Any]:
     proc, port = start_site(bench_policy(data, args.workdir / "policies" / f"fanout-{data.stem}.yaml"), k.public,
                             args.workdir / "state" / f"fanout-{data.stem}")
     try:
-        token = k.token()
-        runs = [load(lambda: Client(f"127.0.0.1:{port}", token=token, proof_key=k.proof), n, args.seconds, i)
-                for i, n in enumerate(args.clients)]
+        runs = [load(lambda p: Client(f"127.0.0.1:{port}", token=k.token(f"bench-{p}"), proof_key=k.proof), n,
+                     args.seconds, i) for i, n in enumerate(args.clients)]
     finally:
         stop(proc)
     for run in runs:
@@ -127,9 +134,9 @@ def broker_throughput(args: argparse.Namespace) -> dict[str, Any]:
     try:
         assert net.broker is not None
         token, proof = net.token(project="onc-bench"), ProofKey.load(net.proof_key)
-        names = list(net.sites)
-        runs = [load(lambda: Client(net.broker.target, token=token, proof_key=proof, sign_for=names), n,  # type: ignore[union-attr]
-                     args.seconds, 100 + i) for i, n in enumerate(args.clients)]
+        names, target = list(net.sites), net.broker.target
+        runs = [load(lambda p: Client(target, token=net.token(project=f"onc-bench-{p}"), proof_key=proof,
+                                      sign_for=names), n, args.seconds, i) for i, n in enumerate(args.clients)]
         with Client(next(iter(net.sites.values())).target, token=token, proof_key=proof) as direct:
             captured = direct.query(STANDIN_SQL, epsilon=0.5).response
     finally:
