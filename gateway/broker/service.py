@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +33,7 @@ from .._proto.gateway.v1 import gateway_pb2 as pb
 from .._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from .._server import drain_then_stop, make_server, target_of
 from .._sqlfront import parse_sql_cached
-from .._transport import Tls, open_channel
+from .._transport import Tls
 from .._wire import to_structured
 from ..auth import Verifier, authorization_header
 from ..errors import (
@@ -50,6 +50,7 @@ from ..errors import (
 )
 from ..metrics import BrokerMetrics
 from ..proof import ANY_SERVER, ProofChecker, check_possession
+from ._fanout import Fanout
 from ._validate import invalid_answers
 from .config import BrokerConfig
 from .pooling import dataset_differences, pool
@@ -83,14 +84,11 @@ class BrokerService(pb_grpc.GatewayServicer):
     def __init__(self, config: BrokerConfig, metrics: BrokerMetrics, verifier: Verifier) -> None:
         self.config, self.metrics, self.verifier = config, metrics, verifier
         self._proofs = ProofChecker()
-        self._channels = {s.name: open_channel(s.address, s.tls, max_receive=SITE_ANSWER_MAX,
-                                               reconnect_seconds=config.reconnect_seconds) for s in config.sites}
-        self._stubs = {name: pb_grpc.GatewayStub(channel) for name, channel in self._channels.items()}
+        self._fanout = Fanout(config.sites, SITE_ANSWER_MAX, config.reconnect_seconds)
 
     def close(self) -> None:
         """Close the channels to the sites, ending any call still in flight."""
-        for channel in self._channels.values():
-            channel.close()
+        self._fanout.close()
 
     def _authenticate(self, context: grpc.ServicerContext, request: Any, names: Sequence[str]) -> None:
         """Verify the caller's token, and that it holds the token's key, before any work.
@@ -215,14 +213,16 @@ class BrokerService(pb_grpc.GatewayServicer):
         remaining = context.time_remaining()
         timeout = min(self.config.deadline_seconds, remaining) if remaining is not None else \
             self.config.deadline_seconds
-        # asynchronous calls, not a thread each: every call ends by its own deadline however many
-        # queries wait on a silent site, and all of them end when the caller goes
-        calls = {name: getattr(self._stubs[name], method).future(_for_site(request, name), metadata=metadata,
-                                                                  timeout=timeout)
-                 for name in names}
-        if not context.add_callback(lambda: _cancel(calls.values())):
-            _cancel(calls.values())  # the caller had gone already
-        outcomes = [_outcome(name, call) for name, call in calls.items()]
+        # asynchronous calls on one loop (._fanout), not a thread each: every call ends by its own
+        # deadline however many queries wait on a silent site, and all of them end when the caller goes
+        calls = self._fanout.call(method, {name: _for_site(request, name) for name in names}, metadata, timeout)
+        if not context.add_callback(calls.cancel):
+            calls.cancel()  # the caller had gone already
+        try:
+            results = calls.result()
+        except futures.CancelledError:
+            results = [(name, None, futures.CancelledError()) for name in names]
+        outcomes = [_outcome(name, response, error) for name, response, error in results]
         if check is not None:
             outcomes = check(outcomes)
         for outcome in outcomes:
@@ -290,28 +290,23 @@ def _for_site(request: Any, site: str) -> Any:
     return forwarded
 
 
-def _outcome(site: str, call: grpc.Future) -> _Outcome:
-    """How one site's call ended (waits for it: each call has its deadline)."""
-    try:
-        return _Outcome(site, call.result())
-    except grpc.FutureCancelledError:
-        return _Outcome(site, error=Unavailable("the call was cancelled: the caller has gone"), label="cancelled")
-    except grpc.RpcError as err:
-        error = error_from_rpc(err)
+def _outcome(site: str, response: Any | None, failure: BaseException | None) -> _Outcome:
+    """How one site's call ended: its response, or the error or cancellation that ended it."""
+    if failure is None:
+        return _Outcome(site, response)
+    if isinstance(failure, grpc.RpcError):
+        error = error_from_rpc(failure)
         if isinstance(error, ProofRequired):  # the site answers to another name than the broker knows it by
             error = FailedPrecondition(f"the site expects proofs addressed to {', '.join(error.sites)}; the "
                                        "broker's configuration must name it so")
-        return _Outcome(site, error=error, label=err.code().name.lower())
+        return _Outcome(site, error=error, label=failure.code().name.lower())
+    return _Outcome(site, error=Unavailable("the call was cancelled: the caller has gone"), label="cancelled")
+
 
 def _agreed_names(answered: Sequence[_Outcome]) -> dict[str, str]:
     """The output names every answering site reports (a template's aliases, which only sites can read)."""
     names = [dict(o.response.names) for o in answered]
     return names[0] if all(n == names[0] for n in names) else {}
-
-
-def _cancel(calls: Iterable[grpc.Future]) -> None:
-    for call in calls:
-        call.cancel()
 
 
 def _poolable(outcomes: list[_Outcome], request: pb.QueryRequest) -> list[_Outcome]:
