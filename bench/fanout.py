@@ -12,7 +12,9 @@ One command: ``uv run --group bench python bench/fanout.py`` (``--quick`` for a 
    answer after a fixed ``--delay-ms`` without using CPU (as remote machines would), each with a
    real site's answer to the same query (so the broker's validation and pooling do their full
    work); a real ``gateway broker serve`` over 1, 2, 4 ... 64 of them. Overhead = the broker's
-   median latency - the delay; also shown: one stand-in called directly (the client's own cost).
+   median latency - the delay; also shown: one stand-in called directly (the client's own cost),
+   and the CPU time per query of the broker and of the stand-ins (on a small machine the
+   stand-ins' own gRPC work in Python competes with the broker's and is part of its latency).
 
 Writes ``bench/results/fanout.json``.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -184,6 +187,12 @@ def serve_standins(count: int, delay: float, answer: Path, port_file: Path) -> N
     asyncio.run(run())
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU time a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _spawn(args: list[str], port_file: Path) -> subprocess.Popen[bytes]:
     port_file.unlink(missing_ok=True)
     proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -218,7 +227,10 @@ def broker_overhead(args: argparse.Namespace) -> list[dict[str, Any]]:
             with Client(target, token=token, proof_key=k.proof, sign_for=names) as via, \
                     Client(f"127.0.0.1:{ports[0]}", token=token, proof_key=k.proof, sign_for=names[:1]) as one:
                 b_times, d_times = [], []
+                cpu_before: dict[str, float] = {}
                 for i in range(args.repeats + 3):
+                    if i == 3:  # after the warm-up: connections made, lazy imports done
+                        cpu_before = {"broker": _cpu_seconds(broker.pid), "standins": _cpu_seconds(standins.pid)}
                     start = time.perf_counter()
                     one.query(STANDIN_SQL, epsilon=0.5, query_id=f"d-{i}")
                     d = time.perf_counter() - start
@@ -231,19 +243,27 @@ def broker_overhead(args: argparse.Namespace) -> list[dict[str, Any]]:
                     if i >= 3:
                         b_times.append(b)
                         d_times.append(d)
+                queries = args.repeats
+                cpu = {"broker_cpu_ms_per_query": (_cpu_seconds(broker.pid) - cpu_before["broker"]) / queries * 1000,
+                       # the stand-ins' own CPU (gRPC in Python), which real remote sites would spend elsewhere;
+                       # it includes the direct calls, one per query
+                       "standins_cpu_ms_per_query": (_cpu_seconds(standins.pid) - cpu_before["standins"])
+                       / queries * 1000}
         finally:
             for proc in (broker, standins):
                 if proc is not None:
                     stop(proc)
         b_lat, d_lat = percentiles(b_times), percentiles(d_times)
-        row = {"sites": count, "delay_ms": args.delay_ms, "broker": b_lat, "direct_standin": d_lat,
+        row = {"sites": count, "delay_ms": args.delay_ms, "broker": b_lat, "direct_standin": d_lat, **cpu,
                "overhead_ms": b_lat["median_ms"] - args.delay_ms,
                "overhead_over_direct_ms": b_lat["median_ms"] - d_lat["median_ms"],
                "target_ms": 2 + 0.1 * count}
         rows.append(row)
         print(f"broker over {count:>2} stand-ins ({args.delay_ms:g} ms each): {b_lat['median_ms']:7.2f} ms (p95 "
               f"{b_lat['p95_ms']:.2f}); overhead {row['overhead_ms']:.2f} ms (target {row['target_ms']:.1f} ms); "
-              f"one stand-in called directly {d_lat['median_ms']:.2f} ms", flush=True)
+              f"one stand-in called directly {d_lat['median_ms']:.2f} ms; CPU per query: broker "
+              f"{row['broker_cpu_ms_per_query']:.2f} ms, stand-ins {row['standins_cpu_ms_per_query']:.2f} ms",
+              flush=True)
     return rows
 
 
