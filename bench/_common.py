@@ -8,6 +8,7 @@ the data; every query goes through the same checks, ledger, audit and noise as i
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -117,6 +118,13 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def quick(args: argparse.Namespace, parser: argparse.ArgumentParser, **small: object) -> None:
+    """``--quick``: the ``small`` values for every option the command line left at its default."""
+    for name, value in small.items():
+        if getattr(args, name) == parser.get_default(name):
+            setattr(args, name, value)
 
 
 def percentiles(seconds: list[float]) -> dict[str, float]:

@@ -45,7 +45,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import duckdb
 import polars as pl
 
-from bench._common import RESULTS, WORK, bench_policy, dataset, keys, percentiles, start_site, stop, write_json
+from bench._common import (
+    RESULTS,
+    WORK,
+    bench_policy,
+    dataset,
+    keys,
+    percentiles,
+    quick,
+    start_site,
+    stop,
+    write_json,
+)
 
 STAGES = ["I", "II", "III", "IV"]
 
@@ -374,7 +385,7 @@ def main() -> int:
         _probe(args.probe, args.probe_data)
         return 0
     if args.quick:
-        args.rows, args.repeats, args.epsilons = [20_000], 2, [0.3, 1.0]
+        quick(args, parser, rows=[20_000], repeats=2, epsilons=[0.3, 1.0])
     args.workdir.mkdir(parents=True, exist_ok=True)
     sizes = [measure(rows, args) for rows in args.rows]
     write_json(args.out, {"kind": "smoke" if args.quick else "full", "repeats": args.repeats, "sizes": sizes})

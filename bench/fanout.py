@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import duckdb
 import yaml
 
-from bench._common import RESULTS, WORK, bench_policy, dataset, keys, percentiles, start_site, stop, write_json
+from bench._common import RESULTS, WORK, bench_policy, dataset, keys, percentiles, quick, start_site, stop, write_json
 from gateway.client import Client
 
 SQL = "SELECT stage, count(*) FROM patients WHERE age_at_diagnosis >= {a} GROUP BY stage"
@@ -287,8 +287,8 @@ def main() -> int:
         serve_standins(args.serve_standins, args.delay_ms / 1000, args.answer, args.port_file)
         return 0
     if args.quick:
-        args.rows, args.broker_patients, args.seconds = 20_000, 2_000, 2.0
-        args.clients, args.standins, args.repeats = [1, 8], [1, 4], 5
+        quick(args, parser, rows=20_000, broker_patients=2_000, seconds=2.0, clients=[1, 8], standins=[1, 4],
+              repeats=5)
     args.workdir.mkdir(parents=True, exist_ok=True)
     site = site_throughput(args)
     broker = broker_throughput(args)

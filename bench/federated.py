@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import duckdb
 
-from bench._common import RESULTS, WORK, bench_policy, dataset, write_json
+from bench._common import RESULTS, WORK, bench_policy, dataset, quick, write_json
 from bench.compare import Case, OpenDPContext, _cases, _vector
 from gateway import _mechanisms as mechanisms
 from gateway._engine import Engine
@@ -100,7 +100,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "federated.json")
     args = parser.parse_args()
     if args.quick:
-        args.rows, args.draws, args.context_draws, args.epsilons = 20_000, 20, 3, [1.0]
+        quick(args, parser, rows=20_000, draws=20, context_draws=3, epsilons=[1.0])
     union = dataset(args.rows, args.workdir)
     cases = [c for c in _cases() if c.name in QUERIES]
     with duckdb.connect(str(union), read_only=True) as con:
