@@ -69,10 +69,11 @@ class Case:
     table: str
     gateway: str
     raw: str
-    context: Callable[[Any, Any], Any]  # (query, dp module) -> OpenDP polars query
-    smartnoise: str
+    context: Callable[[Any, Any], Any] | None  # (query, dp module) -> OpenDP polars query; None: not offered
+    smartnoise: str  # "": not offered
     keys: tuple[str, ...] = ()
     exact: str = ""  # the exact answer's SQL, where it is not ``raw``
+    accuracy: bool = True  # False: latency only (accuracy measured elsewhere)
 
 
 def _cases() -> list[Case]:
@@ -103,6 +104,12 @@ def _cases() -> list[Case]:
              lambda q, dp: q.filter(pl.col("stage") == "III").select(
                  dp.len(signed=True), age.fill_null(0).dp.mean((18, 99)), months.fill_null(0).dp.sum((0, 180))),
              "SELECT COUNT(*), AVG(age_at_diagnosis), SUM(survival_months) FROM bench.patients WHERE stage = 'III'"),
+        # neither alternative offers it; its accuracy is bench/survival_accuracy.py's subject. Raw DuckDB
+        # computes what a Kaplan-Meier curve needs: events and censorings per stage and month
+        Case("survival by stage", "patients",
+             "SELECT stage, survival(survival_months, death) FROM patients GROUP BY stage",
+             "SELECT stage, least(survival_months, 120) AS m, death, count(*) FROM patients GROUP BY ALL",
+             None, "", accuracy=False),
     ]
 
 
@@ -139,7 +146,8 @@ class Raw:
     def run(self, case: Case, epsilon: float, i: int) -> tuple[list[float], float, float | None]:
         start = time.perf_counter()
         rows = self.con.execute(case.raw).fetchall()
-        return _vector([list(r) for r in rows], case.keys), time.perf_counter() - start, None
+        seconds = time.perf_counter() - start
+        return (_vector([list(r) for r in rows], case.keys) if case.accuracy else []), seconds, None
 
     def close(self) -> None:
         self.con.close()
@@ -168,6 +176,8 @@ class Site:
         result = self.clients[r].query(case.gateway, epsilon=epsilon)
         seconds = time.perf_counter() - start
         rows = result.response.rows
+        if not case.accuracy:
+            return [], seconds, None
         if case.keys:
             values = {r.keys[0].value.string_value: r.estimates[0].value for r in rows}
             vector = [values.get(k, 0.0) for k in case.keys]
@@ -298,7 +308,7 @@ def measure(rows: int, args: argparse.Namespace) -> dict[str, Any]:
             print(f"{name} unavailable: {unavailable[name]}", flush=True)
     epsilons = args.epsilons if rows == min(args.rows) else [args.epsilon]
     exact = {c.name: _vector([list(r) for r in systems[0].con.execute(c.exact or c.raw).fetchall()], c.keys)
-             for c in cases}
+             if c.accuracy else [] for c in cases}
     times: dict[tuple[str, str], list[float]] = {}
     errors: dict[tuple[str, str, float], list[float]] = {}
     reported: dict[tuple[str, str], list[float]] = {}
@@ -307,6 +317,8 @@ def measure(rows: int, args: argparse.Namespace) -> dict[str, Any]:
             for r in range(args.repeats + 1):  # the first round warms up and is not counted
                 for case in cases:
                     for system in systems:  # round robin: drift hits every system alike
+                        if not _offers(system, case):
+                            continue
                         vector, seconds, std_error = system.run(case, epsilon, r)
                         if r == 0:
                             continue
@@ -325,6 +337,12 @@ def measure(rows: int, args: argparse.Namespace) -> dict[str, Any]:
     return _summary(rows, systems, cases, times, errors, reported, memory, unavailable, epsilons)
 
 
+def _offers(system: Any, case: Case) -> bool:
+    """Whether ``system`` can answer ``case`` at all."""
+    return not ((isinstance(system, OpenDPContext) and case.context is None)
+                or (isinstance(system, SmartNoise) and not case.smartnoise))
+
+
 def _summary(rows: int, systems: list[Any], cases: list[Case], times: dict[tuple[str, str], list[float]],
              errors: dict[tuple[str, str, float], list[float]], reported: dict[tuple[str, str], list[float]],
              memory: dict[str, int], unavailable: dict[str, str], epsilons: list[float]) -> dict[str, Any]:
@@ -334,9 +352,11 @@ def _summary(rows: int, systems: list[Any], cases: list[Case], times: dict[tuple
         raw_median = percentiles(times[("raw DuckDB", case.name)])["median_ms"]
         entry: dict[str, Any] = {"query": case.name, "gateway_sql": case.gateway, "systems": {}}
         for system in systems:
+            if (system.name, case.name) not in times:
+                continue
             latency = percentiles(times[(system.name, case.name)])
             accuracy = {}
-            if system.name != "raw DuckDB":
+            if system.name != "raw DuckDB" and case.accuracy:
                 for epsilon in epsilons:
                     e = errors[(system.name, case.name, epsilon)]
                     accuracy[str(epsilon)] = {"relative_rmse": math.sqrt(statistics.fmean(x * x for x in e)),
@@ -362,7 +382,8 @@ def _probe_memory(flag: str, data: Path) -> int:
 def _probe(flag: str, data: Path) -> None:
     system: Any = Raw(data) if flag == "raw" else OpenDPContext(data)
     for case in _cases():
-        system.run(case, 1.0, 0)
+        if _offers(system, case):
+            system.run(case, 1.0, 0)
     print(_vm_hwm(os.getpid()))  # not ru_maxrss: that keeps the parent's high-water mark across exec
 
 

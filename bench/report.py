@@ -51,6 +51,8 @@ def compare_section(data: dict[str, Any]) -> list[str]:
                   "(our mean reported standard error in brackets).", "",
                   "| query | epsilon | " + " | ".join(SYSTEMS[1:]) + " |", "|---|---|" + "---|" * (len(SYSTEMS) - 1)]
         for q in size["queries"]:
+            if not q["systems"]["our site"]["accuracy"]:
+                continue  # latency only
             for eps in size["epsilons"]:
                 cells = []
                 for s in SYSTEMS[1:]:
@@ -114,7 +116,8 @@ def targets(compare: dict[str, Any] | None, fanout: dict[str, Any] | None) -> li
                     rows.append((f"{other} / us ≥ 20x on every query at {size['rows']:,} rows (least)",
                                  f"{min(ratios):.1f}x", min(ratios) >= 20))
                     # worse: an RMSE over 1.25x theirs (the RMSE of 10 runs is itself uncertain by about 20%)
-                    worse = [q["query"] for q in size["queries"] if other in q["systems"] and any(
+                    worse = [q["query"] for q in size["queries"] if other in q["systems"]
+                             and q["systems"]["our site"]["accuracy"] and any(
                         q["systems"]["our site"]["accuracy"][e]["relative_rmse"]
                         > 1.25 * q["systems"][other]["accuracy"][e]["relative_rmse"]
                         for e in map(str, size["epsilons"]))]
@@ -159,7 +162,7 @@ def plots(compare: dict[str, Any] | None, fanout: dict[str, Any] | None, out: Pa
         fig, axes = plt.subplots(1, len(size["queries"]), figsize=(18, 4), squeeze=False)
         for ax, q in zip(axes[0], size["queries"], strict=True):
             for s in SYSTEMS[1:]:
-                if s in q["systems"]:
+                if q["systems"].get(s, {}).get("accuracy"):
                     ax.plot(size["epsilons"], [q["systems"][s]["accuracy"][str(e)]["relative_rmse"]
                                                for e in size["epsilons"]], marker="o", label=s)
             ax.set(xscale="log", yscale="log", title=q["query"], xlabel="epsilon", ylabel="relative RMSE")
