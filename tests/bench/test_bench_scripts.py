@@ -30,7 +30,8 @@ def test_compare_smoke_run_measures_every_system_and_query(tmp_path: Path) -> No
         offered = {"raw DuckDB", "our site"} | ({"OpenDP Context"} if q["query"] != "survival by stage" else set())
         assert set(q["systems"]) == offered
         ours = q["systems"]["our site"]
-        assert ours["median_ms"] > 0 and ours["reported_std_error"] > 0
+        assert ours["median_ms"] > 0
+        assert q["query"] == "survival by stage" or ours["reported_std_error"] > 0  # survival: latency only
         errors += [acc["relative_rmse"] for acc in ours["accuracy"].values()]
     assert all(e < 0.5 for e in errors) and any(e > 0 for e in errors)  # noisy, and yet near the exact answer
     assert size["peak_memory_bytes"]["our site"] > 0 and size["peak_memory_bytes"]["raw DuckDB"] > 0
