@@ -67,6 +67,9 @@ class _Prepared:
     bounded: bool
     rows: int
     every_row: str  # what cohorts read: every row, NaN as NULL (the relation itself when unbounded)
+    # columns whose every fixed-point value in ``relation`` lies within its bounds: clamping them is
+    # a no-op, so their aggregates skip it (same answer, up to 3x faster); see _within_bounds
+    within: frozenset[str] = frozenset()
 
 
 def quote(name: str) -> str:
@@ -179,7 +182,7 @@ class Engine:
         cohorts = {f.cohort.dataset: (self._loaded.policy.datasets[f.cohort.dataset].privacy_unit,
                                       self._ensure(f.cohort.dataset).every_row)
                    for f in query.filters if f.cohort is not None}
-        sql, params, groups = build_sql(query, dataset, prepared.relation, cohorts)
+        sql, params, groups = build_sql(query, dataset, prepared.relation, cohorts, prepared.within)
         try:
             with self._con.cursor() as cursor, self._interrupter.watching(cursor, expired):
                 rows = cursor.execute(sql, params).fetchall()
@@ -312,7 +315,9 @@ class Engine:
             if dataset.privacy_unit in dataset.columns and projected != columns:
                 every_row = f"(SELECT {projected} FROM {source})"
             if unique:
-                return _Prepared(every_row, fingerprint, bounded=False, rows=rows, every_row=every_row)
+                fixed = self._is_base_table(dataset)
+                return _Prepared(every_row, fingerprint, bounded=False, rows=rows, every_row=every_row,
+                                 within=self._within_bounds(dataset, every_row) if fixed else frozenset())
             snapshot = quote(f"bounded_{name}")
             keep_unit = "" if dataset.privacy_unit in dataset.columns else f"{unit}, "  # cohort filters test it
             self._con.execute(
@@ -321,12 +326,48 @@ class Engine:
                 f" ORDER BY hash(?::BIGINT, {unit}, {columns})) AS _rank"
                 f" FROM {source} WHERE {unit} IS NOT NULL) WHERE _rank <= ?",
                 [self._seed, dataset.max_rows_per_unit])
-            return _Prepared(snapshot, fingerprint, bounded=True, rows=rows, every_row=every_row)
+            return _Prepared(snapshot, fingerprint, bounded=True, rows=rows, every_row=every_row,
+                             within=self._within_bounds(dataset, snapshot))
         except duckdb.Error as err:
             # DuckDB's message can quote data values: it goes to the site's log, never to the caller
             log.error("loading dataset %s failed: %s", name, _without_values(err))
             raise FailedPrecondition(f"the site could not load dataset {name!r} ({type(err).__name__}); "
                                      "ask the site operator") from err
+
+    def _is_base_table(self, dataset: Dataset) -> bool:
+        """Whether ``dataset`` reads a base table of a DuckDB file (attached read-only).
+
+        Such data cannot change while it is attached (DuckDB locks the file against writers; a
+        replaced file has a new fingerprint and is loaded and checked again). A parquet source, or
+        a view (which may read files of its own), is read afresh by every query: never trusted to
+        stay within bounds. (A bounded snapshot is the engine's own table: it never changes.)
+        """
+        if dataset.source.database is None:
+            return False
+        attached = self._attached.get(self._loaded.resolve(dataset.source.database))
+        if attached is None:
+            return False
+        row = self._con.execute("SELECT count(*) FROM duckdb_tables() WHERE database_name = ? AND table_name = ?",
+                                [attached[0], dataset.source.table]).fetchone()
+        return bool(row and row[0])
+
+    def _within_bounds(self, dataset: Dataset, relation: str) -> frozenset[str]:
+        """The bounded columns whose every fixed-point value in ``relation`` lies within the column's bounds.
+
+        Checked once per load with the very expression the aggregates clamp, so skipping the clamp
+        changes no answer. Only for data that cannot change after the check (see :meth:`_is_base_table`).
+        """
+        names = [n for n, c in dataset.columns.items() if c.bounds is not None and "aggregate" in c.roles]
+        if not names:
+            return frozenset()
+        params: list[object] = []
+        exprs = []
+        for n in names:  # the unclamped expression binds no parameters; then the two bounds
+            # compared before any cast: an infinite or huge value counts as outside instead of failing
+            exprs.append(f"count(*) FILTER (WHERE {_fixed_value(n, dataset.columns[n])} NOT BETWEEN ? AND ?)")
+            params += list(dataset.columns[n].fixed_bounds)
+        row = self._con.execute(f"SELECT {', '.join(exprs)} FROM {relation}", params).fetchone()
+        return frozenset(n for n, outside in zip(names, row or (), strict=False) if outside == 0)
 
     def _check_schema(self, name: str, dataset: Dataset, types: dict[str, str]) -> None:
         """Refuse a dataset whose declared columns are missing from its source or have another type."""
@@ -421,17 +462,18 @@ def _site_seed(workdir: Path | None) -> bytes:
 
 
 def build_sql(query: Query, dataset: Dataset, relation: str,
-              cohorts: Mapping[str, tuple[str, str]] | None = None
+              cohorts: Mapping[str, tuple[str, str]] | None = None, within: frozenset[str] = frozenset()
               ) -> tuple[str, list[object], tuple[tuple[Scalar, ...], ...]]:
     """One statement for ``query``: clamped fixed-point aggregates, grouped by the group-by columns.
 
     ``cohorts``: per dataset a cohort filter reads, its privacy-unit column and the relation of all
-    its rows. Returns the SQL, its bound parameters and the public group keys in answer order.
+    its rows; ``within``: columns known to lie within their bounds in ``relation`` (not clamped).
+    Returns the SQL, its bound parameters and the public group keys in answer order.
     Groups whose key is not public are computed but never leave the engine (see :meth:`Engine.run`).
     """
     params: list[object] = []  # bound in the order the statement names them: groups, aggregates, filters
     keys = [k for name in query.group_by for k in _group_sql(name, dataset.columns[name], params)]
-    exprs = [e for a in query.aggregates for e in _aggregate_sql(a, dataset, params)]
+    exprs = [e for a in query.aggregates for e in _aggregate_sql(a, dataset, params, within)]
     where = [_cohort_sql(f, (cohorts or {})[f.cohort.dataset], params) if f.cohort is not None
              else _filter_sql(f, params) for f in query.filters]
     where_sql = f" WHERE {' AND '.join(where)}" if where else ""
@@ -476,13 +518,14 @@ def product_of_keys(keys: Sequence[Sequence[Scalar]]) -> tuple[tuple[Scalar, ...
     return tuple(groups)
 
 
-def _aggregate_sql(agg: Aggregate, dataset: Dataset, params: list[object]) -> list[str]:
-    return [_regression_sql(agg.columns, dataset, params) if spec.sql == "regression_products"
-            else _component_sql(spec, agg, dataset, params) for spec in kind_of(agg.function).components]
+def _aggregate_sql(agg: Aggregate, dataset: Dataset, params: list[object],
+                   within: frozenset[str] = frozenset()) -> list[str]:
+    return [_regression_sql(agg.columns, dataset, params, within) if spec.sql == "regression_products"
+            else _component_sql(spec, agg, dataset, params, within) for spec in kind_of(agg.function).components]
 
 
 def _component_sql(spec: ComponentSpec, agg: Aggregate, dataset: Dataset,  # noqa: PLR0911 (one per kind of sql)
-                   params: list[object]) -> str:
+                   params: list[object], within: frozenset[str] = frozenset()) -> str:
     sql, name = spec.sql, agg.column
     if sql == "rows":
         return "count(*)"
@@ -494,7 +537,8 @@ def _component_sql(spec: ComponentSpec, agg: Aggregate, dataset: Dataset,  # noq
         return _survival_sql(name, column, agg.more_columns[0], params)
     if sql == "histogram_bins":
         return _histogram_sql(name, column, params)
-    fixed = _fixed_point(name, column, params)
+    clamp = name not in within
+    fixed = _fixed_point(name, column, params, clamp)
     if sql == "sum":
         return f"coalesce(sum({fixed}), 0)"
     if sql == "midpoint_sum":  # twice the distance from the bounds' exact midpoint: an integer
@@ -505,11 +549,11 @@ def _component_sql(spec: ComponentSpec, agg: Aggregate, dataset: Dataset,  # noq
         return f"coalesce(sum({centered}), 0)"
     # |centered| <= 2^31, so its square fits a BIGINT; DuckDB sums BIGINTs into a HUGEINT. The second
     # factor binds its own parameters (they are positional).
-    again = f"({_fixed_point(name, column, params)} - {column.fixed_center})"
+    again = f"({_fixed_point(name, column, params, clamp)} - {column.fixed_center})"
     return f"coalesce(sum({centered} * {again}), 0)"
 
 
-def _fixed_point(name: str, column: Column, params: list[object]) -> str:
+def _fixed_point(name: str, column: Column, params: list[object], clamp: bool = True) -> str:
     """The value scaled to fixed point, rounded, and clamped *as an integer* to ``column.fixed_bounds``.
 
     Clamping after rounding, against the integers the DP layer sizes its noise from, makes the
@@ -517,18 +561,25 @@ def _fixed_point(name: str, column: Column, params: list[object]) -> str:
     where Python rounds half to even: clamping before rounding once let a row add one unit more).
     """
     low, high = column.fixed_bounds
-    if column.type == "integer" and column.scale_digits == 0:
-        # integers at unit precision are already fixed-point: clamping alone (about 4x faster)
-        value = quote(name)
-    else:
-        # |bounds| <= 2^31 (policy check), so these are exact integers in a double
-        value = f"round(CAST({quote(name)} AS DOUBLE) * {column.unit})"
+    value = _fixed_value(name, column)
+    if not clamp:  # every value is known to lie within [low, high] (Engine._within_bounds): the same number
+        return f"CAST({value} AS BIGINT)"
     params += [low, low, high, high]
     # CASE rather than least/greatest: same result, about twice as fast in DuckDB
     return f"CAST(CASE WHEN {value} < ? THEN ? WHEN {value} > ? THEN ? ELSE {value} END AS BIGINT)"
 
 
-def _regression_sql(names: Sequence[str], dataset: Dataset, params: list[object]) -> str:
+def _fixed_value(name: str, column: Column) -> str:
+    """The value scaled to fixed point and rounded, not yet clamped nor cast."""
+    if column.type == "integer" and column.scale_digits == 0:
+        # integers at unit precision are already fixed-point: clamping alone (about 4x faster)
+        return quote(name)
+    # |bounds| <= 2^31 (policy check), so these are exact integers in a double
+    return f"round(CAST({quote(name)} AS DOUBLE) * {column.unit})"
+
+
+def _regression_sql(names: Sequence[str], dataset: Dataset, params: list[object],
+                    within: frozenset[str] = frozenset()) -> str:
     """The upper triangle of ZᵀZ, Z = [1, x1..xp, y] (``names`` is y, x1..xp), as one list per group.
 
     Each variable is standardised as an integer: its clamped fixed-point value f in [l, u] becomes
@@ -544,7 +595,7 @@ def _regression_sql(names: Sequence[str], dataset: Dataset, params: list[object]
     def standardised(name: str) -> str:  # each use binds its own parameters (they are positional)
         column = dataset.columns[name]
         low, high = column.fixed_bounds
-        fixed = _fixed_point(name, column, params)
+        fixed = _fixed_point(name, column, params, name not in within)
         params.extend([low, high - low, 2 * (high - low)])
         return f"((4 * {REGRESSION_UNIT} * ({fixed} - ?) + ?) // ? - {REGRESSION_UNIT})"
 

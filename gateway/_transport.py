@@ -65,9 +65,10 @@ def open_channel(target: str, tls: Tls | None = None, *, max_receive: int = MAX_
     return grpc.secure_channel(target, creds, options=options)
 
 
-def open_aio_channel(target: str, tls: Tls | None = None, *, max_receive: int = MAX_RECEIVE) -> grpc.aio.Channel:
+def open_aio_channel(target: str, tls: Tls | None = None, *, max_receive: int = MAX_RECEIVE,
+                     reconnect_seconds: float | None = None) -> grpc.aio.Channel:
     """:func:`open_channel` for asyncio (``grpc.aio``), with the same options and credentials."""
-    options, creds = _channel_args(tls, max_receive, None)
+    options, creds = _channel_args(tls, max_receive, reconnect_seconds)
     if creds is None:
         return grpc.aio.insecure_channel(target, options=options)
     return grpc.aio.secure_channel(target, creds, options=options)

@@ -121,8 +121,18 @@ class Ledger(Protocol):
         """
         ...
 
+    def charge_with_states(self, project: str, query_id: str, canonical_hash: str, epsilon: Fraction,
+                           scopes: Sequence[Scope], answer: bytes, record: Mapping[str, object] | None = None
+                           ) -> tuple[int, tuple[BudgetState, ...]]:
+        """:meth:`charge`, also returning each scope's state just after the charge (as its transaction saw it)."""
+        ...
+
     def find(self, project: str, query_id: str) -> ChargeRecord | None:
         """The charge a project made under ``query_id``, if any."""
+        ...
+
+    def lookup(self, project: str, query_id: str, canonical_hash: str) -> tuple[ChargeRecord | None, bytes | None]:
+        """:meth:`find` and, when it finds nothing, :meth:`find_answer`, in one read: (charge, answer)."""
         ...
 
     def find_answer(self, project: str, canonical_hash: str) -> bytes | None:
@@ -330,6 +340,12 @@ class SqliteLedger:
     def charge(self, project: str, query_id: str, canonical_hash: str, epsilon: Fraction,
                scopes: Sequence[Scope], answer: bytes, record: Mapping[str, object] | None = None) -> int:
         """See :meth:`Ledger.charge`."""
+        return self.charge_with_states(project, query_id, canonical_hash, epsilon, scopes, answer, record)[0]
+
+    def charge_with_states(self, project: str, query_id: str, canonical_hash: str, epsilon: Fraction,
+                           scopes: Sequence[Scope], answer: bytes, record: Mapping[str, object] | None = None
+                           ) -> tuple[int, tuple[BudgetState, ...]]:
+        """See :meth:`Ledger.charge_with_states`."""
         if epsilon <= 0:
             raise InternalBug("a charge must be positive")
         if len({s.key for s in scopes}) != len(scopes):
@@ -337,15 +353,19 @@ class SqliteLedger:
         if self.version != VERSION:
             raise InternalBug("the ledger was written by an older version and is not migrated yet")
 
+        after: list[BudgetState] = []
+
         def apply(con: sqlite3.Connection) -> int:
             if con.execute("SELECT 1 FROM charges WHERE project = ? AND query_id = ?",
                            (project, query_id)).fetchone():
                 raise QueryIdInUse(query_id)
             windows = [_in_force(con, scope) for scope in scopes]
-            for scope, window in zip(scopes, windows, strict=True):
-                check_affordable(scope, _state(con, scope, window), epsilon)
-            for scope, (start, end) in zip(scopes, windows, strict=True):
-                _add(con, scope.key, start, epsilon)
+            states = [_state(con, scope, window) for scope, window in zip(scopes, windows, strict=True)]
+            for scope, state in zip(scopes, states, strict=True):
+                check_affordable(scope, state, epsilon)
+            after[:] = [BudgetState(s.limit, s.spent + epsilon, s.resets_at) for s in states]
+            for scope, (start, end), state in zip(scopes, windows, states, strict=True):
+                _add(con, scope.key, start, epsilon, state.spent)  # spent as just read, in this transaction
                 con.execute("INSERT INTO windows (scope, start, finish) VALUES (?, ?, ?) ON CONFLICT (scope) DO"
                             " UPDATE SET start = excluded.start, finish = excluded.finish", (scope.key, start, end))
             cur = con.execute(
@@ -360,7 +380,7 @@ class SqliteLedger:
         if op.entry is not None:
             op.entry.wait()  # the answer may leave only with its audit record
         assert op.result is not None
-        return op.result
+        return op.result, tuple(after)
 
     def migrate(self, convert: Callable[[str, int], tuple[str, int, int | None] | None], at: int) -> int:
         """Migrate a ledger written by 0.1.x (spend per dataset and period index) to the current version.
@@ -402,6 +422,20 @@ class SqliteLedger:
         if row is None:
             return None
         return ChargeRecord(row[0], project, query_id, row[1], Fraction(row[2]), bytes(row[3] or b""))
+
+    def lookup(self, project: str, query_id: str, canonical_hash: str) -> tuple[ChargeRecord | None, bytes | None]:
+        """See :meth:`Ledger.lookup`."""
+        with _storage(self.path):
+            rows = self._conn().execute(
+                "SELECT 0, id, canonical_hash, epsilon, answer FROM charges WHERE project = ? AND query_id = ?"
+                " AND status = 'released' UNION ALL SELECT * FROM (SELECT 1, id, canonical_hash, epsilon, answer"
+                " FROM charges WHERE project = ? AND canonical_hash = ? AND status = 'released' ORDER BY id LIMIT 1)",
+                (project, query_id, project, canonical_hash)).fetchall()
+        for which, charge_id, found_hash, epsilon, answer in rows:
+            if which == 0:
+                return ChargeRecord(charge_id, project, query_id, found_hash, Fraction(epsilon),
+                                    bytes(answer or b"")), None
+        return None, next((bytes(row[4]) for row in rows), None)
 
     def find_answer(self, project: str, canonical_hash: str) -> bytes | None:
         """See :meth:`Ledger.find_answer`."""
@@ -582,8 +616,9 @@ def _spent(con: sqlite3.Connection, key: str, period: int) -> Fraction:
     return Fraction(row[0]) if row else Fraction(0)
 
 
-def _add(con: sqlite3.Connection, key: str, period: int, amount: Fraction) -> None:
-    new = _spent(con, key, period) + amount
+def _add(con: sqlite3.Connection, key: str, period: int, amount: Fraction, spent: Fraction | None = None) -> None:
+    """Add ``amount`` to a scope's spend in a window (``spent``: its spend there, when just read)."""
+    new = (_spent(con, key, period) if spent is None else spent) + amount
     if new < 0:
         raise InternalBug(f"budget {key} would go negative")
     con.execute("INSERT INTO spend (scope, period, spent) VALUES (?, ?, ?)"

@@ -26,8 +26,8 @@ from gateway.aggregates import KINDS, Kind
 from gateway.errors import Unavailable
 from gateway.policy import MAX_FIXED_BOUND, Bins, Column, Dataset, Source, load_policy
 from gateway.query import Aggregate, Query
-from tests.helpers.data import exact, slow_copy
-from tests.helpers.policies import example_policy, with_column, with_slow_dataset, write_policy
+from tests.helpers.data import copy_data, exact, slow_copy
+from tests.helpers.policies import example_policy, with_column, with_dataset, with_slow_dataset, write_policy
 from tests.helpers.servers import ExactNoise, client
 
 
@@ -174,6 +174,78 @@ def test_closing_the_engine_stops_its_running_statement(tmp_path, site_data) -> 
         with pytest.raises(Unavailable, match="stopped the query"):
             running.result(timeout=10)
     assert closing < 1.0  # the statement alone takes seconds
+
+
+# --- clamping skipped where the loaded data lies within its bounds: the same exact components ----------------
+
+WITHIN_QUERIES = [
+    Query("patients", (Aggregate("sum", "age_at_diagnosis"), Aggregate("mean", "survival_months"),
+                       Aggregate("variance", "bmi"), Aggregate("count"))),
+    Query("patients", (Aggregate("mean", "bmi"), Aggregate("sum", "survival_months")), group_by=("stage",)),
+    Query("treatments", (Aggregate("sum", "cycles"), Aggregate("mean", "days_from_diagnosis"),
+                         Aggregate("sum", "cost_usd"), Aggregate("variance", "cost_usd"))),
+    Query("treatments", (Aggregate("mean", "cycles"),), group_by=("treatment_type",)),
+]
+
+
+def _engine(tmp_path, data, policy=None) -> Engine:
+    folder = tmp_path / "policy"
+    folder.mkdir(exist_ok=True)
+    engine = Engine(load_policy(write_policy(folder, data, policy=policy)), tmp_path)
+    engine.prepare_all()
+    return engine
+
+
+def test_only_columns_whose_loaded_values_all_lie_within_bounds_skip_clamping(tmp_path, site_data) -> None:
+    engine = _engine(tmp_path, site_data)
+    try:
+        assert engine._ensure("patients").within == {"age_at_diagnosis", "survival_months", "bmi"}
+        # the synthetic costs reach 250,000 and the policy bounds them at 100,000: clamped
+        assert exact(site_data, "SELECT max(cost_usd) FROM treatments")[0][0] > 100_000
+        assert engine._ensure("treatments").within == {"days_from_diagnosis", "cycles"}
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("query", WITHIN_QUERIES, ids=lambda q: f"{q.dataset}-{len(q.aggregates)}-{q.group_by}")
+def test_skipping_the_clamp_gives_the_same_exact_components(tmp_path, site_data, query: Query) -> None:
+    engine = _engine(tmp_path, site_data)
+    try:
+        prepared = engine._ensure(query.dataset)
+        assert prepared.within  # the skip is in play
+        dataset = engine._loaded.policy.datasets[query.dataset]
+        fast = build_sql(query, dataset, prepared.relation, within=prepared.within)[0]
+        clamped, params, _ = build_sql(query, dataset, prepared.relation)
+        assert fast != clamped
+        assert engine.run(query).components == _components(engine, query, clamped, params)
+    finally:
+        engine.close()
+
+
+def _components(engine: Engine, query: Query, sql: str, params: list[object]) -> tuple[tuple[int, ...], ...]:
+    """The exact components of ``sql`` (every column clamped), grouped as the engine groups them."""
+    rows = engine._con.execute(sql, params).fetchall()
+    if not query.group_by:
+        return tuple((int(v),) for v in rows[0])
+    groups = build_sql(query, engine._loaded.policy.datasets[query.dataset], "x")[2]
+    found = {(r[0],): r[1:] for r in rows}
+    return tuple(tuple(int(found[g][i]) if g in found else 0 for g in groups) for i in range(len(rows[0]) - 1))
+
+
+def test_a_view_is_always_clamped(tmp_path, site_data) -> None:
+    """A view may read files of its own that change under the engine: its values are never trusted."""
+    data = copy_data(site_data, tmp_path / "views.duckdb")
+    with duckdb.connect(str(data)) as con:
+        con.execute("CREATE VIEW patients_view AS SELECT * FROM patients")
+    patients = example_policy().datasets["patients"]
+    policy = with_dataset(example_policy(), "patients",
+                          source=patients.source.model_copy(update={"table": "patients_view"}))
+    engine = _engine(tmp_path, data, policy)
+    try:
+        assert engine._ensure("patients").within == frozenset()
+        assert engine._ensure("treatments").within  # a bounded snapshot is the engine's own table
+    finally:
+        engine.close()
 
 
 # --- survival: each row adds 1 to one grid time's count, the one the policy's grid documents ----------------

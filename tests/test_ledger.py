@@ -147,6 +147,32 @@ def test_find_answer_returns_first_released(ledger: SqliteLedger) -> None:
     assert ledger.find_answer("p1", "canon") == b"first"
 
 
+def test_lookup_answers_find_then_find_answer_in_one_read(ledger: SqliteLedger) -> None:
+    scope = project_scope(limit=1)
+    assert ledger.lookup("p1", "q1", "canon") == (None, None)
+    ledger.charge("p1", "q1", "canon", Fraction(1, 10), [scope], b"first")
+    ledger.charge("p1", "q2", "canon", Fraction(1, 10), [scope], b"second")
+    for query_id in ("q1", "q2"):  # a retry gets its own charge, never the other's answer
+        record, answer = ledger.lookup("p1", query_id, "canon")
+        assert record == ledger.find("p1", query_id) and answer is None
+    assert ledger.lookup("p1", "q2", "other")[0] == ledger.find("p1", "q2")  # a conflict is the caller's to see
+    assert ledger.lookup("p1", "new", "canon") == (None, b"first")  # the same query again: the first answer
+    assert ledger.lookup("p2", "q1", "canon") == (None, None)  # answers are per project
+    assert ledger.lookup("p1", "new", "other") == (None, None)
+
+
+def test_charge_with_states_reports_each_scope_as_the_charge_left_it(ledger: SqliteLedger) -> None:
+    scope, cap = project_scope(limit=1), cap_scope(limit="0.5")
+    ledger.charge("p1", "a", "h", Fraction(1, 10), [scope, cap], b"a")
+    charge_id, states = ledger.charge_with_states("p1", "b", "h2", Fraction(1, 5), [scope, cap], b"b")
+    assert ledger.find("p1", "b").charge_id == charge_id
+    assert states == (ledger.state(scope), ledger.state(cap))
+    assert [s.spent for s in states] == [Fraction(3, 10), Fraction(3, 10)]
+    with pytest.raises(BudgetExhausted):  # refused like charge, and nothing changes
+        ledger.charge_with_states("p1", "c", "h3", Fraction(1, 4), [scope, cap], b"c")
+    assert ledger.state(cap).spent == Fraction(3, 10)
+
+
 def test_same_project_query_id_twice_raises_query_id_in_use(ledger: SqliteLedger) -> None:
     scope = project_scope(limit=1)
     ledger.charge("p1", "q", "h", Fraction(1, 10), [scope], b"a")

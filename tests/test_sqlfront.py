@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway._sqlfront import MAX_SQL, parse_sql
+from gateway._sqlfront import MAX_SQL, parse_sql, parse_sql_cached
 from gateway.errors import InvalidQuery
 from gateway.query import Aggregate, Filter, Query
 
@@ -581,3 +581,13 @@ def test_property_inserted_forbidden_text_never_escapes_the_allowed_names(
     assert {a.function for a in query.aggregates} <= {"count", "sum"}, sql
     for f in query.filters:
         assert all(isinstance(v, int | float | str) for v in f.values), sql
+
+
+def test_cached_parse_gives_the_same_query_and_refuses_bad_sql_every_time() -> None:
+    sql = "SELECT stage, count(*) FROM patients WHERE age_at_diagnosis >= 40 GROUP BY stage"
+    first = parse_sql_cached(sql)
+    assert first == parse_sql(sql)
+    assert parse_sql_cached(sql) is first  # remembered, not parsed again
+    for _ in range(2):  # a refusal is never remembered as an answer
+        with pytest.raises(InvalidQuery):
+            parse_sql_cached("SELECT * FROM patients")

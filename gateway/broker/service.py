@@ -37,8 +37,8 @@ from .._logging import event
 from .._proto.gateway.v1 import gateway_pb2 as pb
 from .._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from .._server import drain_then_stop, make_server, target_of
-from .._sqlfront import parse_sql
-from .._transport import Tls, open_channel
+from .._sqlfront import parse_sql_cached
+from .._transport import Tls
 from .._version import __version__
 from .._wire import to_structured
 from ..auth import Verifier, authorization_header
@@ -56,6 +56,7 @@ from ..errors import (
 )
 from ..metrics import BrokerMetrics
 from ..proof import ANY_SERVER, ProofChecker, check_possession
+from ._fanout import Fanout
 from ._status import Seen, SiteRecord
 from ._validate import invalid_answers
 from .config import BrokerConfig
@@ -91,15 +92,12 @@ class BrokerService(pb_grpc.GatewayServicer):
     def __init__(self, config: BrokerConfig, metrics: BrokerMetrics, verifier: Verifier) -> None:
         self.config, self.metrics, self.verifier = config, metrics, verifier
         self._proofs = ProofChecker()
-        self._channels = {s.name: open_channel(s.address, s.tls, max_receive=SITE_ANSWER_MAX,
-                                               reconnect_seconds=config.reconnect_seconds) for s in config.sites}
-        self._stubs = {name: pb_grpc.GatewayStub(channel) for name, channel in self._channels.items()}
+        self._fanout = Fanout(config.sites, SITE_ANSWER_MAX, config.reconnect_seconds)
         self.record = SiteRecord()
 
     def close(self) -> None:
         """Close the channels to the sites, ending any call still in flight."""
-        for channel in self._channels.values():
-            channel.close()
+        self._fanout.close()
 
     def _authenticate(self, context: grpc.ServicerContext, request: Any, names: Sequence[str]) -> None:
         """Verify the caller's token, and that it holds the token's key, before any work.
@@ -196,7 +194,7 @@ class BrokerService(pb_grpc.GatewayServicer):
             if request.WhichOneof("body") == "sql":
                 # a caller's SQL mistake is answered once here, not by every site; the sites get the SQL
                 # as the caller signed it
-                parsed = parse_sql(request.sql)
+                parsed = parse_sql_cached(request.sql)
                 shape = pb.QueryRequest(dry_run=request.dry_run, structured=to_structured(parsed))
                 output_names = dict(parsed.names)
         except GatewayError as err:
@@ -231,18 +229,17 @@ class BrokerService(pb_grpc.GatewayServicer):
         remaining = context.time_remaining()
         timeout = min(self.config.deadline_seconds, remaining) if remaining is not None else \
             self.config.deadline_seconds
-        # asynchronous calls, not a thread each: every call ends by its own deadline however many
-        # queries wait on a silent site, and all of them end when the caller goes
-        started, ended = time.monotonic(), dict[str, float]()
-        calls = {name: getattr(self._stubs[name], method).future(_for_site(request, name), metadata=metadata,
-                                                                  timeout=timeout)
-                 for name in names}
-        for name, call in calls.items():
-            call.add_done_callback(lambda _call, name=name: ended.setdefault(name, time.monotonic()))
-        if not context.add_callback(lambda: _cancel(calls.values())):
-            _cancel(calls.values())  # the caller had gone already
-        outcomes = [_outcome(name, call) for name, call in calls.items()]
-        outcomes = [replace(o, seconds=ended.get(o.site, time.monotonic()) - started) for o in outcomes]
+        # asynchronous calls on one loop (._fanout), not a thread each: every call ends by its own
+        # deadline however many queries wait on a silent site, and all of them end when the caller goes
+        calls = self._fanout.call(method, {name: _for_site(request, name) for name in names}, metadata, timeout)
+        if not context.add_callback(calls.cancel):
+            calls.cancel()  # the caller had gone already
+        try:
+            results = calls.result()
+        except futures.CancelledError:
+            results = [(name, None, futures.CancelledError(), timeout) for name in names]
+        outcomes = [replace(_outcome(name, response, error), seconds=seconds)
+                    for name, response, error, seconds in results]
         if check is not None:
             outcomes = check(outcomes)
         for outcome in outcomes:
@@ -312,18 +309,18 @@ def _for_site(request: Any, site: str) -> Any:
     return forwarded
 
 
-def _outcome(site: str, call: grpc.Future) -> _Outcome:
-    """How one site's call ended (waits for it: each call has its deadline)."""
-    try:
-        return _Outcome(site, call.result())
-    except grpc.FutureCancelledError:
-        return _Outcome(site, error=Unavailable("the call was cancelled: the caller has gone"), label="cancelled")
-    except grpc.RpcError as err:
-        error = error_from_rpc(err)
+def _outcome(site: str, response: Any | None, failure: BaseException | None) -> _Outcome:
+    """How one site's call ended: its response, or the error or cancellation that ended it."""
+    if failure is None:
+        return _Outcome(site, response)
+    if isinstance(failure, grpc.RpcError):
+        error = error_from_rpc(failure)
         if isinstance(error, ProofRequired):  # the site answers to another name than the broker knows it by
             error = FailedPrecondition(f"the site expects proofs addressed to {', '.join(error.sites)}; the "
                                        "broker's configuration must name it so")
-        return _Outcome(site, error=error, label=err.code().name.lower())
+        return _Outcome(site, error=error, label=failure.code().name.lower())
+    return _Outcome(site, error=Unavailable("the call was cancelled: the caller has gone"), label="cancelled")
+
 
 def _seen(outcome: _Outcome) -> Seen:
     return Seen(outcome.site) if outcome.response is not None else Seen(outcome.site, outcome.reason, outcome.message)
@@ -338,11 +335,6 @@ def _agreed_names(answered: Sequence[_Outcome]) -> dict[str, str]:
     """The output names every answering site reports (a template's aliases, which only sites can read)."""
     names = [dict(o.response.names) for o in answered]
     return names[0] if all(n == names[0] for n in names) else {}
-
-
-def _cancel(calls: Iterable[grpc.Future]) -> None:
-    for call in calls:
-        call.cancel()
 
 
 def _poolable(outcomes: list[_Outcome], request: pb.QueryRequest) -> list[_Outcome]:

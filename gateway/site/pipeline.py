@@ -26,7 +26,7 @@ from .._engine import Engine, product_of_keys
 from .._mechanisms import Noise, plan_query, predicted, release
 from .._proto.gateway.v1 import gateway_pb2 as pb
 from .._scopes import budget_scopes
-from .._sqlfront import parse_sql
+from .._sqlfront import parse_sql_cached
 from .._wire import from_structured, rows_to_wire, to_scalar
 from ..aggregates import kind_of
 from ..auth import Identity
@@ -84,7 +84,7 @@ def parse(request: pb.QueryRequest, policy: Policy, identity: Identity) -> Query
     if body == "structured":
         return from_structured(request.structured)
     if body == "sql":
-        return parse_sql(request.sql)
+        return parse_sql_cached(request.sql)
     if body == "template":
         template = policy.templates.get(request.template.name)
         params: dict[str, object] = {k: to_scalar(v) for k, v in request.template.params.items()}
@@ -235,34 +235,37 @@ class Pipeline:
                                    "charged; retry with a longer deadline")
         record = {**trace, "outcome": "ok", "epsilon_charged": response.epsilon_charged}  # the release's audit record
         try:
-            trace["charge_id"] = self.ledger.charge(identity.project, query_id, checked.canonical_hash,
-                                                    checked.epsilon, checked.scopes, response.SerializeToString(),
-                                                    record=record)
+            trace["charge_id"], after = self.ledger.charge_with_states(
+                identity.project, query_id, checked.canonical_hash, checked.epsilon, checked.scopes,
+                response.SerializeToString(), record=record)
         except QueryIdInUse:  # the same query_id was answered concurrently: give that answer
             found = self.ledger.find(identity.project, query_id)
             if found is None or found.canonical_hash != checked.canonical_hash:
                 raise Unavailable(f"query_id {query_id!r} is being answered right now; retry shortly") from None
             return _named(self._replay(found.answer, query_id, checked.scopes), parsed)
-        return _named(self._with_budgets(response, checked.scopes, audited=True), parsed)
+        return _named(self._with_budgets(response, checked.scopes, audited=True, states=after), parsed)
 
     def _stored(self, project: str, query_id: str, checked: Checked) -> bytes | None:
         """A stored answer: to this query_id (a retry), or to the same canonical query (free)."""
-        found = self.ledger.find(project, query_id)
+        found, answer = self.ledger.lookup(project, query_id, checked.canonical_hash)  # one read
         if found is not None:
             if found.canonical_hash != checked.canonical_hash:
                 raise QueryIdConflict(f"query_id {query_id!r} was already used for a different query; "
                                       "use a new query_id for a new query")
             return found.answer
-        return self.ledger.find_answer(project, checked.canonical_hash)
+        return answer
 
     def _replay(self, stored: bytes, query_id: str, scopes: tuple[Scope, ...]) -> Answered:
         response = pb.QueryResponse.FromString(stored)
         response.query_id, response.cached, response.epsilon_charged = query_id, True, 0.0
         return self._with_budgets(response, scopes)
 
-    def _with_budgets(self, response: pb.QueryResponse, scopes: tuple[Scope, ...], audited: bool = False
-                      ) -> Answered:
-        budgets = tuple((scope, self.ledger.state(scope)) for scope in scopes)
+    def _with_budgets(self, response: pb.QueryResponse, scopes: tuple[Scope, ...], audited: bool = False,
+                      states: tuple[BudgetState, ...] | None = None) -> Answered:
+        """The response with the budgets' states: ``states`` as the charge left them, or read now."""
+        if states is None:
+            states = tuple(self.ledger.state(scope) for scope in scopes)
+        budgets = tuple(zip(scopes, states, strict=True))
         # the project's own budget only: a shared cap's remaining would tell what other projects spent
         response.budget_remaining = float(min(state.remaining for scope, state in budgets if not scope.shared))
         return Answered(response, budgets, audited)
