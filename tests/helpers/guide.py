@@ -13,6 +13,7 @@ ports is replaced by a free one.
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import socket
@@ -51,9 +52,21 @@ def missing_lines(expected: str, output: str) -> list[str]:
 
 
 def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
+    """A free port below the kernel's ephemeral range (32768 and up on Linux).
+
+    The guide's servers bind the port some time after it is chosen; other tests' servers bind
+    port 0, which the kernel picks from the ephemeral range, so they cannot take it meanwhile.
+    """
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(20_000, 32_000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return str(port)
+    raise RuntimeError("no free port between 20000 and 32000")
 
 
 class Guide:
