@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from gateway import _mechanisms as mechanisms
-from gateway._engine import Engine, build_sql, quote
+from gateway._engine import Engine
+from gateway._querysql import build_sql, quote
 from gateway.aggregates import KINDS, Kind
 from gateway.errors import Unavailable
 from gateway.policy import MAX_FIXED_BOUND, Bins, Column, Dataset, Source, load_policy

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from fractions import Fraction
 
-from .._engine import Engine, product_of_keys
+from .._engine import Engine
 from .._mechanisms import Noise, plan_query, predicted, release
 from .._proto.gateway.v1 import gateway_pb2 as pb
+from .._querysql import product_of_keys
 from .._scopes import budget_scopes
 from .._sqlfront import parse_sql_cached
 from .._wire import from_structured, rows_to_wire, to_scalar
