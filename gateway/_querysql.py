@@ -104,8 +104,9 @@ def _component_sql(spec: ComponentSpec, agg: Aggregate, dataset: Dataset,  # noq
     if sql == "sum":
         return f"coalesce(sum({fixed}), 0)"
     if sql == "midpoint_sum":  # twice the distance from the bounds' exact midpoint: an integer
+        # |fixed| <= 2^31 (policy check), so 2 x fixed fits a BIGINT; DuckDB sums BIGINTs into a HUGEINT
         low, high = column.fixed_bounds
-        return f"coalesce(sum(2 * CAST({fixed} AS HUGEINT) - {low + high}), 0)"
+        return f"coalesce(sum(2 * {fixed} - {low + high}), 0)"
     centered = f"({fixed} - {column.fixed_center})"
     if sql == "centered_sum":
         return f"coalesce(sum({centered}), 0)"
