@@ -9,7 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from ._cli_common import UserError
+from ._cli_common import UserError, check_files
 
 
 def _policy_check(args: argparse.Namespace) -> int:
@@ -83,16 +83,8 @@ def _check_spent(loaded: Any, state_dir: Path) -> list[str]:
 def _broker_check(args: argparse.Namespace) -> int:
     from .broker.config import BrokerConfigError, load_broker_config
 
-    failed = False
-    for path in args.files:
-        try:
-            config = load_broker_config(path)
-        except BrokerConfigError as err:
-            print("\n".join(err.problems), file=sys.stderr)
-            failed = True
-        else:
-            print(f"{path}: ok ({len(config.sites)} site(s): {', '.join(s.name for s in config.sites)})")
-    return 1 if failed else 0
+    return check_files(args.files, load_broker_config, BrokerConfigError,
+                       lambda config: f"{len(config.sites)} site(s): {', '.join(s.name for s in config.sites)}")
 
 
 def _policy_explain(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _logging
-from ._cli_common import UserError
+from ._cli_common import UserError, check_files
 from ._version import __version__
 
 DEFAULT_DRAIN_SECONDS = 5.0
@@ -108,16 +108,8 @@ def _settings_of(args: argparse.Namespace, component: str) -> Any:
 def _site_check_config(args: argparse.Namespace) -> int:
     from .site.settings import SiteConfigError, load_site_settings_file
 
-    failed = False
-    for path in args.files:
-        try:
-            settings = load_site_settings_file(path)
-        except SiteConfigError as err:
-            print("\n".join(err.problems), file=sys.stderr)
-            failed = True
-        else:
-            print(f"{path}: ok (policy {settings.policy})")
-    return 1 if failed else 0
+    return check_files(args.files, load_site_settings_file, SiteConfigError,
+                       lambda settings: f"policy {settings.policy}")
 
 
 def _site_serve(args: argparse.Namespace) -> int:
