@@ -135,6 +135,10 @@ class _Interrupter:
                 self._changed.wait(self.POLL_SECONDS)
 
 
+SNAPSHOT_PASS_ROWS = 8_000_000
+"""Source rows per pass when a bounded snapshot is built (its window's memory is one pass's)."""
+
+
 class Engine:
     """Runs checked queries against the site's data; one instance per site process."""
 
@@ -316,12 +320,20 @@ class Engine:
                                  within=self._within_bounds(dataset, every_row) if fixed else frozenset())
             snapshot = quote(f"bounded_{name}")
             keep_unit = "" if dataset.privacy_unit in dataset.columns else f"{unit}, "  # cohort filters test it
-            self._con.execute(
-                f"CREATE OR REPLACE TABLE {snapshot} AS SELECT {keep_unit}{projected} FROM ("
-                f" SELECT {keep_unit}{columns}, row_number() OVER (PARTITION BY {unit}"
-                f" ORDER BY hash(?::BIGINT, {unit}, {columns})) AS _rank"
-                f" FROM {source} WHERE {unit} IS NOT NULL) WHERE _rank <= ?",
-                [self._seed, dataset.max_rows_per_unit])
+            # in passes over disjoint sets of units (by a hash of the unit), so that the window's
+            # memory is one pass's: a unit's rows all fall in one pass, so the rows kept are the same
+            passes = max(1, math.ceil(rows / SNAPSHOT_PASS_ROWS))
+            select = (f"SELECT {keep_unit}{projected} FROM ("
+                      f" SELECT {keep_unit}{columns}, row_number() OVER (PARTITION BY {unit}"
+                      f" ORDER BY hash(?::BIGINT, {unit}, {columns})) AS _rank"
+                      f" FROM {source} WHERE {unit} IS NOT NULL AND hash({unit}) % ? = ?) WHERE _rank <= ?")
+            with self._con.cursor() as build:  # one transaction: a query never sees a part-built snapshot
+                build.execute("BEGIN TRANSACTION")
+                for i in range(passes):
+                    build.execute(f"CREATE OR REPLACE TABLE {snapshot} AS {select}" if i == 0
+                                  else f"INSERT INTO {snapshot} {select}",
+                                  [self._seed, passes, i, dataset.max_rows_per_unit])
+                build.execute("COMMIT")
             return _Prepared(snapshot, fingerprint, bounded=True, rows=rows, every_row=every_row,
                              within=self._within_bounds(dataset, snapshot))
         except duckdb.Error as err:

@@ -20,6 +20,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from gateway import _engine as engine_module
 from gateway import _mechanisms as mechanisms
 from gateway._engine import Engine
 from gateway._querysql import build_sql, quote
@@ -232,6 +233,26 @@ def _components(engine: Engine, query: Query, sql: str, params: list[object]) ->
     groups = build_sql(query, engine._loaded.policy.datasets[query.dataset], "x")[2]
     found = {(r[0],): r[1:] for r in rows}
     return tuple(tuple(int(found[g][i]) if g in found else 0 for g in groups) for i in range(len(rows[0]) - 1))
+
+
+def test_a_snapshot_built_in_passes_keeps_exactly_the_rows_of_one_pass(tmp_path, site_data, monkeypatch) -> None:
+    """Building in passes over disjoint sets of patients bounds memory, not which rows are kept."""
+    total = exact(site_data, "SELECT count(*) FROM treatments")[0][0]
+    kept = []
+    for rows_per_pass in (10**12, 97):  # one pass; then several, each only a part of the patients
+        monkeypatch.setattr(engine_module, "SNAPSHOT_PASS_ROWS", rows_per_pass)
+        folder = tmp_path / str(rows_per_pass)
+        folder.mkdir()
+        engine = Engine(load_policy(write_policy(folder, site_data)), folder, seed=b"\x01" * 16)
+        try:
+            prepared = engine._ensure("treatments")
+            assert prepared.bounded
+            kept.append(sorted(engine._con.execute(f"SELECT * FROM {prepared.relation}").fetchall(), key=repr))
+        finally:
+            engine.close()
+    assert total > 5 * 97
+    assert kept[0] == kept[1]
+    assert 0 < len(kept[0]) < total  # the bound is in play: some patients have more rows than it keeps
 
 
 def test_a_view_is_always_clamped(tmp_path, site_data) -> None:
