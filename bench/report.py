@@ -47,6 +47,11 @@ def compare_section(data: dict[str, Any]) -> list[str]:
                   "| one-off load | " + " | ".join(f"{size['load_s'].get(s, 0):.2f} s" if s in size["load_s"] else "—"
                                                  for s in SYSTEMS) + " |",
                   "| peak memory | " + " | ".join(_mb(size["peak_memory_bytes"].get(s)) for s in SYSTEMS) + " |", ""]
+        for name, restarts in size.get("worker_restarts", {}).items():
+            if restarts:
+                lines += [f"{name} ran in a worker process that was started afresh {restarts} times between queries "
+                          "(its resident set had passed 6 GB: OpenDP's polars path keeps memory from query to "
+                          "query); the peak memory above is a fresh process's over one run of every query.", ""]
         lines += ["Accuracy: relative RMSE over the runs (and median relative error), at each epsilon "
                   "(our mean reported standard error in brackets).", "",
                   "| query | epsilon | " + " | ".join(SYSTEMS[1:]) + " |", "|---|---|" + "---|" * (len(SYSTEMS) - 1)]

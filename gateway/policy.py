@@ -15,8 +15,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from fractions import Fraction
+from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
@@ -54,6 +55,13 @@ class _Model(BaseModel):
     # field descriptions come from the docstring under each field: the JSON Schema and docs/policy.md
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True,
                               use_attribute_docstrings=True)
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy without the values :func:`~functools.cached_property` derived from the original's fields."""
+        copy = super().model_copy(update=update, deep=deep)
+        for name in [n for n in copy.__dict__ if n not in type(copy).model_fields]:
+            del copy.__dict__[name]
+        return copy
 
 
 class KeyRange(_Model):
@@ -114,7 +122,7 @@ class Bins(_Model):
         """t0: where the grid starts."""
         return self.edges[0] if self.edges is not None else self.min or Fraction(0)
 
-    @property
+    @cached_property
     def exact_edges(self) -> tuple[Fraction, ...]:
         """Every edge t0 < t1 < ... < tm, exactly."""
         if self.edges is not None:
@@ -240,12 +248,12 @@ class Column(_Model):
                 raise ValueError(f"bin edge {float(edge):g} at precision {self.scale_digits} is too large "
                                  "(|edge| x 10^precision must be under 2^31)")
 
-    @property
+    @cached_property
     def grid(self) -> tuple[float, ...]:
         """The declared bins' edges t0 < t1 < ... < tm (empty without bins)."""
         return tuple(float(e) for e in self.bins.exact_edges) if self.bins is not None else ()
 
-    @property
+    @cached_property
     def fixed_grid(self) -> tuple[int, ...]:
         """:attr:`grid` in fixed-point units of 1/:attr:`unit` (exact integers: the policy checks it)."""
         if self.bins is None:
@@ -264,7 +272,7 @@ class Column(_Model):
         """Fixed-point units per 1 of the column's value (10^scale_digits)."""
         return int(10 ** self.scale_digits)
 
-    @property
+    @cached_property
     def fixed_bounds(self) -> tuple[int, int]:
         """The clamping bounds as integers in units of 1/:attr:`unit`, rounded inward (exact decimals).
 

@@ -553,3 +553,13 @@ def test_officer_roles_are_exact_names_never_patterns(tmp_path) -> None:
         path = dump_policy(example_policy(), tmp_path / "p.yaml")
     path.write_text(path.read_text() + "officer_roles: []\n")
     assert load_policy(path).policy.officer_roles == ()
+
+
+def test_a_copy_with_other_bins_derives_its_grid_from_its_own_bins() -> None:
+    """Derived values are cached on a policy's models; a copy with changed fields must not keep them."""
+    column = NORTH.policy.datasets["patients"].columns["survival_months"]
+    assert column.grid and column.fixed_grid  # now cached on the original
+    unbinned = column.model_copy(update={"bins": None})
+    assert (unbinned.grid, unbinned.fixed_grid) == ((), ())
+    wider = column.model_copy(update={"bounds": (0, 240)})
+    assert wider.fixed_bounds == (0, 240) != column.fixed_bounds
