@@ -46,6 +46,10 @@ def add_site_serve(site: argparse._SubParsersAction) -> None:  # type: ignore[ty
                        help="require client certificates signed by this CA (mTLS)")
     serve.add_argument("--allow-peer", dest="allow_peers", action="append", default=_SET,
                        help="accept only clients whose certificate CN is this (repeatable; needs --client-ca)")
+    serve.add_argument("--engine-memory-limit", default=_SET,
+                       help="the most memory DuckDB may use, e.g. 4GB (default: DuckDB's, 80%% of the machine's)")
+    serve.add_argument("--engine-threads", type=int, default=_SET,
+                       help="threads DuckDB may use (default: one per core)")
     _lifecycle_args(serve)
     serve.set_defaults(run=_site_serve, serves=True)
 
@@ -127,7 +131,7 @@ def _site_serve(args: argparse.Namespace) -> int:
         state_dir = Path("state")
         print(f"no state dir given (--state-dir): using {state_dir.resolve()}", file=sys.stderr, flush=True)
     options = SiteOptions(settings.policy, state_dir, verifier, settings.host, settings.port, tls,
-                          settings.allow_peers, init=args.init)
+                          settings.allow_peers, init=args.init, engine_limits=settings.engine_limits())
     drain = _drain_seconds(settings)
     metrics = SiteMetrics()
     try:
@@ -146,7 +150,7 @@ def _site_serve(args: argparse.Namespace) -> int:
                    populations=sorted(policy.populations()), budget_rules=len(policy.budgets),
                    policy=str(settings.policy), state_dir=str(state_dir), metrics=metrics_url,
                    config=str(args.config) if args.config else None, drain_seconds=drain,
-                   stop_grace=settings.stop_grace)
+                   stop_grace=settings.stop_grace, engine=options.engine_limits.describe())
     if settings.port_file:
         settings.port_file.write_text(str(site.port))
     _stop_on_signal("site", lambda: site.stop(settings.stop_grace, drain), drain, settings.stop_grace)

@@ -135,6 +135,21 @@ class _Interrupter:
                 self._changed.wait(self.POLL_SECONDS)
 
 
+@dataclass(frozen=True)
+class EngineLimits:
+    """The operator's limits on DuckDB (``engine_memory_limit``, ``engine_threads``); None: DuckDB's default."""
+
+    memory_bytes: int | None = None
+    threads: int | None = None
+
+    def describe(self) -> str:
+        memory = f"{self.memory_bytes / 2**20:,.0f} MiB" if self.memory_bytes else "DuckDB's default"
+        return f"memory limit {memory}, threads {self.threads or 'one per core'}"
+
+
+NO_LIMITS = EngineLimits()
+
+
 SNAPSHOT_PASS_ROWS = 8_000_000
 """Source rows per pass when a bounded snapshot is built (its window's memory is one pass's)."""
 
@@ -142,14 +157,20 @@ SNAPSHOT_PASS_ROWS = 8_000_000
 class Engine:
     """Runs checked queries against the site's data; one instance per site process."""
 
-    def __init__(self, loaded: LoadedPolicy, workdir: Path | None = None, seed: bytes | None = None) -> None:
+    def __init__(self, loaded: LoadedPolicy, workdir: Path | None = None, seed: bytes | None = None,
+                 limits: EngineLimits = NO_LIMITS) -> None:
         self._loaded = loaded
+        self.limits = limits
         self._seed = int.from_bytes(seed or _site_seed(workdir), "big") & ((1 << 63) - 1)
         # each engine has its own working file: a reload builds a new engine while the old one serves
         self._path = workdir / f"engine-{uuid.uuid4().hex[:12]}.duckdb" if workdir is not None else None
         self._con = duckdb.connect(str(self._path) if self._path else ":memory:")
         if self._path is not None:
             self._path.chmod(0o600)  # bounded snapshots are row-level copies of the data
+        if limits.memory_bytes is not None:
+            self._con.execute(f"SET memory_limit = '{int(limits.memory_bytes)}B'")
+        if limits.threads is not None:
+            self._con.execute(f"SET threads = {int(limits.threads)}")
         self._lock = threading.Lock()
         self._prepared: dict[str, _Prepared] = {}
         self._attached: dict[Path, tuple[str, tuple[int, int]]] = {}
@@ -192,6 +213,11 @@ class Engine:
                                   "charged; retry") from err
             raise DeadlineExceeded("the call ended (deadline or cancel) while the site was running the query; "
                                    "nothing was charged; retry with a longer deadline") from err
+        except duckdb.OutOfMemoryException as err:
+            log.error("query on %s ran out of the engine's memory (%s): %s", query.dataset, self.limits.describe(),
+                      _without_values(err))
+            raise FailedPrecondition("the site's query engine ran out of memory for this query; nothing was charged; "
+                                     "ask the site operator (engine_memory_limit)") from err
         except duckdb.Error as err:
             log.error("query on %s failed: %s", query.dataset, _without_values(err))
             raise FailedPrecondition(f"the site could not run the query on its data ({type(err).__name__}); "
@@ -338,7 +364,10 @@ class Engine:
                              within=self._within_bounds(dataset, snapshot))
         except duckdb.Error as err:
             # DuckDB's message can quote data values: it goes to the site's log, never to the caller
-            log.error("loading dataset %s failed: %s", name, _without_values(err))
+            log.error("loading dataset %s failed (%s): %s", name, self.limits.describe(), _without_values(err))
+            if isinstance(err, duckdb.OutOfMemoryException):
+                raise FailedPrecondition(f"the site could not load dataset {name!r} within the engine's memory "
+                                         f"({self.limits.describe()}); raise engine_memory_limit") from err
             raise FailedPrecondition(f"the site could not load dataset {name!r} ({type(err).__name__}); "
                                      "ask the site operator") from err
 

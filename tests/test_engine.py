@@ -22,10 +22,10 @@ from pydantic import ValidationError
 
 from gateway import _engine as engine_module
 from gateway import _mechanisms as mechanisms
-from gateway._engine import Engine
+from gateway._engine import Engine, EngineLimits
 from gateway._querysql import build_sql, quote
 from gateway.aggregates import KINDS, Kind
-from gateway.errors import Unavailable
+from gateway.errors import FailedPrecondition, Unavailable
 from gateway.policy import MAX_FIXED_BOUND, Bins, Column, Dataset, Source, load_policy
 from gateway.query import Aggregate, Query
 from tests.helpers.data import copy_data, exact, slow_copy
@@ -382,3 +382,48 @@ def test_each_histogram_row_adds_one_to_its_documented_bin_and_nothing_else(colu
         assert sum(abs(v) for v in added.values()) <= spec.row_bound(column)
         expected = _expected_bin(t, column)
         assert added == ({} if expected is None else {expected: 1}), (t, column.grid)
+
+
+def test_the_operators_engine_limits_reach_duckdb(tmp_path, site_data) -> None:
+    folder = tmp_path / "policy"
+    folder.mkdir()
+    engine = Engine(load_policy(write_policy(folder, site_data)), tmp_path,
+                    limits=EngineLimits(memory_bytes=96 * 2**20, threads=1))
+    try:
+        assert engine._con.execute("SELECT current_setting('memory_limit'), current_setting('threads')"
+                                   ).fetchone() == ("96.0 MiB", 1)
+    finally:
+        engine.close()
+
+
+def test_a_query_past_the_engines_memory_is_refused_naming_the_setting(tmp_path, site_data, caplog) -> None:
+    engine = _engine(tmp_path, site_data)
+    try:
+        engine._con.execute("SET memory_limit = '1MiB'")  # an operator's limit far below what the query needs
+        with pytest.raises(FailedPrecondition) as info:
+            engine.run(Query("patients", (Aggregate("median", "age_at_diagnosis"),), group_by=("stage",)))
+        assert "ran out of memory" in info.value.message and "engine_memory_limit" in info.value.message
+        assert "nothing was charged" in info.value.message
+        assert "ran out of the engine's memory" in caplog.text  # and the operator reads it in the log
+    finally:
+        engine.close()
+
+
+def test_data_that_cannot_be_bounded_within_the_engines_memory_fails_its_load_naming_the_setting(
+        tmp_path, site_data) -> None:
+    data = copy_data(site_data, tmp_path / "many.duckdb")
+    with duckdb.connect(str(data)) as con:
+        while con.execute("SELECT count(*) FROM treatments").fetchone()[0] < 3_000_000:
+            # as many patients again: the window that bounds each patient's rows needs memory for them all
+            con.execute("INSERT INTO treatments SELECT * REPLACE (patient_id + (SELECT max(patient_id) FROM "
+                        "treatments) AS patient_id) FROM treatments")
+    folder = tmp_path / "policy"
+    folder.mkdir()
+    engine = Engine(load_policy(write_policy(folder, data)), tmp_path, limits=EngineLimits(memory_bytes=64 * 2**20))
+    try:
+        with pytest.raises(FailedPrecondition) as info:
+            engine.prepare_all()
+        assert "'treatments' within the engine's memory" in info.value.message
+        assert "raise engine_memory_limit" in info.value.message
+    finally:
+        engine.close()

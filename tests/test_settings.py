@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway._engine import EngineLimits
 from gateway.broker.config import BrokerConfig, BrokerConfigError, load_broker_settings
 from gateway.cli import _parser
 from gateway.site.settings import SiteConfigError, SiteSettings, load_site_settings, load_site_settings_file
@@ -77,8 +78,9 @@ def test_settings_without_a_file_come_from_the_environment_and_flags():
 @pytest.mark.parametrize(("text", "env", "flags", "expected"), [
     (SITE.replace("metrics_port: 9464", "metrics_prot: 9464"), {}, {},
      ["6: metrics_prot: unknown key 'metrics_prot'; did you mean 'metrics_port'? known keys here: allow_peers, "
-      "audience, client_ca, drain_seconds, host, issuer, jwks, jwks_url, max_token_lifetime, metrics_host, "
-      "metrics_port, policy, port, port_file, state_dir, stop_grace, tls_cert, tls_key, trusted_keys"]),
+      "audience, client_ca, drain_seconds, engine_memory_limit, engine_threads, host, issuer, jwks, jwks_url, "
+      "max_token_lifetime, metrics_host, metrics_port, policy, port, port_file, state_dir, stop_grace, tls_cert, "
+      "tls_key, trusted_keys"]),
     (SITE.replace("port: 50051", "port: 70000"), {}, {}, ["5: port: should be at most 65535; got 70000"]),
     (SITE.replace("tls_key: tls/site.key\n", ""), {}, {}, ["2: tls_key: tls_cert and tls_key go together"]),
     (SITE.replace("trusted_keys: [keys/idp.pem]\n", ""), {}, {},
@@ -89,7 +91,8 @@ def test_settings_without_a_file_come_from_the_environment_and_flags():
     (SITE, {"GATEWAY_SITE_METRIC_PORT": "1"}, {},
      ["$GATEWAY_SITE_METRIC_PORT: (environment): unknown setting; did you mean $GATEWAY_SITE_METRICS_PORT? known "
       "variables: GATEWAY_SITE_ALLOW_PEERS, GATEWAY_SITE_AUDIENCE, GATEWAY_SITE_CLIENT_CA, "
-      "GATEWAY_SITE_DRAIN_SECONDS, GATEWAY_SITE_HOST, GATEWAY_SITE_ISSUER, GATEWAY_SITE_JWKS, GATEWAY_SITE_JWKS_URL, "
+      "GATEWAY_SITE_DRAIN_SECONDS, GATEWAY_SITE_ENGINE_MEMORY_LIMIT, GATEWAY_SITE_ENGINE_THREADS, "
+      "GATEWAY_SITE_HOST, GATEWAY_SITE_ISSUER, GATEWAY_SITE_JWKS, GATEWAY_SITE_JWKS_URL, "
       "GATEWAY_SITE_MAX_TOKEN_LIFETIME, GATEWAY_SITE_METRICS_HOST, GATEWAY_SITE_METRICS_PORT, GATEWAY_SITE_POLICY, "
       "GATEWAY_SITE_PORT, GATEWAY_SITE_PORT_FILE, GATEWAY_SITE_STATE_DIR, GATEWAY_SITE_STOP_GRACE, "
       "GATEWAY_SITE_TLS_CERT, GATEWAY_SITE_TLS_KEY, GATEWAY_SITE_TRUSTED_KEYS"]),
@@ -100,9 +103,23 @@ def test_settings_without_a_file_come_from_the_environment_and_flags():
      ["--policy: policy: is required: give --policy, $GATEWAY_SITE_POLICY or policy: in the config file"]),
     ("policy: p.yaml\nport: 1\nport: 2\njwks: k.json\n", {}, {}, ["3: port: key appears more than once"]),
     ("policy: [p.yaml\n", {}, {}, ["2: (yaml): expected ',' or ']', but got '<stream end>'"]),
+    (SITE + "engine_memory_limit: 16MB\n", {}, {},
+     ["12: engine_memory_limit: should be at least 64MiB; got 15.3MiB"]),
+    (SITE, {"GATEWAY_SITE_ENGINE_MEMORY_LIMIT": "lots"}, {},
+     ["$GATEWAY_SITE_ENGINE_MEMORY_LIMIT: engine_memory_limit: could not parse value and unit from byte string"]),
+    (SITE, {}, {"engine_threads": 0}, ["--engine-threads: engine_threads: should be at least 1; got 0"]),
 ])
 def test_every_problem_says_where_it_was_given(tmp_path, text, env, flags, expected):
     assert _site_problems(tmp_path, text, env, flags) == expected
+
+
+def test_the_engines_limits_come_in_any_unit_from_file_variable_or_flag(tmp_path):
+    path = _file(tmp_path, SITE + "engine_memory_limit: 4GiB\nengine_threads: 2\n")
+    assert load_site_settings(path, {}).engine_limits() == EngineLimits(4 * 2**30, 2)
+    assert load_site_settings(path, {"GATEWAY_SITE_ENGINE_MEMORY_LIMIT": "512MB"}).engine_limits().memory_bytes == (
+        512_000_000)
+    assert load_site_settings(path, {}, {"engine_memory_limit": "1.5GB"}).engine_limits().memory_bytes == 1_500_000_000
+    assert load_site_settings(_file(tmp_path, SITE, "plain.yaml"), {}).engine_limits() == EngineLimits(None, None)
 
 
 def test_a_file_checked_on_its_own_may_leave_the_token_keys_to_flags(tmp_path):

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
-from .._engine import Engine, file_stamp
+from .._engine import NO_LIMITS, Engine, EngineLimits, file_stamp
 from .._logging import event
 from .._scopes import cap_scope
 from ..audit import AuditLog
@@ -49,6 +49,7 @@ class HasLive(Protocol):
     state_dir: Path
     audit: AuditLog
     ledger: Ledger
+    engine_limits: EngineLimits
 
 
 def publish_metrics(state: HasLive) -> None:
@@ -80,13 +81,13 @@ def configured_caps(ledger: Ledger, policy: Policy, now: datetime) -> list[tuple
     return found
 
 
-def load_live(path: Path, state_dir: Path) -> Live:
+def load_live(path: Path, state_dir: Path, limits: EngineLimits = NO_LIMITS) -> Live:
     """Load and fully validate a policy and prepare its data; raises on any problem."""
     loaded = load_policy(path)
     problems = validate_templates(loaded)
     if problems:
         raise PolicyFileError(problems)
-    engine = Engine(loaded, state_dir)
+    engine = Engine(loaded, state_dir, limits=limits)
     try:
         engine.prepare_all()
     except GatewayError:
@@ -135,7 +136,7 @@ class PolicyWatcher(threading.Thread):
     def reload(self) -> bool:
         """Try to load the file now; True when the new policy is live."""
         try:
-            live = load_live(self.path, self.state.state_dir)
+            live = load_live(self.path, self.state.state_dir, self.state.engine_limits)
         except Exception as err:  # any failure keeps the last good policy live
             self.state.metrics.policy_reloads.labels("rejected").inc()
             reason = str(err).splitlines()[0][:500] if str(err) else type(err).__name__

@@ -28,6 +28,7 @@ import grpc
 from grpc_health.v1.health import HealthServicer
 
 from .. import _mechanisms as mechanisms
+from .._engine import NO_LIMITS, EngineLimits
 from .._logging import event
 from .._proto.gateway.v1 import gateway_pb2 as pb
 from .._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
@@ -66,6 +67,7 @@ class SiteState:
     allowed_peers: tuple[str, ...] = ()
     proofs: ProofChecker = field(default_factory=ProofChecker)
     rejections: RejectionCounter = field(default_factory=RejectionCounter)
+    engine_limits: EngineLimits = NO_LIMITS
 
 
 class SiteService(pb_grpc.GatewayServicer):
@@ -299,6 +301,7 @@ class SiteOptions:
     reload_interval: float = 2.0
     init: bool = False  # begin a new ledger although the audit log has a history
     rejection_interval: float = 60.0  # calls without credentials: at most one audit record per source per interval
+    engine_limits: EngineLimits = NO_LIMITS  # the operator's limits on DuckDB's memory and threads
 
 
 @dataclass
@@ -354,7 +357,7 @@ def build_site_server(options: SiteOptions, metrics: SiteMetrics | None = None,
     try:
         for stale in options.state_dir.glob("engine-*.duckdb*"):
             stale.unlink(missing_ok=True)
-        live = load_live(options.policy, options.state_dir)
+        live = load_live(options.policy, options.state_dir, options.engine_limits)
         with readable_ledger(held.ledger):
             # the audit log first: it restores release records the ledger anchored and the log lacks
             audit = AuditLog(held.audit, anchored=lambda seq: anchored_records(held.ledger, seq))
@@ -371,7 +374,8 @@ def build_site_server(options: SiteOptions, metrics: SiteMetrics | None = None,
         raise
     state = SiteState(live=live, ledger=ledger, audit=audit, metrics=metrics or SiteMetrics(),
                       verifier=options.verifier, state_dir=options.state_dir, noise=noise or mechanisms.Noise(),
-                      allowed_peers=options.allowed_peers, rejections=RejectionCounter(options.rejection_interval))
+                      allowed_peers=options.allowed_peers, rejections=RejectionCounter(options.rejection_interval),
+                      engine_limits=options.engine_limits)
     publish_metrics(state)  # before the first call: a scrape right after a restart sees every budget
     server, port, health, workers = make_server(SiteService(state), options.host, options.port, options.tls)
     watcher = PolicyWatcher(state, options.policy, options.reload_interval)

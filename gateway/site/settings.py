@@ -12,12 +12,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import ByteSize, Field, field_validator
 
+from .._engine import EngineLimits
 from .._settings import ServerSettings, Sources, load_settings
 from .._yamlfile import ConfigFileError
 
 ENV_PREFIX = "GATEWAY_SITE_"
+MIN_ENGINE_MEMORY = 64 * 2**20  # below this DuckDB cannot load even small datasets
 
 
 class SiteSettings(ServerSettings):
@@ -34,6 +36,23 @@ class SiteSettings(ServerSettings):
     """Require client certificates signed by this CA (mTLS): the broker's."""
     allow_peers: tuple[str, ...] = ()
     """Accept queries only from client certificates with these common names (the broker's)."""
+    engine_memory_limit: ByteSize | None = None
+    """The most memory the query engine (DuckDB) may use, e.g. ``4GB`` or ``512MiB`` (at least 64 MiB);
+    a query that needs more is refused with nothing charged, and the data must load within it.
+    Default: DuckDB's own, 80% of the machine's memory."""
+    engine_threads: int | None = Field(default=None, ge=1, le=1024)
+    """Threads the query engine (DuckDB) may use; default: one per core."""
+
+    @field_validator("engine_memory_limit")
+    @classmethod
+    def _enough_memory(cls, value: ByteSize | None) -> ByteSize | None:
+        if value is not None and value < MIN_ENGINE_MEMORY:
+            raise ValueError(f"should be at least 64MiB; got {value.human_readable()}")
+        return value
+
+    def engine_limits(self) -> EngineLimits:
+        """The engine's limits from these settings."""
+        return EngineLimits(int(self.engine_memory_limit) if self.engine_memory_limit else None, self.engine_threads)
 
 
 class SiteConfigError(ConfigFileError):
