@@ -100,7 +100,7 @@ def test_a_site_without_noise_gives_lifelines_test_between_stages(start_site, to
     assert result.logrank is test  # computed once per result
     table = query_table(result.response)
     assert "survival(survival_months, death): log-rank between 4 groups: chi-square" in table
-    assert "p < 0.0005" in table
+    assert "p <= 0.0005" in table
     json = query_json(result.response)["logrank"]["survival(survival_months, death)"]
     assert json["df"] == 3 and json["statistic"] == pytest.approx(want.test_statistic, rel=1e-9)
 
@@ -129,7 +129,7 @@ def released(events: np.ndarray, censored: np.ndarray, scale: float, rng: np.ran
     The noise is the bootstrap's own sampler, seeded, so that the rates below are reproducible;
     ``test_the_null_draws_noise_is_opendps_discrete_laplace`` holds it to OpenDP's, which sites use.
     """
-    noisy_d = events + _discrete_laplace(rng, scale, 1.0, events.shape)
+    noisy_d = events + _discrete_laplace(rng, scale, 1.0, events.shape)  # one draw per site and count
     noisy_c = censored + _discrete_laplace(rng, scale, 1.0, censored.shape)
     return noisy_d.sum(0), noisy_c.sum(0)
 
@@ -163,11 +163,11 @@ SCENARIOS = {
 def test_under_the_null_the_calibrated_test_rejects_at_its_level_and_the_chi_square_does_not(epsilon,
                                                                                               scenario) -> None:
     sizes, censoring = SCENARIOS[scenario]
-    calibrated, naive = rejection_rates(epsilon, sizes, censoring, runs=400, seed=int(epsilon * 10))
-    # 300 runs: the rate's standard error at 5% is 1.3 points, so [2%, 8%] holds a right test
+    calibrated, naive = rejection_rates(epsilon, sizes, censoring, runs=600, seed=int(epsilon * 10))
+    # 600 runs: the rate's standard error at 5% is 0.9 points, so [2%, 8%] holds a right test
     assert 0.02 <= calibrated <= 0.08, calibrated
-    # measured (calibrated, chi-square): 2 groups 0.045, 0.855 at epsilon 0.1 and 0.045, 0.172 at 1;
-    # 3 groups 0.040, 0.948 and 0.068, 0.455
+    # measured (calibrated, chi-square): 2 groups 0.042, 0.807 at epsilon 0.1 and 0.033, 0.175 at 1;
+    # 3 groups 0.042, 0.960 and 0.038, 0.395
     assert naive > 0.08, naive  # the chi-square p-value of the same statistic fails the same check
 
 
@@ -183,13 +183,18 @@ def test_the_null_draws_noise_is_opendps_discrete_laplace() -> None:
     """The bootstrap's sampler against OpenDP's on the same scale: spread and tails."""
     rng = np.random.default_rng(3)
     for scale in (0.5, 2.0, 10.0):
-        ours = _discrete_laplace(rng, scale, 1.0, (200_000,))
-        theirs = np.asarray(mechanisms.measurement(scale)([0] * 200_000), dtype=float)
+        ours = _discrete_laplace(rng, scale, 1.0, (100_000,))
+        theirs = np.asarray(mechanisms.measurement(scale)([0] * 100_000), dtype=float)
         assert ours.std() == pytest.approx(discrete_laplace_std(scale), rel=0.02)
-        assert theirs.std() == pytest.approx(ours.std(), rel=0.02)
+        assert theirs.std() == pytest.approx(ours.std(), rel=0.03)
         tail = 2 * scale
         assert np.mean(np.abs(ours) > tail) == pytest.approx(np.mean(np.abs(theirs) > tail), abs=0.005)
         assert np.all(ours == np.round(ours))  # on the integers, as the counts' noise is
+        # four sites' noises at once (negative binomials) are the sum of four of OpenDP's
+        four = _discrete_laplace(rng, scale, 1.0, (30_000,), terms=4)
+        summed = np.asarray(mechanisms.measurement(scale)([0] * 120_000), dtype=float).reshape(4, -1).sum(0)
+        assert four.std() == pytest.approx(2 * discrete_laplace_std(scale), rel=0.03)
+        assert np.mean(np.abs(four) > 2 * tail) == pytest.approx(np.mean(np.abs(summed) > 2 * tail), abs=0.01)
 
 
 # --- power ---------------------------------------------------------------------------------------------------
