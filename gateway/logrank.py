@@ -83,6 +83,7 @@ if TYPE_CHECKING:
 
     Floats = NDArray[np.float64]
 
+_MOST = 1e12  # the largest count simulated (binomial draws in 64-bit integers)
 DRAWS = 1999  # null draws: p-values are multiples of 1/2000, down to 0.0005
 METHOD = "log-rank over the grid's times, p-value from a noise-calibrated parametric bootstrap under the null"
 
@@ -191,6 +192,8 @@ def logrank(events: Sequence[Sequence[float]], censored: Sequence[Sequence[float
     keys = tuple(groups) or tuple((g,) for g in range(d.shape[0]))
     if d.shape[0] < 2:
         return no_test("one group: nothing to compare (ask for survival by a column, e.g. by='stage')", keys)
+    if not (np.all(np.abs(d) < _MOST) and np.all(np.abs(c) < _MOST)):  # NaN, infinite or past any registry
+        return no_test("the counts are not numbers of patients this test can simulate", keys)
     if draws < 1:
         raise ValueError("draws must be at least 1")
     observed = float(statistic(d, c))

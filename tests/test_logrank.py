@@ -243,6 +243,12 @@ def test_an_empty_group_and_times_with_nobody_at_risk_give_a_finite_test() -> No
     assert math.isfinite(noisy.statistic) and noisy.statistic >= 0 and 0 < noisy.p_value <= 1
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf, 1e300])
+def test_counts_no_registry_could_hold_give_no_test_not_a_crash(bad) -> None:
+    test = logrank([[5, bad, 1], [4, 2, 2]], [[1, 0, 10], [3, 3, 3]], [[(1.0, 1.0)]] * 2)
+    assert math.isnan(test.p_value) and "not numbers of patients" in test.note
+
+
 def test_the_same_answer_gives_the_same_p_value() -> None:
     rng = np.random.default_rng(5)
     d, c = released(*federation(rng, [100, 100], [0.1] * 10, [[0.05] * 10] * 2, 4), 2.0, rng)
