@@ -155,6 +155,8 @@ class Kind:
     per_count: ClassVar[str] = ""
     # the names of the numeric parameters the kind takes after its columns (a quantile's q)
     parameters: ClassVar[tuple[str, ...]] = ()
+    # the test between an answer's groups that post-processing gives, if any (survival: gateway.logrank)
+    group_test: ClassVar[str] = ""
 
     def check(self, agg: Aggregate, column_for: Callable[[str, str], Column]) -> None:
         """Refuse ``agg`` unless it has this kind's shape; ``column_for(name, role)`` checks a column's role."""
@@ -338,6 +340,7 @@ class Survival(Kind):
     components = (ComponentSpec("counts", "survival_bins", Fraction(1)),)
     mechanism = "kaplan_meier({})"
     summary = "median"
+    group_test = "log-rank"
 
     def check(self, agg: Aggregate, column_for: Callable[[str, str], Column]) -> None:
         super().check(agg, column_for)

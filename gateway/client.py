@@ -31,6 +31,7 @@ Survival in a few lines (a Kaplan-Meier curve per stage over the grid the policy
     curves = gw.survival("patients", time="survival_months", event="death", by="stage", epsilon=0.5)
     print(curves.frame)        # stage, time, survival, ci_low, ci_high, at_risk, events
     print(curves.medians)      # stage, median, ci_low, ci_high
+    print(curves.logrank)      # do the stages differ? statistic, df, p_value (calibrated for the noise)
     curves.plot("survival.png")   # needs the plot extra: pip install 'gateway[plot]'
 
 Medians and histograms over the bins the policy declares (all the quantiles of one call cost one
@@ -208,7 +209,8 @@ class Client:
         """Kaplan-Meier survival of ``dataset`` over the policy's time grid on ``time``, per group of ``by``.
 
         ``event`` is the event column (1: the event, 0: censored). Its SQL form is
-        ``SELECT stage, survival(time, event) FROM dataset GROUP BY stage``.
+        ``SELECT stage, survival(time, event) FROM dataset GROUP BY stage``. The result's ``logrank``
+        tests whether the groups differ (post-processing of the same answer: no further budget).
         """
         request = query_request(None, survival_spec(dataset, time, event, by, filters), None, None, epsilon,
                                 dry_run, query_id, sites)

@@ -10,6 +10,7 @@ from typing import Any
 from ._proto.gateway.v1 import gateway_pb2 as pb
 from .aggregates import KINDS
 from .guarantee import describe as describe_guarantee
+from .logrank import LogRank, logrank_of
 from .policy import Policy
 
 
@@ -45,6 +46,10 @@ def query_json(response: pb.QueryResponse) -> dict[str, Any]:
                            "dry_run": response.dry_run, "notes": list(response.notes)}
     if response.names:  # SQL aliases: the rows use them; "aggregates" keeps the labels
         out["names"] = dict(response.names)
+    tests = {label: {"statistic": _num(t.statistic), "df": t.df, "p_value": _num(t.p_value), "draws": t.draws,
+                     "method": t.method, "note": t.note} for label, t in _group_tests(response)}
+    if tests:  # per survival aggregate: the log-rank test between the groups
+        out["logrank"] = tests
     if response.sites or response.site_answers or response.missing_sites:
         out["sites"] = list(response.sites)
         out["missing_sites"] = [{"site": m.site, "reason": m.reason, "message": m.message}
@@ -67,6 +72,7 @@ def query_table(response: pb.QueryResponse) -> str:
     out += ["  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) for cells in lines]
     kind = "would charge" if response.dry_run else "charged"
     source = "  (stored answer, no charge)" if response.cached else ""
+    out += [f"{label}: {test}" for label, test in _group_tests(response)]
     out.append(f"epsilon {kind}: {response.epsilon_charged:g}   budget remaining: "
                f"{response.budget_remaining:g}{source}")
     if response.sites:
@@ -75,6 +81,15 @@ def query_table(response: pb.QueryResponse) -> str:
         out.append(f"missing site {m.site}: {m.reason} ({m.message})")
     out += [f"note: {note}" for note in response.notes]
     return "\n".join(out)
+
+
+def _group_tests(response: pb.QueryResponse) -> list[tuple[str, LogRank]]:
+    """The test between the groups of each aggregate that has one (survival's log-rank), with 2+ groups."""
+    if response.dry_run or len(response.rows) < 2:
+        return []
+    head = response.rows[0].estimates
+    return [(response.names.get(e.aggregate, e.aggregate), logrank_of(response, j)) for j, e in enumerate(head)
+            if e.function in KINDS and KINDS[e.function].group_test]
 
 
 def _dry_cell(e: pb.Estimate) -> str:

@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import polars as pl
 from ._proto.gateway.v1 import gateway_pb2 as pb
 from ._wire import parts_from_wire
 from .errors import MissingSitesWarning
+from .logrank import LogRank, logrank_of
 from .survival import numbers_at_risk, split_counts
 
 _STATS = ("std_error", "ci_low", "ci_high")
@@ -191,7 +193,8 @@ class SurvivalResult(QueryResult):
     plus the noise's), and the noisy ``at_risk`` (still at risk just after the grid's previous
     time) and ``events`` (after the previous time, up to ``time``). :attr:`medians` has the group
     columns, ``median``, ``ci_low`` and ``ci_high`` (None where the curve or its band does not
-    reach 0.5 on the grid). A suppressed group's values are None.
+    reach 0.5 on the grid). A suppressed group's values are None. :attr:`logrank` tests whether the
+    groups' survival differs, with a p-value calibrated for the noise (:mod:`gateway.logrank`).
     """
 
     def __init__(self, response: pb.QueryResponse, time: str = "time") -> None:
@@ -229,9 +232,24 @@ class SurvivalResult(QueryResult):
         schema = self._key_schema() | dict.fromkeys(("median", "ci_low", "ci_high"), pl.Float64)
         return pl.DataFrame(records, schema=schema, strict=False)  # mixed keys become text
 
+    @cached_property
+    def logrank(self) -> LogRank:
+        """The log-rank test between the groups (each row: a combination of the group-by keys).
+
+        ``statistic`` (chi-square), ``df`` (groups - 1), ``p_value`` from a parametric bootstrap
+        under the null with the answer's own noise (``draws`` draws, seeded by the answer, so the
+        same answer gives the same p-value), ``method``, and a ``note`` (why there is no test with
+        one group; which withheld groups are left out). Post-processing: it costs no budget.
+        """
+        return logrank_of(self.response)
+
     def to_polars(self) -> pl.DataFrame:
         """The curves: :attr:`frame`."""
         return self.frame
+
+    def __repr__(self) -> str:
+        test = f"\n{self.logrank}" if len(self.response.rows) > 1 and not self.response.dry_run else ""
+        return super().__repr__() + test
 
     def plot(self, path: str | Path, title: str | None = None) -> Path:
         """Write the curves as a PNG (one per group, shaded bands, numbers at risk); returns ``path``.

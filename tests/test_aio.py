@@ -34,6 +34,7 @@ def test_every_call_against_a_site_learning_whom_to_sign_for(start_site, token):
     assert counts.to_polars().columns[:2] == ["stage", "n"]
     assert counts.to_polars()["n"].to_list() == again.to_polars()["count"].to_list()  # exact noise: same counts
     assert isinstance(curves, SurvivalResult) and curves.frame.height > 0
+    assert curves.logrank.df == 3 and 0 < curves.logrank.p_value <= 1  # the same call gives the test
     charged = counts.epsilon_charged + again.epsilon_charged + curves.epsilon_charged
     assert charged > 0 and budget["spent"][0] == pytest.approx(charged)
     assert budget.schema["resets_at"] == pl.Datetime("us", "UTC")

@@ -18,6 +18,8 @@ def test_demo_runs_and_exits_zero():
     survival = out[out.index("5. Survival by stage"):out.index("6. Survival months on age")]
     assert [line.split()[0] for line in survival.splitlines()[3:7]] == ["I", "II", "III", "IV"]
     assert "gateway-demo-survival-by-stage.png" in survival
+    # and whether the stages differ: the log-rank test on 3 df, its p-value calibrated for the noise
+    assert "do the stages differ? log-rank chi-square" in survival and "on 3 df, p-value" in survival
     # a regression pooled over the sites: the intercept and two slopes with intervals, n and R^2
     regression = out[out.index("6. Survival months on age"):out.index("7. Question 2")]
     assert [line.split()[0] for line in regression.splitlines()[3:6]] == ["(intercept)", "age_at_diagnosis", "bmi"]
