@@ -17,7 +17,8 @@ or bins still move it by at most the sensitivity in L1. How released
 components become estimates (a mean's ratio, a survival curve) is the kind's post-processing.
 
 A quantile asked of one site directly (``QueryRequest.single_site``) is not noised but selected:
-OpenDP's report noisy max with Gumbel noise (``make_noisy_max``, the exponential mechanism) picks
+OpenDP's report noisy max (``make_noisy_max`` under pure DP: exponential noise on the scores, which
+is permute-and-flip, an exponential mechanism never less accurate than the classic one) picks
 one of the declared edges by OpenDP's quantile score, |(1 - q) #(x < c) - q #(x > c)| in units of
 1/den for q = num/den (:func:`quantile_scores`, the formula of OpenDP's
 ``make_quantile_score_candidates``, computed from the engine's exact counts per cell so that no
@@ -96,7 +97,7 @@ class Component:
 
     def part(self, noisy: Sequence[float]) -> Part:
         """One group's released values of this component as a part of its estimate."""
-        if self.level is not None:  # the selected edge's index; the noise is Gumbel on the scores, in ranks
+        if self.level is not None:  # the selected edge's index; the noise's scale is on the scores, in ranks
             return Part(self.name, float(noisy[0]), math.nan, math.nan, self.scale / self.unit)
         sources = ((self.scale / self.unit, 1 / self.unit),)
         if not self.shape:
@@ -251,7 +252,7 @@ def selection_scale_for(sensitivity: int, epsilon: Fraction) -> float:
 
 @lru_cache(maxsize=4096)
 def selection(scale: float) -> dp.Measurement:
-    """OpenDP's report noisy max (Gumbel noise) selecting the smallest of u64 scores under L-infinity distance."""
+    """OpenDP's report noisy max (exponential noise) selecting the smallest u64 score under L-infinity distance."""
     return dp.m.make_noisy_max(dp.vector_domain(dp.atom_domain(T="u64")), dp.linf_distance(T="u64"),
                                dp.max_divergence(), scale=scale, negate=True)
 
@@ -266,7 +267,7 @@ class Noise:
     """The production noise source: OpenDP's sampler. Subclassed only by test fixtures."""
 
     mechanism = "discrete_laplace"
-    selection_mechanism = "report_noisy_max_gumbel"
+    selection_mechanism = "report_noisy_max_exponential"
 
     def apply(self, component: Component, exact: tuple[int, ...]) -> list[int]:
         """Noisy copy of ``exact`` for ``component``."""

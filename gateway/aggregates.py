@@ -479,9 +479,10 @@ class Median(Quantile):
 class SiteQuantile(Quantile):
     """A quantile at one site by OpenDP's quantile mechanism (``QueryRequest.single_site``).
 
-    The exponential mechanism (report noisy max, Gumbel noise) selects one of the declared edges
-    t0 < ... < tm, scored by OpenDP's quantile score: for edge c, |(1 - q) #(x < c) - q #(x > c)|,
-    the distance of c's rank from the target rank, smaller being better. The engine releases
+    An exponential mechanism (OpenDP's report noisy max with exponential noise: permute-and-flip)
+    selects one of the declared edges t0 < ... < tm, scored by OpenDP's quantile score: for edge c,
+    |(1 - q) #(x < c) - q #(x > c)|, the distance of c's rank from the target rank, smaller being
+    better. The engine releases
     nothing but the selected edge; it computes the rows per cell of the line the edges cut
     (``candidate_cells``: one row adds 1 to one cell), from which :mod:`gateway._mechanisms` derives
     the scores. One row moves every score by at most max(q, 1 - q) ranks, one patient by k times
@@ -534,11 +535,12 @@ class SiteMedian(SiteQuantile):
 def rank_error_95(scale: float, candidates: int) -> float:
     """With 95% probability, how many ranks more than the best edge's the selected edge's rank misses by.
 
-    The utility theorem of the exponential mechanism, here report noisy max with Gumbel noise of
-    ``scale`` s (in ranks; s = 2 Δ / epsilon for scores of sensitivity Δ = k max(q, 1 - q) ranks):
-    the selected edge's score is worse than the best edge's by more than s (ln |C| + t) with
-    probability at most e^-t, over |C| ``candidates``; t = ln 20 for 95%. Public: it depends on
-    epsilon, k, q and the number of edges, never on data.
+    The utility theorem of the exponential mechanism, which report noisy max with exponential noise
+    (permute-and-flip; McKenna and Sheldon 2020) satisfies too: at noise ``scale`` s (in ranks;
+    s = 2 Δ / epsilon for scores of sensitivity Δ = k max(q, 1 - q) ranks) the selected edge's
+    score is worse than the best edge's by more than s (ln |C| + t) with probability at most e^-t,
+    over |C| ``candidates``; t = ln 20 for 95%. Public: it depends on epsilon, k, q and the number
+    of edges, never on data.
     """
     return scale * math.log(20 * candidates)
 

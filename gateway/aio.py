@@ -134,9 +134,10 @@ class Client:
     async def query(self, sql: str | None = None, *, structured: StructuredSpec | None = None,
                     template: str | None = None, params: Mapping[str, Any] | None = None, epsilon: float = 0.0,
                     dry_run: bool = False, query_id: str | None = None, sites: Sequence[str] = (),
-                    require_all_sites: bool | None = None) -> QueryResult:
+                    require_all_sites: bool | None = None, single_site: bool = False) -> QueryResult:
         """Run one query (see :meth:`gateway.client.Client.query`)."""
         request = query_request(sql, structured, template, params, epsilon, dry_run, query_id, sites)
+        request.single_site = single_site
         return finish(await self._call(self._stub.Query, request), self._require(require_all_sites))
 
     async def survival(self, dataset: str, *, time: str, event: str, by: str | Sequence[str] | None = None,

@@ -96,7 +96,8 @@ from .results import (
 )
 
 __all__ = ["Client", "Column", "Dataset", "HistogramResult", "QuantilesResult", "QueryResult", "RegressionResult",
-           "ServerStatus", "SiteQuantilesResult", "StructuredSpec", "SurvivalResult", "Template", "Tls", "structured_message"]
+           "ServerStatus", "SiteQuantilesResult", "StructuredSpec", "SurvivalResult", "Template", "Tls",
+           "structured_message"]
 
 T = TypeVar("T")
 
@@ -163,7 +164,7 @@ class Client:
     def query(self, sql: str | None = None, *, structured: StructuredSpec | None = None,
               template: str | None = None, params: Mapping[str, Any] | None = None, epsilon: float = 0.0,
               dry_run: bool = False, query_id: str | None = None, sites: Sequence[str] = (),
-              require_all_sites: bool | None = None) -> QueryResult:
+              require_all_sites: bool | None = None, single_site: bool = False) -> QueryResult:
         """Run one query, given as SQL, a structured mapping or an approved template with params.
 
         ``structured`` looks like ``{"dataset": "patients", "aggregates": ["count", ("mean", "age")],
@@ -171,9 +172,11 @@ class Client:
         ``("patient_id", "in", {"dataset": "treatments", "filters": [("treatment_type", "=", "surgery")]})``
         (or ``"not in"``). ``epsilon=0`` uses the policy default. An answer lacking sites warns
         (:class:`~gateway.errors.MissingSitesWarning`), or with ``require_all_sites`` raises
-        :class:`~gateway.errors.IncompleteAnswer`.
+        :class:`~gateway.errors.IncompleteAnswer`. ``single_site``: medians and quantiles by OpenDP's
+        quantile mechanism at the one site asked (see :meth:`quantiles`; a broker refuses it).
         """
         request = query_request(sql, structured, template, params, epsilon, dry_run, query_id, sites)
+        request.single_site = single_site
         return finish(self._call(self._stub.Query, request), self._require(require_all_sites))
 
     def plan(self, sql: str | None = None, *, structured: StructuredSpec | None = None, template: str | None = None,

@@ -103,7 +103,8 @@ def test_with_opendp_noise_exact_quantiles_fall_in_the_intervals(start_site, tok
     site = start_site()
     rows = [a for (a,) in exact(site_data, "SELECT age_at_diagnosis FROM patients")]
     with client(site, token) as c:
-        result = c.quantiles("patients", "age_at_diagnosis", qs=(0.1, 0.25, 0.5, 0.75, 0.9), epsilon=0.5)
+        result = c.quantiles("patients", "age_at_diagnosis", qs=(0.1, 0.25, 0.5, 0.75, 0.9), epsilon=0.5,
+                             method="histogram")
         assert result.epsilon_charged == 0.5  # five quantiles, one histogram, one epsilon
     for row in result.frame.iter_rows(named=True):
         truth = sample_quantile(rows, row["q"])
@@ -168,7 +169,8 @@ def test_values_outside_the_bins_are_clamped_and_missing_ones_left_out(tmp_path:
 def test_several_quantiles_of_one_histogram_cost_one_epsilon_in_the_client(start_site, token) -> None:
     site = start_site()
     with client(site, token) as c:
-        result = c.quantiles("patients", "age_at_diagnosis", qs=(0.1, 0.5, 0.9), by="sex", epsilon=0.3)
+        result = c.quantiles("patients", "age_at_diagnosis", qs=(0.1, 0.5, 0.9), by="sex", epsilon=0.3,
+                             method="histogram")
         assert result.frame.columns == ["sex", "q", "value", "ci_low", "ci_high"]
         assert result.frame.height == 6 and result.epsilon_charged == pytest.approx(0.3)
         assert site.state.ledger.total_spent() == pytest.approx(0.3)
@@ -220,7 +222,7 @@ def test_the_asyncio_client_offers_the_same_calls(start_site, token) -> None:
 
     async def session() -> tuple[QuantilesResult, HistogramResult]:
         async with AioClient(site.target, token=token()) as gw:
-            quantiles = await gw.quantiles("patients", "age_at_diagnosis", qs=(0.5,), epsilon=1)
+            quantiles = await gw.quantiles("patients", "age_at_diagnosis", qs=(0.5,), epsilon=1, method="histogram")
             histogram = await gw.histogram("patients", "age_at_diagnosis", epsilon=1)
         return quantiles, histogram
 
