@@ -74,7 +74,8 @@ def opendp_scores(values: list[int], edges: list[int], q: float) -> tuple[list[i
 
 # -- the scores ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("bins", [Bins(width=2.5, max=10), Bins(edges=(-1, 0, 2.5, 7, 10))], ids=["regular", "explicit"])
+@pytest.mark.parametrize("bins", [Bins(width=2.5, max=10), Bins(edges=(-1, 0, 2.5, 7, 10))],
+                         ids=["regular", "explicit"])
 @pytest.mark.parametrize("q", [0.5, 0.25, 0.9, 0.3])
 def test_the_engine_s_counts_give_opendp_s_quantile_scores(tmp_path: Path, bins: Bins, q: float) -> None:
     raw = [-5.0, 0.0, 0.0, 2.49, 2.5, 2.5, 2.5, 4.2, 7.0, 9.99, 10.0, 10.0, 1e300, None, float("nan"),
