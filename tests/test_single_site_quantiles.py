@@ -47,6 +47,7 @@ from gateway.query import Query, check_query
 from tests.helpers.data import exact
 from tests.helpers.policies import example_policy, with_dataset, write_policy
 from tests.helpers.servers import ExactNoise, client, signed
+from tests.privacy.audit import noisy_max_probabilities
 
 AGE_EDGES = tuple(float(a) for a in range(18, 101))  # the example policies' age bins: one per year
 
@@ -133,21 +134,6 @@ def _component(epsilon: Fraction, q: float = 0.5, k: int = 1) -> mechanisms.Comp
                                 level.denominator, (2 * 101 + 1,), level)
 
 
-def _probabilities(scores: list[int], scale: float) -> np.ndarray:
-    """Exact selection probabilities of report noisy min with exponential noise of ``scale`` on ``scores``.
-
-    Edge i wins when u_i + E_i is the largest, u = -scores, E_i ~ Exponential(scale):
-    P(i) = integral of the density of u_i + E_i times P(u_j + E_j < x) for every other j, over
-    x >= max u (numerically, on a fine grid).
-    """
-    u = -np.asarray(scores, dtype=float)
-    x = np.linspace(u.max(), u.max() + 60 * scale, 100_001)
-    log_cdf = np.log(np.clip(-np.expm1(-(x[None, :] - u[:, None]) / scale), 1e-300, None))
-    others = log_cdf.sum(axis=0) - log_cdf
-    density = np.exp(-(x[None, :] - u[:, None]) / scale) / scale
-    return np.trapezoid(density * np.exp(others), x, axis=1)
-
-
 def test_the_draws_follow_the_exponential_mechanism_at_the_charged_epsilon() -> None:
     rng = random.Random(11)
     values = [min(max(round(rng.gauss(50, 10)), 0), 100) for _ in range(200)]
@@ -160,7 +146,7 @@ def test_the_draws_follow_the_exponential_mechanism_at_the_charged_epsilon() -> 
     errors = [(scores[i] - min(scores)) / component.unit for i in chosen]  # rank error beyond the best edge's
 
     def moments(scale: float) -> tuple[float, float]:
-        p = _probabilities(scores, scale)
+        p = noisy_max_probabilities(scores, scale)
         assert p.sum() == pytest.approx(1, abs=1e-6)
         error = (np.asarray(scores) - min(scores)) / component.unit
         mean = float((p * error).sum())
