@@ -151,7 +151,7 @@ class SiteQuantilesResult(QueryResult):
             for q in self.qs:
                 e = found.get(q)
                 value = None if e is None or e.suppressed or self.response.dry_run else _finite(e.value)
-                rank = None if e is None else _finite(e.rank_error_95)
+                rank = e.rank_error_95 if e is not None and e.rank_error_95 > 0 else None
                 records.append({**keys, "q": q, "value": value, "ci_low": None, "ci_high": None,
                                 "rank_error_95": rank})
         schema = self._key_schema() | dict.fromkeys(("q", "value", "ci_low", "ci_high", "rank_error_95"), pl.Float64)

@@ -32,7 +32,7 @@ def query_json(response: pb.QueryResponse) -> dict[str, Any]:
             item[names.get(e.aggregate, e.aggregate)] = {"value": _num(e.value), "std_error": _num(e.std_error),
                                  "ci95": [_num(e.ci_low), _num(e.ci_high)], "noise_scale": _num(e.noise_scale),
                                  "suppressed": e.suppressed, "clamped": e.clamped}
-            if math.isfinite(e.rank_error_95):  # a single-site quantile's bound on its rank (no interval)
+            if e.rank_error_95 > 0:  # a single-site quantile's bound on its rank (no interval)
                 item[names.get(e.aggregate, e.aggregate)]["rank_error_95"] = e.rank_error_95
             if e.shape:  # a vector estimate (a survival curve at the grid's times)
                 item[names.get(e.aggregate, e.aggregate)]["vector"] = {
@@ -83,7 +83,7 @@ def _dry_cell(e: pb.Estimate) -> str:
     """A dry run's accuracy: the 95% half-width, or for a mean its sum's noise over the group's count."""
     if math.isfinite(e.ci_half_width):
         return f"± {e.ci_half_width:.4g} (95%)"
-    if math.isfinite(e.rank_error_95):  # a single-site quantile: a bound on its rank, not its value
+    if e.rank_error_95 > 0:  # a single-site quantile: a bound on its rank, not its value
         return f"rank error ≤ {e.rank_error_95:.0f} rows beyond the best edge's (95%)"
     noise = {c.name: c for c in e.components}
     kind = KINDS.get(e.function)
@@ -97,7 +97,7 @@ def _cell(e: pb.Estimate, dry_run: bool) -> str:
         return _dry_cell(e)
     if e.suppressed:
         return "suppressed (small cell)"
-    if math.isfinite(e.rank_error_95):  # a single-site quantile: an edge, no interval; a bound on its rank
+    if e.rank_error_95 > 0:  # a single-site quantile: an edge, no interval; a bound on its rank
         return f"{e.value:g} [no interval; rank error ≤ {e.rank_error_95:.0f} rows beyond the best edge's, 95%]"
     kind = KINDS.get(e.function)
     if kind is not None and kind.bounds_of_every_column and e.values:  # a fit: its summary, then its coefficients

@@ -32,7 +32,6 @@ import itertools
 import math
 from collections.abc import Iterator
 from fractions import Fraction
-from pathlib import Path
 
 import duckdb
 import numpy as np
