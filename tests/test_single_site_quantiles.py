@@ -21,7 +21,9 @@ mechanism (OpenDP's report noisy max with exponential noise) on OpenDP's quantil
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import json
 import math
 import random
 from fractions import Fraction
@@ -38,12 +40,14 @@ from gateway._binned import QuantilesResult, SiteQuantilesResult
 from gateway._engine import Engine
 from gateway._proto.gateway.v1 import gateway_pb2 as pb
 from gateway._sqlfront import parse_sql
+from gateway.aio import Client as AioClient
 from gateway.aggregates import SINGLE_SITE, rank_error_95
 from gateway.errors import FailedPrecondition, InvalidQuery
 from gateway.policy import Bins, load_policy
 from gateway.policy import Column as PolicyColumn
 from gateway.proof import request_digest
 from gateway.query import Query, check_query
+from tests.helpers.cli import run_cli
 from tests.helpers.data import exact
 from tests.helpers.policies import example_policy, with_dataset, write_policy
 from tests.helpers.servers import ExactNoise, client, signed
@@ -230,6 +234,27 @@ def test_auto_uses_the_mechanism_at_a_site_and_histograms_through_a_broker(start
         pooled = c.quantiles("patients", "age_at_diagnosis", qs=(0.5,), epsilon=0.5)
     assert isinstance(pooled, QuantilesResult)
     assert pooled.frame["ci_low"][0] is not None
+
+
+def test_the_asyncio_client_and_the_command_line_ask_for_it_too(start_site, token) -> None:
+    site = start_site()
+
+    async def session() -> QuantilesResult | SiteQuantilesResult:
+        async with AioClient(site.target, token=token()) as gw:
+            return await gw.quantiles("patients", "age_at_diagnosis", qs=(0.5,), epsilon=0.2)
+
+    asyncio_result = asyncio.run(session())
+    assert isinstance(asyncio_result, SiteQuantilesResult) and asyncio_result.frame["value"][0] in AGE_EDGES
+    shown = run_cli("query", "--target", site.target, "--single-site", "--epsilon", "0.2", "--json", "--sql",
+                    "SELECT median(age_at_diagnosis) FROM patients", env={"GATEWAY_TOKEN": token()})
+    assert shown.returncode == 0, shown.stderr
+    cell = json.loads(shown.stdout)["rows"][0]["median(age_at_diagnosis)"]
+    assert cell["value"] in AGE_EDGES and cell["ci95"] == [None, None]
+    assert cell["rank_error_95"] == pytest.approx(2 * 0.5 / 0.2 * math.log(20 * 83))
+    table = run_cli("query", "--target", site.target, "--single-site", "--epsilon", "0.2", "--sql",
+                    "SELECT median(age_at_diagnosis) FROM patients", env={"GATEWAY_TOKEN": token()})
+    assert "no interval; rank error ≤ 37 rows beyond the best edge's, 95%" in table.stdout, table.stdout
+    assert site.state.ledger.total_spent() == pytest.approx(0.4)  # the table's call was the JSON's, stored
 
 
 # -- refusals -----------------------------------------------------------------------------------------
