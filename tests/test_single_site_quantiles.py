@@ -40,8 +40,8 @@ from gateway._binned import QuantilesResult, SiteQuantilesResult
 from gateway._engine import Engine
 from gateway._proto.gateway.v1 import gateway_pb2 as pb
 from gateway._sqlfront import parse_sql
-from gateway.aio import Client as AioClient
 from gateway.aggregates import SINGLE_SITE, rank_error_95
+from gateway.aio import Client as AioClient
 from gateway.errors import FailedPrecondition, InvalidQuery
 from gateway.policy import Bins, load_policy
 from gateway.policy import Column as PolicyColumn
