@@ -103,8 +103,7 @@ def test_with_opendp_noise_exact_quantiles_fall_in_the_intervals(start_site, tok
     site = start_site()
     rows = [a for (a,) in exact(site_data, "SELECT age_at_diagnosis FROM patients")]
     with client(site, token) as c:
-        result = c.quantiles("patients", "age_at_diagnosis", qs=(0.1, 0.25, 0.5, 0.75, 0.9), epsilon=0.5,
-                             method="histogram")
+        result = c.quantiles("patients", "age_at_diagnosis", qs=(0.1, 0.25, 0.5, 0.75, 0.9), epsilon=0.5)
         assert result.epsilon_charged == 0.5  # five quantiles, one histogram, one epsilon
     for row in result.frame.iter_rows(named=True):
         truth = sample_quantile(rows, row["q"])
@@ -169,8 +168,7 @@ def test_values_outside_the_bins_are_clamped_and_missing_ones_left_out(tmp_path:
 def test_several_quantiles_of_one_histogram_cost_one_epsilon_in_the_client(start_site, token) -> None:
     site = start_site()
     with client(site, token) as c:
-        result = c.quantiles("patients", "age_at_diagnosis", qs=(0.1, 0.5, 0.9), by="sex", epsilon=0.3,
-                             method="histogram")
+        result = c.quantiles("patients", "age_at_diagnosis", qs=(0.1, 0.5, 0.9), by="sex", epsilon=0.3)
         assert result.frame.columns == ["sex", "q", "value", "ci_low", "ci_high"]
         assert result.frame.height == 6 and result.epsilon_charged == pytest.approx(0.3)
         assert site.state.ledger.total_spent() == pytest.approx(0.3)

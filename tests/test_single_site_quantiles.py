@@ -225,10 +225,12 @@ def test_a_dry_run_reports_the_rank_bound_and_charges_nothing(start_site, token)
     assert site.state.ledger.total_spent() == 0
 
 
-def test_auto_uses_the_mechanism_at_a_site_and_histograms_through_a_broker(start_site, start_broker, token) -> None:
+def test_auto_uses_the_mechanism_for_one_level_at_a_site_else_histograms(start_site, start_broker, token) -> None:
     site = start_site()
     with client(site, token) as c:
         assert isinstance(c.quantiles("patients", "age_at_diagnosis", qs=(0.5,), epsilon=0.5), SiteQuantilesResult)
+        # several levels would split the mechanism's epsilon: one histogram serves them all
+        assert isinstance(c.quantiles("patients", "age_at_diagnosis", epsilon=0.5), QuantilesResult)
     broker = start_broker({"north": start_site(name="north")})
     with client(broker, token) as c:
         pooled = c.quantiles("patients", "age_at_diagnosis", qs=(0.5,), epsilon=0.5)
