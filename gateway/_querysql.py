@@ -4,7 +4,8 @@ Names come only from the policy (quoted identifiers). Each aggregate's component
 the table of aggregate kinds declares them (:mod:`gateway.aggregates`): counts, fixed-point sums
 clamped *as integers* to the policy's bounds (or not clamped, for a column whose loaded values are
 all known to lie within them: the same numbers), sums about the bounds' midpoint, and vectors over
-a declared grid (survival's events and censorings, a histogram's bins) or a regression's products.
+a declared grid (survival's events and censorings, a histogram's bins, a single-site quantile's
+cells around the edges) or a regression's products.
 Group keys that are not public are computed here but never leave the engine.
 """
 

@@ -10,6 +10,9 @@ compares kind names.
 
 Free of OpenDP, DuckDB and pydantic (policy types are imported for type checking only), so the
 broker and the client can import it. Adding a kind means adding a class here and to :data:`KINDS`.
+A query asked of one site directly (``single_site``) releases its medians and quantiles by the
+kinds of :data:`SINGLE_SITE` instead (the exponential mechanism over the declared edges;
+:func:`kind_for`).
 """
 
 from __future__ import annotations

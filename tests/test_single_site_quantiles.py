@@ -186,10 +186,15 @@ def test_a_site_selects_an_edge_gives_no_interval_and_charges_once(start_site, t
                              query_id="ssq-1")
         again = c.quantiles("patients", "age_at_diagnosis", qs=(0.5, 0.9), epsilon=1, method="exponential",
                             query_id="ssq-1")
+        # the same aggregates without the flag are another release: not the stored answer, charged anew
+        plain = c.query(structured={"dataset": "patients", "aggregates": [
+            ("quantile", "age_at_diagnosis", {"q": 0.5}), ("quantile", "age_at_diagnosis", {"q": 0.9})]}, epsilon=1)
     assert isinstance(result, SiteQuantilesResult)
     assert result.frame.columns == ["q", "value", "ci_low", "ci_high", "rank_error_95"]
-    assert result.epsilon_charged == 1 and site.state.ledger.total_spent() == pytest.approx(1)
+    assert result.epsilon_charged == 1
     assert again.cached and again.epsilon_charged == 0 and again.frame.equals(result.frame)
+    assert not plain.cached and plain.response.rows[0].estimates[0].mechanism == "quantile(discrete_laplace)"
+    assert site.state.ledger.total_spent() == pytest.approx(2)
     for row in result.frame.iter_rows(named=True):
         assert row["value"] in AGE_EDGES and row["ci_low"] is None and row["ci_high"] is None
         # two levels: half the epsilon each; k = 1; 83 edges
