@@ -485,15 +485,15 @@ class SiteQuantile(Quantile):
     An exponential mechanism (OpenDP's report noisy max with exponential noise: permute-and-flip)
     selects one of the declared edges t0 < ... < tm, scored by OpenDP's quantile score: for edge c,
     |(1 - q) #(x < c) - q #(x > c)|, the distance of c's rank from the target rank, smaller being
-    better. The engine releases
-    nothing but the selected edge; it computes the rows per cell of the line the edges cut
-    (``candidate_cells``: one row adds 1 to one cell), from which :mod:`gateway._mechanisms` derives
-    the scores. One row moves every score by at most max(q, 1 - q) ranks, one patient by k times
-    that. The estimate is the edge itself; it carries no interval on the value (the mechanism gives
-    none, and none is made up from data) but the public bound on its rank error that holds with 95%
-    probability (:func:`rank_error_95`). At one site and small epsilon it is far more accurate than
-    the histogram's quantile (``bench/quantile_accuracy.py``); a broker cannot pool it, so a broker
-    refuses the request.
+    better. The site releases nothing but the selected edge; the engine computes the rows per cell
+    of the line the edges cut (``candidate_cells``: one row adds 1 to one cell), from which
+    :mod:`gateway._mechanisms` derives the scores. One row moves every score by at most
+    max(q, 1 - q) ranks, one patient by k times that. The estimate is the edge itself; it carries no
+    interval on the value (the mechanism gives none, and none is made up from data) but the public
+    bound on its rank error that holds with 95% probability (:func:`rank_error_95`). At one site and
+    small epsilon it is far more accurate than the histogram's quantile
+    (``bench/quantile_accuracy.py``); a broker cannot pool it, so a broker refuses the request. A
+    group with no rows scores every edge 0: its edge is drawn uniformly, and says nothing.
     """
 
     components = (ComponentSpec("choice", "candidate_cells", Fraction(1)),)
