@@ -126,5 +126,41 @@ class QuantilesResult(HistogramResult):
         return self.quantiles(self.qs)
 
 
+class SiteQuantilesResult(QueryResult):
+    """Quantiles one site selected by OpenDP's quantile mechanism (``method="exponential"``).
+
+    :attr:`frame` has the group columns, ``q``, ``value`` (the declared bin edge the exponential
+    mechanism selected), ``ci_low`` and ``ci_high`` (always empty: the mechanism gives no interval
+    on the value, and none is made up from the data) and ``rank_error_95``: with 95% probability the
+    value's rank misses the target rank q x rows by at most that many rows more than the best of the
+    edges does (public: it depends on epsilon, the rows per patient, q and the number of edges).
+    """
+
+    def __init__(self, response: pb.QueryResponse, column: str = "value", qs: Sequence[float] = (0.5,)) -> None:
+        super().__init__(response)
+        self.column = column
+        self.qs = check_levels(qs)
+
+    @property
+    def frame(self) -> pl.DataFrame:
+        """One row per group and level (see the class docstring)."""
+        records = []
+        for row in self.response.rows:
+            keys = self._keys(row)
+            found = {e.level: e for e in row.estimates}
+            for q in self.qs:
+                e = found.get(q)
+                value = None if e is None or e.suppressed or self.response.dry_run else _finite(e.value)
+                rank = e.rank_error_95 if e is not None and e.rank_error_95 > 0 else None
+                records.append({**keys, "q": q, "value": value, "ci_low": None, "ci_high": None,
+                                "rank_error_95": rank})
+        schema = self._key_schema() | dict.fromkeys(("q", "value", "ci_low", "ci_high", "rank_error_95"), pl.Float64)
+        return pl.DataFrame(records, schema=schema, strict=False)
+
+    def to_polars(self) -> pl.DataFrame:
+        """:attr:`frame`."""
+        return self.frame
+
+
 def _finite(value: float) -> Any:
     return value if math.isfinite(value) else None

@@ -169,6 +169,27 @@ def histogram_spec(dataset: str, column: str, by: str | Sequence[str] | None,
             "filters": list(filters)}
 
 
+QUANTILE_METHODS = ("auto", "histogram", "exponential")
+
+
+def check_method(method: str) -> str:
+    """A quantile method the clients know, or ValueError before any call."""
+    if method not in QUANTILE_METHODS:
+        raise ValueError(f"method must be one of {', '.join(QUANTILE_METHODS)}, got {method!r}: 'histogram' pools "
+                         "noisy histograms (with intervals, through a broker too), 'exponential' asks one site for "
+                         "OpenDP's quantile mechanism, 'auto' picks 'exponential' at a site and 'histogram' at a "
+                         "broker")
+    return method
+
+
+def site_quantiles_spec(dataset: str, column: str, levels: Sequence[float], by: str | Sequence[str] | None,
+                        filters: Sequence[tuple[str, str, Any]]) -> StructuredSpec:
+    """The structured query of single-site quantiles: one quantile per distinct level (each its own draw)."""
+    group_by = [by] if isinstance(by, str) else list(by or ())
+    return {"dataset": dataset, "aggregates": [("quantile", column, {"q": q}) for q in dict.fromkeys(levels)],
+            "group_by": group_by, "filters": list(filters)}
+
+
 def regression_spec(dataset: str, y: str, x: Sequence[str], by: str | Sequence[str] | None,
                     filters: Sequence[tuple[str, str, Any]]) -> StructuredSpec:
     """The structured query of a regression of ``y`` on the features ``x`` per group of ``by``."""

@@ -34,7 +34,6 @@ import yaml
 
 from ._querysql import build_sql, fixed_value, group_key, quote
 from ._yamlfile import line_index
-from .aggregates import kind_of
 from .answers import Scalar
 from .errors import DeadlineExceeded, FailedPrecondition, Unavailable
 from .policy import MAX_SOURCE_ROWS, Dataset, LoadedPolicy
@@ -223,7 +222,7 @@ class Engine:
             raise FailedPrecondition(f"the site could not run the query on its data ({type(err).__name__}); "
                                      "ask the site operator to check the data source") from err
         shapes = [spec.shape(dataset.columns[a.column] if a.column is not None else None, len(a.columns))
-                  for a in query.aggregates for spec in kind_of(a.function).components]
+                  for a, kind in zip(query.aggregates, query.kinds(), strict=True) for spec in kind.components]
         if not query.group_by:
             return ExactResult(groups, tuple(_dense(rows[0][i], shape) for i, shape in enumerate(shapes)))
         # every group gets a value (zero when absent); rows with non-public keys are dropped here,
@@ -457,9 +456,9 @@ def _dense(value: Any, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def _check_fits(query: Query, dataset: Dataset, rows: int) -> None:
     """Refuse a component whose exact value over ``rows`` rows could leave 64 bits (sums of squares can)."""
-    for agg in query.aggregates:
+    for agg, kind in zip(query.aggregates, query.kinds(), strict=True):
         column = dataset.columns[agg.column] if agg.column is not None else None
-        for spec in kind_of(agg.function).components:
+        for spec in kind.components:
             if spec.row_bound(column, len(agg.columns)) * rows >= _I64_SAFE:
                 raise FailedPrecondition(f"{agg.label} is not available on dataset {query.dataset!r}: over its "
                                          f"{rows} rows the exact {spec.name} could exceed 64 bits with the column's "

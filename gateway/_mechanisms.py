@@ -15,6 +15,18 @@ them; for a histogram's (and a quantile's) per-bin counts, 1 to one bin. A compo
 measurement over all its values (groups, and bins), so a patient's rows spread over several groups
 or bins still move it by at most the sensitivity in L1. How released
 components become estimates (a mean's ratio, a survival curve) is the kind's post-processing.
+
+A quantile asked of one site directly (``QueryRequest.single_site``) is not noised but selected:
+OpenDP's report noisy max (``make_noisy_max`` under pure DP: exponential noise on the scores, which
+is permute-and-flip, an exponential mechanism never less accurate than the classic one) picks
+one of the declared edges by OpenDP's quantile score, |(1 - q) #(x < c) - q #(x > c)| in units of
+1/den for q = num/den (:func:`quantile_scores`, the formula of OpenDP's
+``make_quantile_score_candidates``, computed from the engine's exact counts per cell so that no
+row leaves the engine). One row moves every score by at most max(num, den - num), one patient by
+k times that: the L-infinity sensitivity the measurement's privacy map is checked at. With a
+group-by each group gets its own draw, each calibrated to the whole share of epsilon: the map is
+linear in the distance, so a patient whose k rows lie in several groups loses at most that share
+in all of them together.
 """
 
 from __future__ import annotations
@@ -26,7 +38,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
 
-from .aggregates import Declared, Kind, kind_of
+from .aggregates import Declared, Kind, rank_error_95
 from .answers import Estimate, Part, Row, Scalar, discrete_laplace_half_width, discrete_laplace_std
 from .errors import InternalBug, InvalidQuery
 from .policy import Column, Dataset
@@ -55,11 +67,23 @@ class Component:
     scale: float
     unit: int
     shape: tuple[int, ...] = ()
+    # a selecting component (the exponential mechanism): its quantile level q, exactly; None when noised
+    level: Fraction | None = None
 
     @property
     def size(self) -> int:
         """Values per group."""
         return math.prod(self.shape)
+
+    @property
+    def released(self) -> int:
+        """Values released per group: one selected index for a selecting component, else every value."""
+        return 1 if self.level is not None else self.size
+
+    def scores(self, cells: Sequence[int]) -> list[list[int]]:
+        """Each group's scores of the edges, from its exact counts per cell (a selecting component's)."""
+        assert self.level is not None
+        return [quantile_scores(cells[g:g + self.size], self.level) for g in range(0, len(cells), self.size)]
 
     @property
     def std_error(self) -> float:
@@ -73,6 +97,8 @@ class Component:
 
     def part(self, noisy: Sequence[float]) -> Part:
         """One group's released values of this component as a part of its estimate."""
+        if self.level is not None:  # the selected edge's index; the noise's scale is on the scores, in ranks
+            return Part(self.name, float(noisy[0]), math.nan, math.nan, self.scale / self.unit)
         sources = ((self.scale / self.unit, 1 / self.unit),)
         if not self.shape:
             return Part(self.name, noisy[0] / self.unit, self.std_error, self.half_width, self.scale / self.unit,
@@ -90,6 +116,7 @@ class AggregatePlan:
     components: tuple[Component, ...]
     declared: Declared
     epsilon: Fraction
+    rank_error_95: float = math.nan  # a selecting kind's public 95% bound on its rank error
 
     def mechanism(self, base: str) -> str:
         """The mechanism's name as answers report it, e.g. ``ratio(discrete_laplace)``."""
@@ -115,16 +142,19 @@ def plan_query(query: Query, dataset: Dataset, epsilon: Fraction) -> Plan:
     share = epsilon / len(query.aggregates)
     k = dataset.max_rows_per_unit
     plans = []
-    for agg in query.aggregates:
-        kind = kind_of(agg.function)
+    for agg, kind in zip(query.aggregates, query.kinds(), strict=True):
         column: Column | None = dataset.columns[agg.column] if agg.column is not None else None
         arity = len(agg.columns)
-        sensitivities = [k * spec.row_bound(column, arity) for spec in kind.components]
-        for spec, sensitivity in zip(kind.components, sensitivities, strict=True):
-            _check_noise_fits(agg, spec.name, sensitivity, share * spec.share, epsilon)
-        components = tuple(_component(spec.name, sensitivity, share * spec.share, spec.unit(column),
-                                      spec.shape(column, arity))
-                           for spec, sensitivity in zip(kind.components, sensitivities, strict=True))
+        if kind.selects:
+            assert column is not None
+            components: tuple[Component, ...] = (_selecting(kind, agg, column, k, share),)
+        else:
+            sensitivities = [k * spec.row_bound(column, arity) for spec in kind.components]
+            for spec, sensitivity in zip(kind.components, sensitivities, strict=True):
+                _check_noise_fits(agg, spec.name, sensitivity, share * spec.share, epsilon)
+            components = tuple(_component(spec.name, sensitivity, share * spec.share, spec.unit(column),
+                                          spec.shape(column, arity))
+                               for spec, sensitivity in zip(kind.components, sensitivities, strict=True))
         bounds = _bounds(column) if column is not None and column.bounds is not None else None
         # only a kind released over the grid carries it: a mean of a binned column is pooled whatever its bins
         edges = (column.grid if column is not None and not kind.bounds_of_every_column
@@ -132,8 +162,43 @@ def plan_query(query: Query, dataset: Dataset, epsilon: Fraction) -> Plan:
         every = tuple(_bounds(dataset.columns[c]) for c in agg.columns) if kind.bounds_of_every_column else ()
         level = kind.level(agg)
         declared = Declared(bounds, edges, 0.5 if level is None else level, every)
-        plans.append(AggregatePlan(agg, kind, components, declared, share))
+        first = components[0]
+        rank = rank_error_95(first.scale / first.unit, len(edges)) if first.level is not None else math.nan
+        plans.append(AggregatePlan(agg, kind, components, declared, share, rank))
     return Plan(tuple(plans), epsilon)
+
+
+def exact_level(q: float) -> Fraction:
+    """A quantile's level as the exact fraction the scores use: q to 1/10,000 (OpenDP's default grain)."""
+    return min(max(Fraction(str(q)).limit_denominator(10_000), Fraction(1, 10_000)), Fraction(9_999, 10_000))
+
+
+def quantile_scores(cells: Sequence[int], level: Fraction) -> list[int]:
+    """OpenDP's quantile score of each edge, from the rows per cell the edges cut (smaller is better).
+
+    ``cells`` (2E + 1 of them, for E edges) holds the rows below the first edge, at it, between it and
+    the next, ..., at the last edge and above it. For edge i with lt rows below it and gt above,
+    the score is |(den - num) lt - num gt| for q = num/den: den times the distance of the edge's
+    rank from the target rank, as ``make_quantile_score_candidates`` computes it from the rows.
+    """
+    num, den = level.numerator, level.denominator
+    total = sum(cells)
+    scores, below = [], 0
+    for i in range((len(cells) - 1) // 2):
+        below += cells[2 * i]
+        above = total - below - cells[2 * i + 1]
+        scores.append(abs((den - num) * below - num * above))
+        below += cells[2 * i + 1]
+    return scores
+
+
+def _selecting(kind: Kind, agg: Aggregate, column: Column, k: int, epsilon: Fraction) -> Component:
+    """A single-site quantile's selecting component: scores in 1/den ranks, sensitivity k max(num, den - num)."""
+    spec = kind.components[0]
+    level = exact_level(kind.level(agg) or 0.5)
+    sensitivity = k * max(level.numerator, level.denominator - level.numerator)
+    return Component(spec.name, sensitivity, epsilon, selection_scale_for(sensitivity, epsilon), level.denominator,
+                     spec.shape(column), level)
 
 
 def _bounds(column: Column) -> tuple[float, float]:
@@ -175,6 +240,24 @@ def measurement(scale: float) -> dp.Measurement:
 
 
 @lru_cache(maxsize=4096)
+def selection_scale_for(sensitivity: int, epsilon: Fraction) -> float:
+    """The smallest float scale whose privacy map of :func:`selection` at ``sensitivity`` is <= ``epsilon``."""
+    scale = 2 * sensitivity / float(epsilon)
+    for _ in range(64):
+        if Fraction(selection(scale).map(sensitivity)) <= epsilon:
+            return scale
+        scale = math.nextafter(scale, math.inf)
+    raise InternalBug(f"no selection scale found for sensitivity {sensitivity} at epsilon {epsilon}")
+
+
+@lru_cache(maxsize=4096)
+def selection(scale: float) -> dp.Measurement:
+    """OpenDP's report noisy max (exponential noise) selecting the smallest u64 score under L-infinity distance."""
+    return dp.m.make_noisy_max(dp.vector_domain(dp.atom_domain(T="u64")), dp.linf_distance(T="u64"),
+                               dp.max_divergence(), scale=scale, negate=True)
+
+
+@lru_cache(maxsize=4096)
 def _map_within(scale: float, sensitivity: int, epsilon: Fraction) -> bool:
     """OpenDP's privacy map of the cached measurement at ``sensitivity`` is at most ``epsilon``."""
     return Fraction(measurement(scale).map(sensitivity)) <= epsilon
@@ -184,6 +267,7 @@ class Noise:
     """The production noise source: OpenDP's sampler. Subclassed only by test fixtures."""
 
     mechanism = "discrete_laplace"
+    selection_mechanism = "report_noisy_max_exponential"
 
     def apply(self, component: Component, exact: tuple[int, ...]) -> list[int]:
         """Noisy copy of ``exact`` for ``component``."""
@@ -192,6 +276,19 @@ class Noise:
         if not _map_within(component.scale, component.sensitivity, component.epsilon):
             raise InternalBug("measurement privacy map exceeds the charged epsilon")
         return list(measurement(component.scale)(list(exact)))
+
+    def select(self, component: Component, exact: tuple[int, ...]) -> list[int]:
+        """One selected edge per group for a selecting component; ``exact`` holds each group's counts per cell."""
+        if not _selection_within(component.scale, component.sensitivity, component.epsilon):
+            raise InternalBug("selection privacy map exceeds the charged epsilon")
+        chosen = selection(component.scale)
+        return [int(chosen(scores)) for scores in component.scores(exact)]
+
+
+@lru_cache(maxsize=4096)
+def _selection_within(scale: float, sensitivity: int, epsilon: Fraction) -> bool:
+    """OpenDP's privacy map of the cached selection at ``sensitivity`` is at most ``epsilon``."""
+    return Fraction(selection(scale).map(sensitivity)) <= epsilon
 
 
 def release(plan: Plan, groups: tuple[tuple[Scalar, ...], ...], exact: tuple[tuple[int, ...], ...],
@@ -203,13 +300,14 @@ def release(plan: Plan, groups: tuple[tuple[Scalar, ...], ...], exact: tuple[tup
     """
     noisy: list[list[int]] = []
     for component, vector in zip((c for agg in plan.aggregates for c in agg.components), exact, strict=True):
-        noisy.append(noise.apply(component, vector))
+        noisy.append(noise.apply(component, vector) if component.level is None else noise.select(component, vector))
     rows = []
     for g, keys in enumerate(groups):
         estimates, counts, i = [], [], 0
         for agg in plan.aggregates:
-            parts = {c.name: c.part(noisy[i + j][g * c.size:(g + 1) * c.size]) for j, c in enumerate(agg.components)}
-            estimates.append(_estimate(agg, parts, noise.mechanism))
+            parts = {c.name: c.part(noisy[i + j][g * c.released:(g + 1) * c.released])
+                     for j, c in enumerate(agg.components)}
+            estimates.append(_estimate(agg, parts, noise.selection_mechanism if agg.kind.selects else noise.mechanism))
             counts += [p.value for p in parts.values() if p.name == "count"]
             i += len(agg.components)
         if min_count and counts and counts[0] < min_count:
@@ -229,10 +327,12 @@ def predicted(plan: Plan, groups: tuple[tuple[Scalar, ...], ...]) -> list[Row]:
         first = agg.components[0]
         parts = {c.name: c.part([math.nan] * c.size) for c in agg.components}
         std_error, half_width = agg.kind.predict(parts)
+        base = Noise.selection_mechanism if agg.kind.selects else Noise.mechanism
         estimates.append(Estimate(agg.aggregate.label, agg.kind.name, math.nan, std_error, first.scale / first.unit,
-                                  math.nan, math.nan, half_width, agg.mechanism("discrete_laplace"), agg.epsilon,
+                                  math.nan, math.nan, half_width, agg.mechanism(base), agg.epsilon,
                                   parts=tuple(parts.values()), bounds=agg.declared.bounds, edges=agg.declared.edges,
-                                  level=agg.kind.level(agg.aggregate) or 0.0, column_bounds=agg.declared.column_bounds))
+                                  level=agg.kind.level(agg.aggregate) or 0.0, column_bounds=agg.declared.column_bounds,
+                                  rank_error_95=agg.rank_error_95))
     return [Row(keys, tuple(estimates)) for keys in groups]
 
 
@@ -243,4 +343,4 @@ def _estimate(agg: AggregatePlan, parts: dict[str, Part], mechanism: str) -> Est
                     value.ci_low, value.ci_high, value.half_width, agg.mechanism(mechanism), agg.epsilon,
                     clamped=value.clamped, parts=tuple(parts.values()), bounds=agg.declared.bounds,
                     vector=value.vector, edges=agg.declared.edges, level=agg.kind.level(agg.aggregate) or 0.0,
-                    column_bounds=agg.declared.column_bounds)
+                    column_bounds=agg.declared.column_bounds, rank_error_95=agg.rank_error_95)

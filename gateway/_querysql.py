@@ -4,7 +4,8 @@ Names come only from the policy (quoted identifiers). Each aggregate's component
 the table of aggregate kinds declares them (:mod:`gateway.aggregates`): counts, fixed-point sums
 clamped *as integers* to the policy's bounds (or not clamped, for a column whose loaded values are
 all known to lie within them: the same numbers), sums about the bounds' midpoint, and vectors over
-a declared grid (survival's events and censorings, a histogram's bins) or a regression's products.
+a declared grid (survival's events and censorings, a histogram's bins, a single-site quantile's
+cells around the edges) or a regression's products.
 Group keys that are not public are computed here but never leave the engine.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from .aggregates import REGRESSION_UNIT, ComponentSpec, kind_of
+from .aggregates import REGRESSION_UNIT, ComponentSpec, Kind
 from .answers import Scalar
 from .policy import MISSING_GROUP, OTHER_GROUP, Column, Dataset
 from .query import Aggregate, Filter, Query
@@ -35,7 +36,8 @@ def build_sql(query: Query, dataset: Dataset, relation: str,
     """
     params: list[object] = []  # bound in the order the statement names them: groups, aggregates, filters
     keys = [k for name in query.group_by for k in _group_sql(name, dataset.columns[name], params)]
-    exprs = [e for a in query.aggregates for e in _aggregate_sql(a, dataset, params, within)]
+    exprs = [e for a, kind in zip(query.aggregates, query.kinds(), strict=True)
+             for e in _aggregate_sql(a, kind, dataset, params, within)]
     where = [_cohort_sql(f, (cohorts or {})[f.cohort.dataset], params) if f.cohort is not None
              else _filter_sql(f, params) for f in query.filters]
     where_sql = f" WHERE {' AND '.join(where)}" if where else ""
@@ -80,10 +82,10 @@ def product_of_keys(keys: Sequence[Sequence[Scalar]]) -> tuple[tuple[Scalar, ...
     return tuple(groups)
 
 
-def _aggregate_sql(agg: Aggregate, dataset: Dataset, params: list[object],
+def _aggregate_sql(agg: Aggregate, kind: Kind, dataset: Dataset, params: list[object],
                    within: frozenset[str] = frozenset()) -> list[str]:
     return [_regression_sql(agg.columns, dataset, params, within) if spec.sql == "regression_products"
-            else _component_sql(spec, agg, dataset, params, within) for spec in kind_of(agg.function).components]
+            else _component_sql(spec, agg, dataset, params, within) for spec in kind.components]
 
 
 def _component_sql(spec: ComponentSpec, agg: Aggregate, dataset: Dataset,  # noqa: PLR0911 (one per kind of sql)
@@ -100,6 +102,8 @@ def _component_sql(spec: ComponentSpec, agg: Aggregate, dataset: Dataset,  # noq
     if sql == "histogram_bins":
         return _histogram_sql(name, column, params)
     clamp = name not in within
+    if sql == "candidate_cells":
+        return _cells_sql(name, column, params, clamp)
     fixed = _fixed_point(name, column, params, clamp)
     if sql == "sum":
         return f"coalesce(sum({fixed}), 0)"
@@ -246,6 +250,41 @@ def _histogram_sql(name: str, column: Column, params: list[object]) -> str:
             whens.append(f"WHEN {_fixed_time(name, column, edges[0], edges[-1], params)} < ? THEN {i}")
             params.append(edge)
         index = f"(CASE {' '.join(whens)} ELSE {m - 1} END)" if whens else "0"
+    return f"histogram(CASE WHEN {quote(name)} IS NOT NULL THEN {index} END)"
+
+
+def _cells_sql(name: str, column: Column, params: list[object], clamp: bool) -> str:
+    """Rows per cell of the line the declared edges t0 < ... < tm cut, as a ``histogram`` map per group.
+
+    Cell 0 holds values below t0, cell 2i + 1 values equal to t[i], cell 2i + 2 values between t[i]
+    and t[i+1] (cell 2m + 2: above tm). Values are compared as sums read them: in fixed point at the
+    column's precision, clamped as integers to its bounds, against the grid's exact integer edges.
+    A missing value (NULL, NaN) counts nowhere; each row adds 1 to at most one cell. The exponential
+    mechanism's scores of the edges are functions of these counts (:mod:`gateway._mechanisms`).
+    """
+    edges = column.fixed_grid
+    cells = 2 * len(edges)
+    if column.bins is not None and column.bins.regular:
+        # v - t0 = j w + r (0 <= r < w) within [t0, tm]: at edge j when r = 0 (cell 2j + 1), else past it
+        start, width = edges[0], edges[1] - edges[0]
+        below = _fixed_point(name, column, params, clamp)
+        params.append(start)
+        above = _fixed_point(name, column, params, clamp)
+        params.append(edges[-1])
+        steps = _fixed_point(name, column, params, clamp)
+        params.extend([start, width])
+        rest = _fixed_point(name, column, params, clamp)
+        params.extend([start, width])
+        index = (f"(CASE WHEN {below} < ? THEN 0 WHEN {above} > ? THEN {cells} ELSE 1 + 2 * (({steps} - ?) // ?) "
+                 f"+ CASE WHEN ({rest} - ?) % ? = 0 THEN 0 ELSE 1 END END)")
+    else:
+        whens = []
+        for i, edge in enumerate(edges):
+            whens.append(f"WHEN {_fixed_point(name, column, params, clamp)} < ? THEN {2 * i}")
+            params.append(edge)
+            whens.append(f"WHEN {_fixed_point(name, column, params, clamp)} = ? THEN {2 * i + 1}")
+            params.append(edge)
+        index = f"(CASE {' '.join(whens)} ELSE {cells} END)"
     return f"histogram(CASE WHEN {quote(name)} IS NOT NULL THEN {index} END)"
 
 

@@ -90,7 +90,8 @@ def estimate_to_wire(e: Estimate) -> pb.Estimate:
                           noise_scale=e.noise_scale, ci_low=e.ci_low, ci_high=e.ci_high,
                           ci_half_width=e.ci_half_width, suppressed=e.suppressed, clamped=e.clamped,
                           mechanism=e.mechanism, epsilon=float(e.epsilon),
-                          components=[part_to_wire(p) for p in e.parts], edges=e.edges, level=e.level)
+                          components=[part_to_wire(p) for p in e.parts], edges=e.edges, level=e.level,
+                          rank_error_95=e.rank_error_95 if math.isfinite(e.rank_error_95) else 0.0)
     if e.bounds is not None:
         message.has_bounds, message.lower, message.upper = True, e.bounds[0], e.bounds[1]
     message.column_bounds[:] = [b for pair in e.column_bounds for b in pair]

@@ -10,6 +10,9 @@ compares kind names.
 
 Free of OpenDP, DuckDB and pydantic (policy types are imported for type checking only), so the
 broker and the client can import it. Adding a kind means adding a class here and to :data:`KINDS`.
+A query asked of one site directly (``single_site``) releases its medians and quantiles by the
+kinds of :data:`SINGLE_SITE` instead (the exponential mechanism over the declared edges;
+:func:`kind_for`).
 """
 
 from __future__ import annotations
@@ -37,8 +40,11 @@ if TYPE_CHECKING:
 # or, over a column's declared bins, rows per bin (a histogram). Or, for a regression over several
 # columns, the upper triangle of ZᵀZ for Z = [1, x1..xp, y], each variable standardised into [-1, 1]
 # on a fixed-point grid of REGRESSION_UNIT steps per half-range.
+# Or, for a quantile at one site (the exponential mechanism over the declared edges t0 < ... < tm),
+# rows per cell of the line the edges cut: below t0, at t0, between t0 and t1, ..., at tm, above tm
+# (2(m + 1) + 1 cells), from which the mechanism scores each edge.
 ComponentSql = Literal["rows", "values", "sum", "midpoint_sum", "centered_sum", "centered_squares", "survival_bins",
-                       "histogram_bins", "regression_products"]
+                       "histogram_bins", "regression_products", "candidate_cells"]
 REGRESSION_UNIT = 1 << 12  # a standardised value is an integer in [-2^12, 2^12]; a product at most 2^24
 MAX_FEATURES = 10
 
@@ -73,6 +79,8 @@ class ComponentSpec:
             return (2, edges)
         if self.sql == "histogram_bins":
             return (edges - 1,)
+        if self.sql == "candidate_cells":
+            return (2 * edges + 1,)
         if self.sql == "regression_products":
             return (regression_entries(arity),)
         return ()
@@ -87,7 +95,7 @@ class ComponentSpec:
         A row adds 1 to a count, and 1 to exactly one bin of a survival vector or a histogram; to each
         entry of a regression's ZᵀZ a product of two standardised values, at most REGRESSION_UNIT^2.
         """
-        if self.sql in ("rows", "values", "survival_bins", "histogram_bins"):
+        if self.sql in ("rows", "values", "survival_bins", "histogram_bins", "candidate_cells"):
             return 1
         if self.sql == "regression_products":
             return regression_entries(arity) * REGRESSION_UNIT ** 2
@@ -102,7 +110,7 @@ class ComponentSpec:
 
     def unit(self, column: Column | None) -> int:
         """Fixed-point units per 1 of the component's value."""
-        if self.sql in ("rows", "values", "survival_bins", "histogram_bins"):
+        if self.sql in ("rows", "values", "survival_bins", "histogram_bins", "candidate_cells"):
             return 1
         if self.sql == "regression_products":
             return REGRESSION_UNIT ** 2
@@ -157,6 +165,8 @@ class Kind:
     parameters: ClassVar[tuple[str, ...]] = ()
     # the test between an answer's groups that post-processing gives, if any (survival: gateway.logrank)
     group_test: ClassVar[str] = ""
+    # its one component is not noised but selects one of the declared edges (the exponential mechanism)
+    selects: ClassVar[bool] = False
 
     def check(self, agg: Aggregate, column_for: Callable[[str, str], Column]) -> None:
         """Refuse ``agg`` unless it has this kind's shape; ``column_for(name, role)`` checks a column's role."""
@@ -472,6 +482,75 @@ class Median(Quantile):
         return 0.5
 
 
+class SiteQuantile(Quantile):
+    """A quantile at one site by OpenDP's quantile mechanism (``QueryRequest.single_site``).
+
+    An exponential mechanism (OpenDP's report noisy max with exponential noise: permute-and-flip)
+    selects one of the declared edges t0 < ... < tm, scored by OpenDP's quantile score: for edge c,
+    |(1 - q) #(x < c) - q #(x > c)|, the distance of c's rank from the target rank, smaller being
+    better. The site releases nothing but the selected edge; the engine computes the rows per cell
+    of the line the edges cut (``candidate_cells``: one row adds 1 to one cell), from which
+    :mod:`gateway._mechanisms` derives the scores. One row moves every score by at most
+    max(q, 1 - q) ranks, one patient by k times that. The estimate is the edge itself; it carries no
+    interval on the value (the mechanism gives none, and none is made up from data) but the public
+    bound on its rank error that holds with 95% probability (:func:`rank_error_95`). At one site and
+    small epsilon it is far more accurate than the histogram's quantile
+    (``bench/quantile_accuracy.py``); a broker cannot pool it, so a broker refuses the request. A
+    group with no rows scores every edge 0: its edge is drawn uniformly, and says nothing.
+    """
+
+    components = (ComponentSpec("choice", "candidate_cells", Fraction(1)),)
+    selects = True
+
+    def estimate(self, parts: Mapping[str, Part], declared: Declared, clamp: bool) -> Value:
+        index = parts["choice"].value
+        if not (math.isfinite(index) and 0 <= index < len(declared.edges)):  # a dry run's, or none
+            return Value(math.nan, math.nan, math.nan, math.nan, math.nan)
+        return Value(declared.edges[int(index)], math.nan, math.nan, math.nan, math.nan)
+
+    def vector_doubles(self, column: Column | None) -> int:
+        assert column is not None
+        return len(column.grid)  # the edges
+
+    def pool(self, sites: Sequence[Mapping[str, Part]]) -> dict[str, Part]:
+        raise ValueError("a single-site quantile is one draw of the exponential mechanism: it cannot be pooled")
+
+    def note(self, agg: Aggregate, column: Column | None) -> str:
+        assert column is not None
+        return (f"{agg.label}: at this site only, by OpenDP's quantile mechanism (the exponential mechanism over the "
+                f"{len(column.grid)} declared bin edges {column.grid[0]:g}..{column.grid[-1]:g} of {agg.columns[0]}): "
+                "the value is the edge it selected; there is no interval on the value (ci_low and ci_high are "
+                "empty: the mechanism gives none), but with 95% probability the edge's rank misses the target "
+                "rank by at most rank_error_95 rows more than the best edge's does; rows whose "
+                f"{agg.columns[0]} is missing are left out, and values are clamped to the column's bounds")
+
+
+class SiteMedian(SiteQuantile):
+    """The median at one site: :class:`SiteQuantile` at q = 0.5."""
+
+    name, sql_names, example = Median.name, Median.sql_names, Median.example
+    parameters = ()
+
+    def check(self, agg: Aggregate, column_for: Callable[[str, str], Column]) -> None:
+        KINDS["median"].check(agg, column_for)
+
+    def level(self, agg: Aggregate) -> float:
+        return 0.5
+
+
+def rank_error_95(scale: float, candidates: int) -> float:
+    """With 95% probability, how many ranks more than the best edge's the selected edge's rank misses by.
+
+    The utility theorem of the exponential mechanism, which report noisy max with exponential noise
+    (permute-and-flip; McKenna and Sheldon 2020) satisfies too: at noise ``scale`` s (in ranks;
+    s = 2 Δ / epsilon for scores of sensitivity Δ = k max(q, 1 - q) ranks) the selected edge's
+    score is worse than the best edge's by more than s (ln |C| + t) with probability at most e^-t,
+    over |C| ``candidates``; t = ln 20 for 95%. Public: it depends on epsilon, k, q and the number
+    of edges, never on data.
+    """
+    return scale * math.log(20 * candidates)
+
+
 def _needs_bins(kind: Kind, agg: Aggregate, column_for: Callable[[str, str], Column]) -> None:
     """Refuse a column without declared bins: the software needs them; it is no permission refusal."""
     if column_for(agg.columns[0], "aggregate").bins is None:
@@ -544,6 +623,8 @@ class Regression(Kind):
 KINDS: dict[str, Kind] = {kind.name: kind for kind in (Count(), Sum(), Mean(), Variance(), StdDev(), Survival(),
                                                        Histogram(), Quantile(), Median(), Regression())}
 BY_SQL_NAME: dict[str, Kind] = {sql: kind for kind in KINDS.values() for sql in kind.sql_names}
+# how a kind is released when one site is asked directly for it (QueryRequest.single_site)
+SINGLE_SITE: dict[str, Kind] = {kind.name: kind for kind in (SiteQuantile(), SiteMedian())}
 
 
 def sql_forms() -> list[str]:
@@ -564,3 +645,20 @@ def kind_of(function: str) -> Kind:
     if kind is None:
         raise InvalidQuery(f"unknown aggregate {function!r}; supported: {supported_aggregates()}")
     return kind
+
+
+def kind_for(function: str, single_site: bool = False) -> Kind:
+    """The kind named ``function`` as released at one site asked directly (``single_site``) or otherwise.
+
+    With ``single_site`` only medians and quantiles have a release of their own; any other kind is
+    :class:`InvalidQuery`.
+    """
+    kind = kind_of(function)
+    if not single_site:
+        return kind
+    found = SINGLE_SITE.get(kind.name)
+    if found is None:
+        forms = ", ".join(k.example for k in SINGLE_SITE.values())
+        raise InvalidQuery(f"single_site applies to medians and quantiles only ({forms}), and {function} is "
+                           "neither; ask for it in a query without single_site")
+    return found

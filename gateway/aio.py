@@ -24,13 +24,14 @@ from typing import Any, TypeVar, cast
 import grpc
 import polars as pl
 
-from ._binned import HistogramResult, QuantilesResult, check_levels
+from ._binned import HistogramResult, QuantilesResult, SiteQuantilesResult, check_levels
 from ._calls import (
     Caller,
     Plan,
     Progress,
     ServerStatus,
     StructuredSpec,
+    check_method,
     check_plan,
     epsilon_search,
     finish,
@@ -39,6 +40,7 @@ from ._calls import (
     query_request,
     regression_spec,
     server_status,
+    site_quantiles_spec,
     survival_spec,
 )
 from ._proto.gateway.v1 import gateway_pb2 as pb
@@ -77,6 +79,7 @@ class Client:
         self._caller = Caller(token, proof_key, retries, sign_for)
         self._channel = open_aio_channel(target, tls)
         self._stub = pb_grpc.GatewayStub(self._channel)
+        self._component: str | None = None  # "site" or "broker", once Status has said (method="auto")
 
     async def __aenter__(self) -> Client:
         return self
@@ -131,9 +134,10 @@ class Client:
     async def query(self, sql: str | None = None, *, structured: StructuredSpec | None = None,
                     template: str | None = None, params: Mapping[str, Any] | None = None, epsilon: float = 0.0,
                     dry_run: bool = False, query_id: str | None = None, sites: Sequence[str] = (),
-                    require_all_sites: bool | None = None) -> QueryResult:
+                    require_all_sites: bool | None = None, single_site: bool = False) -> QueryResult:
         """Run one query (see :meth:`gateway.client.Client.query`)."""
         request = query_request(sql, structured, template, params, epsilon, dry_run, query_id, sites)
+        request.single_site = single_site
         return finish(await self._call(self._stub.Query, request), self._require(require_all_sites))
 
     async def survival(self, dataset: str, *, time: str, event: str, by: str | Sequence[str] | None = None,
@@ -160,18 +164,36 @@ class Client:
         return result
 
     async def quantiles(self, dataset: str, column: str, qs: Sequence[float] = (0.25, 0.5, 0.75), *,
-                        by: str | Sequence[str] | None = None, epsilon: float = 0.0,
+                        by: str | Sequence[str] | None = None, epsilon: float = 0.0, method: str = "auto",
                         filters: Sequence[tuple[str, str, Any]] = (), dry_run: bool = False,
                         query_id: str | None = None, sites: Sequence[str] = (),
-                        require_all_sites: bool | None = None) -> QuantilesResult:
-        """Quantiles per group from one histogram (see :meth:`gateway.client.Client.quantiles`)."""
+                        require_all_sites: bool | None = None) -> QuantilesResult | SiteQuantilesResult:
+        """Quantiles per group (see :meth:`gateway.client.Client.quantiles`, and its ``method``)."""
         levels = check_levels(qs)
-        request = query_request(None, histogram_spec(dataset, column, by, filters), None, None, epsilon, dry_run,
-                                query_id, sites)
+        single = await self._single_site(check_method(method), levels)
+        spec = (site_quantiles_spec(dataset, column, levels, by, filters) if single
+                else histogram_spec(dataset, column, by, filters))
+        request = query_request(None, spec, None, None, epsilon, dry_run, query_id, sites)
+        request.single_site = single
+        made = SiteQuantilesResult if single else QuantilesResult
         result = finish(await self._call(self._stub.Query, request), self._require(require_all_sites),
-                        wrap=lambda response: QuantilesResult(response, column, levels))
-        assert isinstance(result, QuantilesResult)
+                        wrap=lambda response: made(response, column, levels))
+        assert isinstance(result, QuantilesResult | SiteQuantilesResult)
         return result
+
+    async def _single_site(self, method: str, levels: Sequence[float]) -> bool:
+        """Whether quantiles by ``method`` are asked of one site (``auto``: one level, and the target is a site).
+
+        Several levels split the mechanism's epsilon, and then one histogram's quantiles are as
+        accurate or more (``bench/quantile_accuracy.py``).
+        """
+        if method == "auto":
+            if len(set(levels)) > 1:
+                return False
+            if self._component is None:
+                self._component = (await self.status()).component
+            return self._component == "site"
+        return method == "exponential"
 
     async def regression(self, dataset: str, *, y: str, x: str | Sequence[str],
                          by: str | Sequence[str] | None = None, epsilon: float = 0.0,

@@ -116,6 +116,7 @@ class Estimate:
     edges: tuple[float, ...] = ()
     level: float = 0.0  # a quantile's q (0: the kind is no quantile)
     column_bounds: tuple[tuple[float, float], ...] = ()  # each column's, for kinds over several bounded columns
+    rank_error_95: float = math.nan  # a single-site quantile's public 95% bound on its rank error (in rows)
 
     def withheld(self) -> Estimate:
         """The same estimate suppressed: its value, interval and any vector withheld from display.
@@ -127,7 +128,7 @@ class Estimate:
                         math.nan, self.ci_half_width, self.mechanism, self.epsilon, suppressed=True,
                         parts=self.parts, bounds=self.bounds,
                         vector=self.vector.withheld() if self.vector is not None else None, edges=self.edges,
-                        level=self.level, column_bounds=self.column_bounds)
+                        level=self.level, column_bounds=self.column_bounds, rank_error_95=self.rank_error_95)
 
 
 @dataclass(frozen=True)

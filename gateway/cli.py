@@ -124,6 +124,9 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("--query-id", default=None,
                        help="idempotency key: a retry with the same id never pays twice (default: a new one)")
     query.add_argument("--site", action="append", default=[], help="broker only: ask this site (repeatable)")
+    query.add_argument("--single-site", action="store_true",
+                       help="site only: medians and quantiles by OpenDP's quantile mechanism (more accurate at one "
+                            "site for small epsilon; no interval; a broker refuses it)")
     query.add_argument("--require-all-sites", action="store_true",
                        help="broker only: fail (exit 1) when any site is missing from the answer, instead of warning")
     query.add_argument("--json", action="store_true", help="print the answer as JSON")
@@ -352,7 +355,7 @@ def _query(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore", MissingSitesWarning)  # said below, in one line of our own
         result = client.query(args.sql, template=args.template, params=_params(args.param) or None,
                               epsilon=args.epsilon, dry_run=args.dry_run, query_id=args.query_id, sites=args.site,
-                              require_all_sites=args.require_all_sites)
+                              require_all_sites=args.require_all_sites, single_site=args.single_site)
     print(json.dumps(query_json(result.response), allow_nan=False) if args.json else query_table(result.response))
     if result.missing_sites:
         print(f"warning: the answer lacks site(s) {', '.join(result.missing_sites)}: pooled from "

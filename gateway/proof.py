@@ -10,7 +10,7 @@ JWS (header ``typ: gateway-pop+jwt`` and the public key as ``jwk``) over
 - ``site``: the name of the site it is for (a site's name is its policy's ``site``),
 - ``htm``: the method (``Query``, ``ListDatasets``, ``GetBudget``),
 - ``rqh``: the digest of the request as the caller sent it (:func:`request_digest`: the query, its
-  ε, δ, ``dry_run`` and ``query_id``),
+  ε, δ, ``dry_run``, ``query_id`` and ``single_site``, so no relay can add or strip that flag),
 - ``ath``: the hash of the access token,
 - ``iat`` and a random ``jti``.
 

@@ -27,10 +27,11 @@ tm in the last), every count with the same noise variance v (pooled over sites, 
 The tests check the interval's coverage of the true quantile by simulation (a band half as wide
 fails) and that exact sample quantiles fall inside it.
 
-OpenDP's own quantile (the exponential mechanism over the bin edges, ``make_private_quantile``) is
-more accurate for a median at one site at small epsilon (``bench/quantile_accuracy.py``), but is
-not used: its one draw cannot be added to other sites' by a broker, it gives no interval, and a site
-cannot tell a direct call from a broker's forward of the same signed request.
+OpenDP's own quantile (the exponential mechanism over the bin edges) is more accurate for a
+median at one site at small epsilon (``bench/quantile_accuracy.py``). Its one draw cannot be added
+to other sites' by a broker and gives no interval, and a site cannot tell a direct call from a
+broker's forward of the same signed request; so a caller asks for it explicitly, with the request
+flag ``single_site`` that a broker refuses (:class:`gateway.aggregates.SiteQuantile`).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import TYPE_CHECKING
 
-from .aggregates import kind_of, supported_aggregates
+from .aggregates import Kind, kind_for, kind_of, supported_aggregates
 from .answers import Scalar
 from .errors import InvalidQuery, NotFound, PolicyViolation
 
@@ -104,21 +104,35 @@ class Query:
     # and its alias. Presentation only: not compared, not in the canonical form, so an alias never
     # changes the price, the cached answer or the idempotency of a query.
     names: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+    # asked of one site directly (QueryRequest.single_site): medians and quantiles by the exponential
+    # mechanism (:data:`gateway.aggregates.SINGLE_SITE`); another release, so another canonical form
+    single_site: bool = False
 
     def normalised(self) -> Query:
         """Same meaning, normal form: folded operators, sorted distinct IN lists, sorted filters."""
-        return Query(self.dataset, self.aggregates, self.group_by, _normal_filters(self.filters), self.names)
+        return Query(self.dataset, self.aggregates, self.group_by, _normal_filters(self.filters), self.names,
+                     self.single_site)
+
+    def kinds(self) -> tuple[Kind, ...]:
+        """Each aggregate's kind, as this query releases it (at one site asked directly, or otherwise)."""
+        return tuple(kind_for(a.function, self.single_site) for a in self.aggregates)
 
     def canonical(self, epsilon: Fraction) -> str:
-        """Stable text of the normalised query and its resolved privacy loss."""
+        """Stable text of the normalised query and its resolved privacy loss.
+
+        ``single_site`` appears only when set: every other query keeps the text its stored answers have.
+        """
         q = self.normalised()
-        return json.dumps({
+        text: dict[str, object] = {
             "dataset": q.dataset,
             "aggregates": [a.label for a in q.aggregates],
             "group_by": list(q.group_by),
             "filters": [_filter_text(f) for f in q.filters],
             "epsilon": f"{epsilon.numerator}/{epsilon.denominator}",
-        }, separators=(",", ":"), sort_keys=True)
+        }
+        if q.single_site:
+            text["single_site"] = True
+        return json.dumps(text, separators=(",", ":"), sort_keys=True)
 
     def canonical_hash(self, epsilon: Fraction) -> str:
         """Hex SHA-256 of :meth:`canonical`."""
@@ -180,6 +194,7 @@ def check_query(query: Query, policy: Policy) -> Query:
         raise InvalidQuery("an aggregate is repeated; ask for each aggregate once")
     for agg in query.aggregates:
         _check_aggregate(agg, dataset, query.dataset)
+    query.kinds()  # with single_site, every aggregate has a single-site release (medians and quantiles)
     if len(set(query.group_by)) != len(query.group_by):
         raise InvalidQuery("a group-by column is repeated")
     cells = 1
@@ -193,7 +208,7 @@ def check_query(query: Query, policy: Policy) -> Query:
                                                         for g in f.cohort.filters)
     if values > MAX_VALUES:
         raise InvalidQuery(f"the filters hold {values} values; at most {MAX_VALUES} are allowed in one query")
-    return Query(query.dataset, query.aggregates, query.group_by, filters, query.names).normalised()
+    return Query(query.dataset, query.aggregates, query.group_by, filters, query.names, query.single_site).normalised()
 
 
 def _check_aggregate(agg: Aggregate, dataset: Dataset, name: str) -> None:

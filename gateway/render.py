@@ -33,6 +33,8 @@ def query_json(response: pb.QueryResponse) -> dict[str, Any]:
             item[names.get(e.aggregate, e.aggregate)] = {"value": _num(e.value), "std_error": _num(e.std_error),
                                  "ci95": [_num(e.ci_low), _num(e.ci_high)], "noise_scale": _num(e.noise_scale),
                                  "suppressed": e.suppressed, "clamped": e.clamped}
+            if e.rank_error_95 > 0:  # a single-site quantile's bound on its rank (no interval)
+                item[names.get(e.aggregate, e.aggregate)]["rank_error_95"] = e.rank_error_95
             if e.shape:  # a vector estimate (a survival curve at the grid's times)
                 item[names.get(e.aggregate, e.aggregate)]["vector"] = {
                     "edges": list(e.edges), "shape": list(e.shape), "values": [_num(v) for v in e.values],
@@ -96,6 +98,8 @@ def _dry_cell(e: pb.Estimate) -> str:
     """A dry run's accuracy: the 95% half-width, or for a mean its sum's noise over the group's count."""
     if math.isfinite(e.ci_half_width):
         return f"± {e.ci_half_width:.4g} (95%)"
+    if e.rank_error_95 > 0:  # a single-site quantile: a bound on its rank, not its value
+        return f"rank error ≤ {e.rank_error_95:.0f} rows beyond the best edge's (95%)"
     noise = {c.name: c for c in e.components}
     kind = KINDS.get(e.function)
     if kind is not None and kind.per_count in noise:
@@ -108,6 +112,8 @@ def _cell(e: pb.Estimate, dry_run: bool) -> str:
         return _dry_cell(e)
     if e.suppressed:
         return "suppressed (small cell)"
+    if e.rank_error_95 > 0:  # a single-site quantile: an edge, no interval; a bound on its rank
+        return f"{e.value:g} [no interval; rank error ≤ {e.rank_error_95:.0f} rows beyond the best edge's, 95%]"
     kind = KINDS.get(e.function)
     if kind is not None and kind.bounds_of_every_column and e.values:  # a fit: its summary, then its coefficients
         coefficients = ", ".join(f"{v:.4g} [{low:.4g}, {high:.4g}]"

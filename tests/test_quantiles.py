@@ -220,7 +220,7 @@ def test_the_asyncio_client_offers_the_same_calls(start_site, token) -> None:
 
     async def session() -> tuple[QuantilesResult, HistogramResult]:
         async with AioClient(site.target, token=token()) as gw:
-            quantiles = await gw.quantiles("patients", "age_at_diagnosis", qs=(0.5,), epsilon=1)
+            quantiles = await gw.quantiles("patients", "age_at_diagnosis", qs=(0.5,), epsilon=1, method="histogram")
             histogram = await gw.histogram("patients", "age_at_diagnosis", epsilon=1)
         return quantiles, histogram
 

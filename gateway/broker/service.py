@@ -7,7 +7,9 @@ site can check its proof; ``query_id`` included, so a retry never charges a site
 each site only the proof of possession addressed to it. It pools the noisy answers:
 counts and sums add with their variances; a mean is the ratio of the pooled noisy sums and
 counts with a delta-method interval; survival counts add time by time and the curve is drawn from
-their sums. It sees no row and holds no budget.
+their sums. It sees no row and holds no budget. A request for single-site quantiles
+(``single_site``: one exponential-mechanism draw per site, which cannot be pooled) is refused
+before any site is asked.
 
 Every answer names the sites that did not answer, with why: a query's and a budget's
 ``missing_sites``. ``Status`` lists every configured site with its health now (a status call to
@@ -185,6 +187,10 @@ class BrokerService(pb_grpc.GatewayServicer):
             names = []  # unknown sites: said only to a caller who shows it holds the token's key
         self._authenticate(context, request, names)  # before the SQL is parsed or any site is named
         try:
+            if request.single_site:  # before any site is asked: nothing is charged anywhere
+                raise FailedPrecondition("single-site quantiles cannot be pooled (each is one draw of the exponential "
+                                         "mechanism at one site); ask the site directly, or ask this broker without "
+                                         "single_site for quantiles pooled from the sites' histograms")
             names = self._names(request.sites)
             if not request.query_id:
                 raise InvalidQuery("query_id is required through a broker (the gateway client sets one)",

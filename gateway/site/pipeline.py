@@ -15,6 +15,7 @@ The gRPC edge (:mod:`.service`) keeps identity, guarding, audit and metrics.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
 from collections.abc import Callable, Sequence
@@ -29,7 +30,6 @@ from .._querysql import product_of_keys
 from .._scopes import budget_scopes
 from .._sqlfront import parse_sql_cached
 from .._wire import from_structured, rows_to_wire, to_scalar
-from ..aggregates import kind_of
 from ..auth import Identity
 from ..errors import (
     DeadlineExceeded,
@@ -113,8 +113,9 @@ def access_rule(policy: Policy, identity: Identity, dataset: str) -> BudgetRule:
 def _check_answer_size(checked: Checked) -> None:
     """Refuse, before any work, an answer too large to deliver (gRPC messages stop at 4 MiB)."""
     groups = math.prod(len(checked.dataset.columns[c].group_keys) for c in checked.query.group_by)
-    per_group = sum(ESTIMATE_BYTES + DOUBLE_BYTES * kind_of(a.function).vector_doubles(
-        checked.dataset.columns[a.column] if a.column is not None else None) for a in checked.query.aggregates)
+    per_group = sum(ESTIMATE_BYTES + DOUBLE_BYTES * kind.vector_doubles(
+        checked.dataset.columns[a.column] if a.column is not None else None)
+        for a, kind in zip(checked.query.aggregates, checked.query.kinds(), strict=True))
     size = groups * (per_group + len(checked.query.group_by) * KEY_BYTES)
     if size > MAX_ANSWER_BYTES:
         raise InvalidQuery(f"the answer would be about {size / 2**20:.1f} MiB ({groups} groups x "
@@ -200,7 +201,7 @@ class Pipeline:
         ``expired`` tells whether the caller has gone (cancelled, or past its deadline): the engine
         stops its statement, and nothing is charged for an answer nobody can receive.
         """
-        parsed = parse(request, policy, identity)
+        parsed = dataclasses.replace(parse(request, policy, identity), single_site=request.single_site)
         may_query(policy, identity, parsed.dataset)  # before any message can describe the dataset
         for f in parsed.filters:  # and every dataset a cohort comes from
             if f.cohort is not None:
@@ -363,7 +364,7 @@ def legacy_scopes(policy: Policy) -> Callable[[str, int], tuple[str, int, int | 
 
 def notes_for(query: Query, dataset: Dataset) -> list[str]:
     """What a reader of the answer should know about its groups and aggregates."""
-    notes = [note for agg in query.aggregates if (note := kind_of(agg.function).note(
+    notes = [note for agg, kind in zip(query.aggregates, query.kinds(), strict=True) if (note := kind.note(
         agg, dataset.columns[agg.column] if agg.column is not None else None))]
     excluding = [c for c in query.group_by if not dataset.columns[c].other_groups]
     if not excluding:

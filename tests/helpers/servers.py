@@ -24,10 +24,14 @@ class ExactNoise(mechanisms.Noise):
     ``start_site`` fixture's ``noise=ExactNoise()``).
     """
 
-    mechanism = "exact(test-only)"
+    mechanism = selection_mechanism = "exact(test-only)"
 
     def apply(self, component: mechanisms.Component, exact: tuple[int, ...]) -> list[int]:
         return list(exact)
+
+    def select(self, component: mechanisms.Component, exact: tuple[int, ...]) -> list[int]:
+        """The best-scored edge of each group (the first, on a tie)."""
+        return [min(range(len(scores)), key=scores.__getitem__) for scores in component.scores(exact)]
 
 
 def signed(request: T, token: str, sites: Sequence[str] = ("",), key: ProofKey | None = None) -> T:

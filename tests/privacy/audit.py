@@ -186,3 +186,24 @@ def _log_ratio(p_hits: int, q_hits: int, n: int, alpha: float) -> float:
     p_low = beta.ppf(level, p_hits, n - p_hits + 1) if p_hits > 0 else 0.0
     q_high = beta.ppf(1 - level, q_hits + 1, n - q_hits) if q_hits < n else 1.0
     return math.log(p_low / q_high) if p_low > 0 else -math.inf
+
+
+def noisy_max_probabilities(scores: Sequence[int], scale: float) -> np.ndarray:
+    """Exact selection probabilities of report noisy min with exponential noise of ``scale`` on ``scores``.
+
+    What OpenDP's ``make_noisy_max`` under pure DP releases (permute-and-flip): edge i wins when
+    u_i + E_i is the largest, u = -scores, E_i ~ Exponential(scale), so P(i) is the integral of the
+    density of u_i + E_i times P(u_j + E_j < x) for every other j, over x >= max u (numerically, on
+    a fine grid; the probabilities sum to 1 within 1e-6).
+    """
+    u = -np.asarray(scores, dtype=float)
+    x = np.linspace(u.max(), u.max() + 60 * scale, 100_001)
+    log_cdf = np.log(np.clip(-np.expm1(-(x[None, :] - u[:, None]) / scale), 1e-300, None))
+    others = log_cdf.sum(axis=0) - log_cdf
+    density = np.exp(-(x[None, :] - u[:, None]) / scale) / scale
+    return np.asarray(np.trapezoid(density * np.exp(others), x, axis=1))
+
+
+def log_ratio_bound(p_hits: int, q_hits: int, n: int, alpha: float) -> float:
+    """log(lower bound of p / upper bound of q) for an event of the audit's family (see :func:`audit`)."""
+    return _log_ratio(p_hits, q_hits, n, alpha)

@@ -24,7 +24,8 @@ components: the composed loss). The claims tested:
 - and it fails when it should: with the rounding rule this project once had, or with half the
   noise, the lower bound exceeds the charge.
 
-The table of bounds is printed at the end of the run.
+The table of bounds is printed at the end of the run. The single-site quantile, a selection rather
+than noise, has its own audit at its own worst case (:mod:`tests.privacy.test_single_site_quantile_loss`).
 """
 
 from __future__ import annotations

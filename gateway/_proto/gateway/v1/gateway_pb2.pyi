@@ -179,7 +179,7 @@ class TemplateCall(_message.Message):
     def __init__(self, name: _Optional[str] = ..., params: _Optional[_Mapping[str, Value]] = ...) -> None: ...
 
 class QueryRequest(_message.Message):
-    __slots__ = ("query_id", "structured", "sql", "template", "epsilon", "delta", "dry_run", "sites", "proofs")
+    __slots__ = ("query_id", "structured", "sql", "template", "epsilon", "delta", "dry_run", "sites", "proofs", "single_site")
     class ProofsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -196,6 +196,7 @@ class QueryRequest(_message.Message):
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
     SITES_FIELD_NUMBER: _ClassVar[int]
     PROOFS_FIELD_NUMBER: _ClassVar[int]
+    SINGLE_SITE_FIELD_NUMBER: _ClassVar[int]
     query_id: str
     structured: StructuredQuery
     sql: str
@@ -205,10 +206,11 @@ class QueryRequest(_message.Message):
     dry_run: bool
     sites: _containers.RepeatedScalarFieldContainer[str]
     proofs: _containers.ScalarMap[str, str]
-    def __init__(self, query_id: _Optional[str] = ..., structured: _Optional[_Union[StructuredQuery, _Mapping]] = ..., sql: _Optional[str] = ..., template: _Optional[_Union[TemplateCall, _Mapping]] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., dry_run: _Optional[bool] = ..., sites: _Optional[_Iterable[str]] = ..., proofs: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    single_site: bool
+    def __init__(self, query_id: _Optional[str] = ..., structured: _Optional[_Union[StructuredQuery, _Mapping]] = ..., sql: _Optional[str] = ..., template: _Optional[_Union[TemplateCall, _Mapping]] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., dry_run: _Optional[bool] = ..., sites: _Optional[_Iterable[str]] = ..., proofs: _Optional[_Mapping[str, str]] = ..., single_site: _Optional[bool] = ...) -> None: ...
 
 class Estimate(_message.Message):
-    __slots__ = ("aggregate", "value", "std_error", "noise_scale", "ci_low", "ci_high", "suppressed", "clamped", "mechanism", "epsilon", "ci_half_width", "function", "components", "has_bounds", "lower", "upper", "values", "shape", "std_errors", "ci_lows", "ci_highs", "edges", "column_bounds", "level")
+    __slots__ = ("aggregate", "value", "std_error", "noise_scale", "ci_low", "ci_high", "suppressed", "clamped", "mechanism", "epsilon", "ci_half_width", "function", "components", "has_bounds", "lower", "upper", "values", "shape", "std_errors", "ci_lows", "ci_highs", "edges", "column_bounds", "level", "rank_error_95")
     AGGREGATE_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     STD_ERROR_FIELD_NUMBER: _ClassVar[int]
@@ -233,6 +235,7 @@ class Estimate(_message.Message):
     EDGES_FIELD_NUMBER: _ClassVar[int]
     COLUMN_BOUNDS_FIELD_NUMBER: _ClassVar[int]
     LEVEL_FIELD_NUMBER: _ClassVar[int]
+    RANK_ERROR_95_FIELD_NUMBER: _ClassVar[int]
     aggregate: str
     value: float
     std_error: float
@@ -257,7 +260,8 @@ class Estimate(_message.Message):
     edges: _containers.RepeatedScalarFieldContainer[float]
     column_bounds: _containers.RepeatedScalarFieldContainer[float]
     level: float
-    def __init__(self, aggregate: _Optional[str] = ..., value: _Optional[float] = ..., std_error: _Optional[float] = ..., noise_scale: _Optional[float] = ..., ci_low: _Optional[float] = ..., ci_high: _Optional[float] = ..., suppressed: _Optional[bool] = ..., clamped: _Optional[bool] = ..., mechanism: _Optional[str] = ..., epsilon: _Optional[float] = ..., ci_half_width: _Optional[float] = ..., function: _Optional[str] = ..., components: _Optional[_Iterable[_Union[Component, _Mapping]]] = ..., has_bounds: _Optional[bool] = ..., lower: _Optional[float] = ..., upper: _Optional[float] = ..., values: _Optional[_Iterable[float]] = ..., shape: _Optional[_Iterable[int]] = ..., std_errors: _Optional[_Iterable[float]] = ..., ci_lows: _Optional[_Iterable[float]] = ..., ci_highs: _Optional[_Iterable[float]] = ..., edges: _Optional[_Iterable[float]] = ..., column_bounds: _Optional[_Iterable[float]] = ..., level: _Optional[float] = ...) -> None: ...
+    rank_error_95: float
+    def __init__(self, aggregate: _Optional[str] = ..., value: _Optional[float] = ..., std_error: _Optional[float] = ..., noise_scale: _Optional[float] = ..., ci_low: _Optional[float] = ..., ci_high: _Optional[float] = ..., suppressed: _Optional[bool] = ..., clamped: _Optional[bool] = ..., mechanism: _Optional[str] = ..., epsilon: _Optional[float] = ..., ci_half_width: _Optional[float] = ..., function: _Optional[str] = ..., components: _Optional[_Iterable[_Union[Component, _Mapping]]] = ..., has_bounds: _Optional[bool] = ..., lower: _Optional[float] = ..., upper: _Optional[float] = ..., values: _Optional[_Iterable[float]] = ..., shape: _Optional[_Iterable[int]] = ..., std_errors: _Optional[_Iterable[float]] = ..., ci_lows: _Optional[_Iterable[float]] = ..., ci_highs: _Optional[_Iterable[float]] = ..., edges: _Optional[_Iterable[float]] = ..., column_bounds: _Optional[_Iterable[float]] = ..., level: _Optional[float] = ..., rank_error_95: _Optional[float] = ...) -> None: ...
 
 class Component(_message.Message):
     __slots__ = ("name", "values", "shape", "std_error", "ci_half_width", "noise_scale", "lattice")
