@@ -74,6 +74,7 @@ class Case:
     keys: tuple[str, ...] = ()
     exact: str = ""  # the exact answer's SQL, where it is not ``raw``
     accuracy: bool = True  # False: latency only (accuracy measured elsewhere)
+    single_site: bool = False  # our site answers by its single-site mechanism (what Client.quantiles picks there)
 
 
 def _cases() -> list[Case]:
@@ -104,11 +105,12 @@ def _cases() -> list[Case]:
              lambda q, dp: q.filter(pl.col("stage") == "III").select(
                  dp.len(signed=True), age.fill_null(0).dp.mean((18, 99)), months.fill_null(0).dp.sum((0, 180))),
              "SELECT COUNT(*), AVG(age_at_diagnosis), SUM(survival_months) FROM bench.patients WHERE stage = 'III'"),
-        # the median from the policy's bins (one per year of age) at our site; OpenDP's exponential
-        # mechanism over the same candidates; SmartNoise SQL offers no median
+        # the median at one site by OpenDP's quantile mechanism over the policy's bin edges (one per
+        # year of age), as Client.quantiles asks a site for one level; OpenDP Context's over the same
+        # candidates; SmartNoise SQL offers no median
         Case("median", "patients", "SELECT median(age_at_diagnosis) FROM patients",
              "SELECT median(age_at_diagnosis) FROM patients",
-             lambda q, dp: q.select(age.fill_null(18).dp.median(list(range(18, 101)))), ""),
+             lambda q, dp: q.select(age.fill_null(18).dp.median(list(range(18, 101)))), "", single_site=True),
         # neither alternative offers it; its accuracy is bench/survival_accuracy.py's subject. Raw DuckDB
         # computes what a Kaplan-Meier curve needs: events and censorings per stage and month
         Case("survival by stage", "patients",
@@ -178,7 +180,7 @@ class Site:
 
     def run(self, case: Case, epsilon: float, r: int) -> tuple[list[float], float, float | None]:
         start = time.perf_counter()
-        result = self.clients[r].query(case.gateway, epsilon=epsilon)
+        result = self.clients[r].query(case.gateway, epsilon=epsilon, single_site=case.single_site)
         seconds = time.perf_counter() - start
         rows = result.response.rows
         if not case.accuracy:
@@ -450,7 +452,11 @@ def _summary(rows: int, systems: list[Any], cases: list[Case], times: dict[tuple
             if system.name != "raw DuckDB" and case.accuracy:
                 for epsilon in epsilons:
                     e = errors[(system.name, case.name, epsilon)]
-                    accuracy[str(epsilon)] = {"relative_rmse": math.sqrt(statistics.fmean(x * x for x in e)),
+                    rmse = math.sqrt(statistics.fmean(x * x for x in e))
+                    # the RMSE's own standard error (delta method): RMSEs of a few runs are uncertain
+                    se = (statistics.stdev(x * x for x in e) / math.sqrt(len(e)) / (2 * rmse)
+                          if rmse > 0 and len(e) > 1 else 0.0)
+                    accuracy[str(epsilon)] = {"relative_rmse": rmse, "relative_rmse_se": se,
                                               "median_relative_error": statistics.median(abs(x) for x in e)}
             std = reported.get((system.name, case.name))
             entry["systems"][system.name] = {**latency, "ratio_to_raw": latency["median_ms"] / raw_median,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The full benchmark run: every script at full size, then bench/RESULTS.md and its plots.
-#   bash bench/run_all.sh            # 1M and 10M patients (about 40 minutes on 2 cores)
-#   bash bench/run_all.sh --1m       # 1M patients only (about 15 minutes)
+#   bash bench/run_all.sh            # 1M and 10M patients (about 20 minutes on 2 cores)
+#   bash bench/run_all.sh --1m       # 1M patients only (about 12 minutes)
 #   bash bench/run_all.sh --100m     # adds 100M patients (not yet run: see bench/RESULTS.md)
 #   bash bench/run_all.sh --quick    # a smoke run at small sizes (a few minutes)
 set -euo pipefail
@@ -20,12 +20,12 @@ case "${1:-}" in
     run bench/fanout.py
     run bench/federated.py ;;
   --1m)
-    echo "run at 1M patients: about 15 minutes on 2 cores (compare ~7, fan-out ~5, federated ~3)"
+    echo "run at 1M patients: about 12 minutes on 2 cores"
     run bench/compare.py --rows 1000000
     run bench/fanout.py
     run bench/federated.py ;;
   "")
-    echo "full run at 1M and 10M patients: about 40 minutes on 2 cores"
+    echo "full run at 1M and 10M patients: about 20 minutes on 2 cores"
     run bench/compare.py --rows 1000000 10000000
     run bench/fanout.py
     run bench/federated.py ;;
