@@ -215,6 +215,10 @@ NOTES = [
     "- Accuracy is the relative error against the exact answer over the repeated runs at the same total "
     "epsilon per query; treatments are bounded to 5 rows per patient by every system and compared with "
     "the exact answer at that bound. With few runs an RMSE is itself uncertain by about 1/sqrt(2n).",
+    "- The multi-row sum's exact answer keeps each patient's first 5 treatments by id; each system keeps 5 "
+    "of its own choosing (our site by a keyed hash, SmartNoise through our adapter the first rows DuckDB "
+    "reads, mostly the same as the reference's), so part of its error is which rows it keeps, the same at "
+    "every epsilon (compare the median relative error across epsilons), not noise.",
     "- SmartNoise SQL runs on DuckDB through its PostgreSQL reader; DuckDB refuses `random()` in a window's "
     "ORDER BY, so its per-patient row selection orders by a constant (any k rows keep its sensitivity).",
     "- The broker's stand-in sites answer after a fixed delay without computing, but their gRPC handling "
