@@ -233,9 +233,10 @@ NOTES = [
     "Profiled with py-spy (`bench` group) on this machine; the figures are shares of the site's own time per "
     "query.",
     "",
-    "- **Site against raw DuckDB at 1M.** A query at 1M patients takes DuckDB 1.5-4 ms; the site adds a "
-    "fixed 3-5 ms whatever the data's size. In a mean at 1M: DuckDB's own work 53% of the site's time "
-    "(the same statement as raw DuckDB's plus clamping and the fixed-point sum), the noise and its exact "
+    "- **Site against raw DuckDB.** A query at 1M patients takes DuckDB 1.5-4 ms; the site adds a "
+    "fixed 3-7 ms whatever the data's size. In a mean at 1M, before its sum was rewritten: DuckDB's own "
+    "work 53% of the site's time (the statement raw DuckDB runs, plus clamping where the loaded data is "
+    "not known to lie within the bounds, and the fixed-point sum), the noise and its exact "
     "interval 24% (two OpenDP samplers; the interval's FFT convolution, which depends on the noisy count "
     "and so cannot be cached), the proof of possession 9%, the token 7%, the durable ledger charge and audit "
     "record 6%, gRPC the rest. None of these can go without giving up a guarantee (a charge on disk before "
