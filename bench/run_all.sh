@@ -2,7 +2,7 @@
 # The full benchmark run: every script at full size, then bench/RESULTS.md and its plots.
 #   bash bench/run_all.sh            # 1M and 10M patients (about 20 minutes on 2 cores)
 #   bash bench/run_all.sh --1m       # 1M patients only (about 12 minutes)
-#   bash bench/run_all.sh --100m     # adds 100M patients (not yet run: see bench/RESULTS.md)
+#   bash bench/run_all.sh --100m     # adds 100M patients, without OpenDP Context (not yet run)
 #   bash bench/run_all.sh --quick    # a smoke run at small sizes (a few minutes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
