@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
@@ -222,15 +222,21 @@ def _component(name: str, sensitivity: int, epsilon: Fraction, unit: int, shape:
     return Component(name, sensitivity, epsilon, scale_for(sensitivity, epsilon), unit, shape)
 
 
-@lru_cache(maxsize=4096)
-def scale_for(sensitivity: int, epsilon: Fraction) -> float:
-    """The smallest float scale whose OpenDP privacy map at ``sensitivity`` is <= ``epsilon``."""
-    scale = sensitivity / float(epsilon)
+def _smallest_scale(start: float, mechanism: Callable[[float], dp.Measurement], sensitivity: int,
+                    epsilon: Fraction) -> float:
+    """The smallest float scale from ``start`` up whose OpenDP privacy map at ``sensitivity`` is <= ``epsilon``."""
+    scale = start
     for _ in range(64):
-        if Fraction(measurement(scale).map(sensitivity)) <= epsilon:
+        if Fraction(mechanism(scale).map(sensitivity)) <= epsilon:
             return scale
         scale = math.nextafter(scale, math.inf)
     raise InternalBug(f"no scale found for sensitivity {sensitivity} at epsilon {epsilon}")
+
+
+@lru_cache(maxsize=4096)
+def scale_for(sensitivity: int, epsilon: Fraction) -> float:
+    """The smallest float scale whose OpenDP privacy map at ``sensitivity`` is <= ``epsilon``."""
+    return _smallest_scale(sensitivity / float(epsilon), measurement, sensitivity, epsilon)
 
 
 @lru_cache(maxsize=4096)
@@ -242,12 +248,7 @@ def measurement(scale: float) -> dp.Measurement:
 @lru_cache(maxsize=4096)
 def selection_scale_for(sensitivity: int, epsilon: Fraction) -> float:
     """The smallest float scale whose privacy map of :func:`selection` at ``sensitivity`` is <= ``epsilon``."""
-    scale = 2 * sensitivity / float(epsilon)
-    for _ in range(64):
-        if Fraction(selection(scale).map(sensitivity)) <= epsilon:
-            return scale
-        scale = math.nextafter(scale, math.inf)
-    raise InternalBug(f"no selection scale found for sensitivity {sensitivity} at epsilon {epsilon}")
+    return _smallest_scale(2 * sensitivity / float(epsilon), selection, sensitivity, epsilon)
 
 
 @lru_cache(maxsize=4096)
