@@ -47,6 +47,7 @@ from ._proto.gateway.v1 import gateway_pb2 as pb
 from ._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from ._regression_result import RegressionResult
 from ._transport import Tls, open_aio_channel
+from .errors import PolicyViolation
 from .proof import ProofKey
 from .results import (
     Dataset,
@@ -170,14 +171,22 @@ class Client:
                         require_all_sites: bool | None = None) -> QuantilesResult | SiteQuantilesResult:
         """Quantiles per group (see :meth:`gateway.client.Client.quantiles`, and its ``method``)."""
         levels = check_levels(qs)
-        single = await self._single_site(check_method(method), levels)
-        spec = (site_quantiles_spec(dataset, column, levels, by, filters) if single
-                else histogram_spec(dataset, column, by, filters))
-        request = query_request(None, spec, None, None, epsilon, dry_run, query_id, sites)
-        request.single_site = single
+        chosen = check_method(method)
+        single = await self._single_site(chosen, levels)
+        while True:
+            spec = (site_quantiles_spec(dataset, column, levels, by, filters) if single
+                    else histogram_spec(dataset, column, by, filters))
+            request = query_request(None, spec, None, None, epsilon, dry_run, query_id, sites)
+            request.single_site = single
+            try:
+                response = await self._call(self._stub.Query, request)
+                break
+            except PolicyViolation:
+                if not (single and chosen == "auto"):
+                    raise
+                single = False  # the site's policy refuses its quantiles, charging nothing: the histogram's
         made = SiteQuantilesResult if single else QuantilesResult
-        result = finish(await self._call(self._stub.Query, request), self._require(require_all_sites),
-                        wrap=lambda response: made(response, column, levels))
+        result = finish(response, self._require(require_all_sites), wrap=lambda answer: made(answer, column, levels))
         assert isinstance(result, QuantilesResult | SiteQuantilesResult)
         return result
 

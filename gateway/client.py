@@ -84,6 +84,7 @@ from ._proto.gateway.v1 import gateway_pb2 as pb
 from ._proto.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from ._regression_result import RegressionResult
 from ._transport import Tls, open_channel
+from .errors import PolicyViolation
 from .proof import ProofKey
 from .results import (
     Column,
@@ -263,19 +264,31 @@ class Client:
           (through a broker, or for several levels, whose split epsilon makes the mechanism no more
           accurate than one histogram: 21 against 16 years of error for the quartiles over 200
           patients at epsilon 0.1). The server's Status says whether it is a site, asked once per
-          client.
+          client. Where the site's policy refuses its quantiles (``quantile`` not among the
+          dataset's aggregates, or not at this epsilon), ``"auto"`` asks for the histogram instead:
+          a refusal charges nothing.
 
         Levels outside (0, 1), more than 99, or an unknown method are refused before any call.
         """
         levels = check_levels(qs)
-        single = self._single_site(check_method(method), levels)
-        spec = (site_quantiles_spec(dataset, column, levels, by, filters) if single
-                else histogram_spec(dataset, column, by, filters))
-        request = query_request(None, spec, None, None, epsilon, dry_run, query_id, sites)
-        request.single_site = single
+        chosen = check_method(method)
+        single = self._single_site(chosen, levels)
+        while True:
+            spec = (site_quantiles_spec(dataset, column, levels, by, filters) if single
+                    else histogram_spec(dataset, column, by, filters))
+            request = query_request(None, spec, None, None, epsilon, dry_run, query_id, sites)
+            request.single_site = single
+            try:
+                response = self._call(self._stub.Query, request)
+                break
+            except PolicyViolation:
+                if not (single and chosen == "auto"):
+                    raise
+                # the site's policy refuses its quantiles (not listed, or not at this epsilon), and a
+                # refusal charges nothing: auto asks for the histogram, as it did before the mechanism
+                single = False
         made = SiteQuantilesResult if single else QuantilesResult
-        result = finish(self._call(self._stub.Query, request), self._require(require_all_sites),
-                        wrap=lambda response: made(response, column, levels))
+        result = finish(response, self._require(require_all_sites), wrap=lambda answer: made(answer, column, levels))
         assert isinstance(result, QuantilesResult | SiteQuantilesResult)
         return result
 

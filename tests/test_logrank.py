@@ -7,12 +7,14 @@ bootstrap p-value rejects at 5% in 2-8% of them at epsilon 0.1 and 1, where the 
 of the same statistic rejects far more often, and where a bootstrap with half (twice) the noise
 rejects too often (too rarely): the calibration is what makes the test sound, and it needs the
 right noise. A clear difference in hazards is found at epsilon 1; one group, empty groups, bins
-with nobody at risk, withheld cells and dry runs give a clear answer.
+with nobody at risk, withheld cells, dry runs and more groups than it compares give a clear
+answer, and many groups over a fine grid are simulated in bounded memory.
 """
 
 from __future__ import annotations
 
 import math
+import tracemalloc
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from scipy.stats import chi2
 from gateway import _mechanisms as mechanisms
 from gateway._proto.gateway.v1 import gateway_pb2 as pb
 from gateway.answers import discrete_laplace_std
-from gateway.logrank import DRAWS, _discrete_laplace, _site_sources, logrank, logrank_of, statistic
+from gateway.logrank import DRAWS, MAX_GROUPS, _discrete_laplace, _site_sources, logrank, logrank_of, statistic
 from gateway.render import query_json, query_table
 from tests.helpers.data import exact
 from tests.helpers.policies import write_policy
@@ -247,6 +249,26 @@ def test_an_empty_group_and_times_with_nobody_at_risk_give_a_finite_test() -> No
 def test_counts_no_registry_could_hold_give_no_test_not_a_crash(bad) -> None:
     test = logrank([[5, bad, 1], [4, 2, 2]], [[1, 0, 10], [3, 3, 3]], [[(1.0, 1.0)]] * 2)
     assert math.isnan(test.p_value) and "not numbers of patients" in test.note
+
+
+def test_more_groups_than_it_compares_give_no_test_not_a_hang() -> None:
+    groups = MAX_GROUPS + 1
+    test = logrank([[5, 3, 1]] * groups, [[1, 0, 10]] * groups, [[(1.0, 1.0)]] * groups)
+    assert math.isnan(test.p_value) and f"{groups} groups" in test.note and len(test.groups) == groups
+
+
+def test_many_groups_over_a_fine_grid_are_simulated_in_bounded_memory() -> None:
+    """20 groups over 400 times: 1,999 draws at once would hold arrays of 128 MB each; in batches, 16 MB."""
+    rng = np.random.default_rng(2)
+    d, c = released(*federation(rng, [60] * 20, [0.005] * 400, [[0.002] * 400] * 20, 2), 1.0, rng)
+    tracemalloc.start()
+    try:
+        test = logrank(d, c, [[(1.0, 1.0)] * 2] * 20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert test.df == 19 and 0 < test.p_value <= 1
+    assert peak < 200 * 2**20, peak
 
 
 def test_the_same_answer_gives_the_same_p_value() -> None:

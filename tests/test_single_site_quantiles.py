@@ -13,7 +13,8 @@ mechanism (OpenDP's report noisy max with exponential noise) on OpenDP's quantil
   the epsilon is over 20 standard errors away (a factor 2 fails); at least 95% of draws lie within
   the published 95% rank-error bound; and the estimate is near the exact quantile;
 - end to end at a real site: an edge, no interval, the bound, one charge and a free replay; with
-  exact (test-only) selection the best edge of the rows; the client's ``method`` choices;
+  exact (test-only) selection the best edge of the rows; the client's ``method`` choices, and
+  ``auto`` asking for the histogram where the site's policy refuses the mechanism (uncharged);
 - refusals: a broker refuses the flag (FAILED_PRECONDITION) and no site is charged; the flag on
   any other kind is INVALID_ARGUMENT, uncharged; a relay cannot add or strip the flag without
   breaking the proof of possession.
@@ -42,7 +43,7 @@ from gateway._proto.gateway.v1 import gateway_pb2 as pb
 from gateway._sqlfront import parse_sql
 from gateway.aggregates import SINGLE_SITE, rank_error_95
 from gateway.aio import Client as AioClient
-from gateway.errors import FailedPrecondition, InvalidQuery
+from gateway.errors import FailedPrecondition, InvalidQuery, PolicyViolation
 from gateway.policy import Bins, load_policy
 from gateway.policy import Column as PolicyColumn
 from gateway.proof import request_digest
@@ -241,6 +242,29 @@ def test_auto_uses_the_mechanism_for_one_level_at_a_site_else_histograms(start_s
         pooled = c.quantiles("patients", "age_at_diagnosis", qs=(0.5,), epsilon=0.5)
     assert isinstance(pooled, QuantilesResult)
     assert pooled.frame["ci_low"][0] is not None
+
+
+def test_auto_asks_for_the_histogram_where_the_site_s_policy_refuses_its_quantiles(start_site, token, site_data,
+                                                                                    tmp_path) -> None:
+    policy = example_policy()
+    allowed = {kind: rule for kind, rule in policy.datasets["patients"].aggregates.items()
+               if kind not in ("median", "quantile")}
+    site = start_site(policy=write_policy(tmp_path, site_data, policy=with_dataset(policy, "patients",
+                                                                                   aggregates=allowed)))
+    with client(site, token) as c:
+        result = c.quantiles("patients", "age_at_diagnosis", qs=(0.5,), epsilon=0.5)
+        with pytest.raises(PolicyViolation):  # asked for by name, the mechanism's refusal stands
+            c.quantiles("patients", "age_at_diagnosis", qs=(0.5,), epsilon=0.5, method="exponential")
+
+    async def session() -> QuantilesResult | SiteQuantilesResult:
+        async with AioClient(site.target, token=token()) as gw:
+            return await gw.quantiles("patients", "age_at_diagnosis", qs=(0.5,), epsilon=0.5)
+
+    again = asyncio.run(session())
+    for answer in (result, again):
+        assert isinstance(answer, QuantilesResult) and answer.frame["ci_low"][0] is not None
+    assert again.cached  # the same histogram: its stored answer
+    assert site.state.ledger.total_spent() == pytest.approx(0.5)  # one histogram; no refusal charged
 
 
 def test_the_asyncio_client_and_the_command_line_ask_for_it_too(start_site, token) -> None:
