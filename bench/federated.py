@@ -6,7 +6,11 @@ K). Per site, the real engine computes the exact components of each query and th
 noise source (OpenDP) releases them at the query's epsilon; the broker's pooling code
 (:func:`gateway.broker.pooling.pool`) pools the K answers. OpenDP's polars Context answers the
 same query on the union at the same epsilon. Reported: the relative RMSE of each against the
-exact answer over ``--draws`` releases. Post-processing and noise only, no gRPC: the figures are
+exact answer over ``--draws`` releases. Survival by stage: the pooled events and censorings per
+month give a Kaplan-Meier curve per stage (:mod:`gateway.survival`); OpenDP Context releases the
+same counts on the union (one noisy count per stage, outcome and month: each patient in one cell,
+as at a site) and the same code draws its curve; reported, the curves' mean absolute error over the
+grid against the union's exact curve, averaged over the stages. Post-processing and noise only, no gRPC: the figures are
 the mechanisms' and the pooling's. Writes ``bench/results/federated.json``.
 """
 
@@ -31,11 +35,15 @@ from gateway._engine import Engine
 from gateway._proto.gateway.v1 import gateway_pb2 as pb
 from gateway._sqlfront import parse_sql
 from gateway._wire import rows_to_wire
+from gateway.aggregates import KINDS
 from gateway.broker.pooling import pool
 from gateway.policy import load_policy
 from gateway.query import check_query
+from gateway.survival import kaplan_meier, split_counts
 
 QUERIES = ("count, filtered", "group-by count", "mean")
+STAGES = ("I", "II", "III", "IV")
+SURVIVAL = "SELECT stage, survival(survival_months, death) FROM patients GROUP BY stage"
 
 
 def split(union: Path, k: int, workdir: Path) -> list[Path]:
@@ -88,6 +96,86 @@ def _relative_rmse(draws: list[list[float]], exact: list[float]) -> float:
     return math.sqrt(statistics.fmean(x * x for x in errors))
 
 
+def _curve_error(counts_by_stage: list[list[float]], exact: list[list[float]], edges: tuple[float, ...],
+                 noise_variance: float) -> float:
+    """The curves' mean absolute error over the grid against the exact curves, averaged over the stages."""
+    errors = []
+    for counts, truth in zip(counts_by_stage, exact, strict=True):
+        curve = kaplan_meier(edges, *split_counts(counts), noise_variance)
+        errors.append(statistics.fmean(abs(a - b) for a, b in zip(curve.survival, truth, strict=True)))
+    return statistics.fmean(errors)
+
+
+def survival_rows(union: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Pooled survival curves by stage over K sites, and OpenDP Context's on the union, against the exact curve."""
+    import opendp.prelude as dp
+    import polars as pl
+
+    dp.enable_features("contrib")
+    whole = Site(union, "union", args.workdir)
+    try:
+        query = check_query(parse_sql(SURVIVAL), whole.loaded.policy)
+        plan = mechanisms.plan_query(query, whole.loaded.policy.datasets["patients"], Fraction(1))
+        edges = plan.aggregates[0].declared.edges
+        result = whole.engine.run(query)
+        counts = result.components[0]
+        if [str(g[0]) for g in result.groups] != list(STAGES):
+            raise SystemExit(f"the policy's stages are not {STAGES}: {result.groups}")
+    finally:
+        whole.engine.close()
+    size = 2 * len(edges)
+    exact = [kaplan_meier(edges, *split_counts(counts[g * size:(g + 1) * size]), 0.0).survival
+             for g in range(len(STAGES))]
+    # Context on the union: each patient's cell as the site counts it (monthly grid from 0: a time t
+    # in (i - 1, i] is at index i; censored at n + i; past the grid's end censored at its last time)
+    n, last = len(edges), int(edges[-1])
+    with duckdb.connect(str(union), read_only=True) as con:
+        frame = con.sql(f"SELECT stage, CASE WHEN survival_months > {last} THEN {2 * n - 1} "
+                        f"WHEN death = 1 THEN greatest(survival_months, 0) ELSE {n} + greatest(survival_months, 0) "
+                        "END AS cell FROM patients WHERE stage IN ('I', 'II', 'III', 'IV') AND death IN (0, 1) "
+                        "AND survival_months IS NOT NULL").pl()
+    keys = pl.DataFrame({"stage": [s for s in STAGES for _ in range(size)], "cell": list(range(size)) * len(STAGES)},
+                        schema={"stage": pl.String, "cell": frame.schema["cell"]})
+    results = []
+    for eps in args.epsilons:
+        context_errors = []
+        for _ in range(args.context_draws):
+            context = dp.Context.compositor(data=frame.lazy(), privacy_unit=dp.unit_of(contributions=1),
+                                            privacy_loss=dp.loss_of(epsilon=eps), split_evenly_over=1,
+                                            margins=[dp.polars.Margin(by=[], max_length=len(frame))])
+            out = (context.query().group_by("stage", "cell").agg(dp.len(signed=True)).with_keys(keys)
+                   .release().collect().sort("stage", "cell"))
+            found = {(r[0], r[1]): float(r[2]) for r in out.rows()}
+            released = [[found.get((stage, c), 0.0) for c in range(size)] for stage in STAGES]
+            context_errors.append(_curve_error(released, exact, edges, 2 / eps**2))  # Laplace(1/eps) variance
+        for k in args.sites:
+            sites = [Site(path, f"site{i}", args.workdir) for i, path in enumerate(split(union, k, args.workdir))]
+            try:
+                prepared = [s.prepare(Case("survival", "patients", SURVIVAL, "", None, ""), eps) for s in sites]
+                pooled_errors = []
+                for _ in range(args.draws):
+                    rows = [mechanisms.release(plan_, exact_.groups, exact_.components, mechanisms.Noise())
+                            for _, plan_, exact_ in prepared]
+                    by_stage = []
+                    for g in range(len(STAGES)):
+                        parts = [{p.name: p for p in site_rows[g].estimates[0].parts} for site_rows in rows]
+                        pooled_counts = KINDS["survival"].pool(parts)["counts"]
+                        by_stage.append((list(pooled_counts.values), pooled_counts.std_error ** 2))
+                    pooled_errors.append(statistics.fmean(
+                        _curve_error([values], [truth], edges, variance)
+                        for (values, variance), truth in zip(by_stage, exact, strict=True)))
+            finally:
+                for s in sites:
+                    s.engine.close()
+            row = {"query": "survival by stage", "sites": k, "epsilon": eps, "metric": "curve_mean_abs_error",
+                   "pooled_curve_error": statistics.fmean(pooled_errors),
+                   "context_curve_error": statistics.fmean(context_errors)}
+            results.append(row)
+            print(f"K={k} survival by stage epsilon {eps:g}: pooled curve error {row['pooled_curve_error']:.2e}, "
+                  f"OpenDP Context on the union {row['context_curve_error']:.2e}", flush=True)
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000, help="patients in the union")
@@ -126,6 +214,7 @@ def main() -> int:
         finally:
             for s in sites:
                 s.engine.close()
+    results += survival_rows(union, args)
     write_json(args.out, {"kind": "smoke" if args.quick else "full", "rows": args.rows, "draws": args.draws,
                           "context_draws": args.context_draws, "results": results})
     return 0
