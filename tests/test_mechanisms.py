@@ -4,6 +4,7 @@ polars Context picks."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from pathlib import Path
@@ -51,19 +52,24 @@ def test_noise_matches_reported_scale_and_interval(start_site, token):
 
 def test_mean_interval_covers(start_site, token):
     noisy_site, exact_site = start_site(), start_site(noise=ExactNoise())
-    hits, total = 0, 0
+    hits, narrow_hits, total = 0, 0, 0
     with Client(noisy_site.target, token=token(project="stats")) as noisy, \
             Client(exact_site.target, token=token(project="stats")) as truth:
-        for a in range(18, 58):
-            sql = f"SELECT stage, mean(age_at_diagnosis) FROM patients WHERE age_at_diagnosis >= {a} GROUP BY stage"
+        for a, op in itertools.product(range(18, 58), (">=", "<")):
+            sql = f"SELECT stage, mean(age_at_diagnosis) FROM patients WHERE age_at_diagnosis {op} {a} GROUP BY stage"
             got, want = noisy.query(sql, epsilon=0.2).response, truth.query(sql, epsilon=0.2).response
             for g, w in zip(got.rows, want.rows, strict=True):
                 e, t = g.estimates[0], w.estimates[0]
                 if not e.suppressed and not t.suppressed:
                     hits += e.ci_low <= t.value <= e.ci_high
+                    # the same interval at half its width about the estimate: what a noise scale 2x too small gives
+                    narrow_hits += abs(t.value - e.value) <= (e.ci_high - e.ci_low) / 4
                     total += 1
-    assert total > 120
-    assert 0.9 < hits / total <= 1.0
+    assert total > 240
+    # 95% nominal. The answers share their data (nested filters), so misses come in runs: measured, the
+    # interval covers 0.94-0.96 and half of it 0.71-0.78; 0.87 between them leaves several deviations each way
+    assert 0.87 < hits / total <= 1.0
+    assert narrow_hits / total < 0.87
 
 
 # --- cross-check against OpenDP's polars Context -------------------------------------------------
