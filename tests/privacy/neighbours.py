@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import random
 import textwrap
+from collections.abc import Iterable
 from fractions import Fraction
 from pathlib import Path
 from typing import Literal
@@ -53,7 +54,13 @@ COLUMNS = """\
       z: {type: float, roles: [aggregate], bounds: [0, 2.5], precision: 0}
       e: {type: integer, roles: [event]}
 """
-POLICY = f"""\
+
+
+def audit_policy(columns: str, aggregates: Iterable[str], k: int = K) -> str:
+    """The audit site's policy: ``patients`` (one row per patient) and ``visits`` (at most ``k``), both
+    with ``columns`` (a YAML ``columns:`` block) and the kinds ``aggregates``."""
+    kinds = ", ".join(aggregates)
+    return f"""\
 site: audit
 epsilon: {{default: 1, max: 4}}
 datasets:
@@ -61,14 +68,17 @@ datasets:
     source: {{database: data.duckdb, table: patients}}
     privacy_unit: pid
     max_rows_per_unit: 1
-    aggregates: [{", ".join(KINDS)}]
-{COLUMNS}
+    aggregates: [{kinds}]
+{columns}
   visits:
     source: {{database: data.duckdb, table: visits}}
     privacy_unit: pid
-    max_rows_per_unit: {K}
-    aggregates: [{", ".join(KINDS)}]
-{COLUMNS}"""
+    max_rows_per_unit: {k}
+    aggregates: [{kinds}]
+{columns}"""
+
+
+POLICY = audit_policy(COLUMNS, KINDS)
 X_COLUMN = Column.model_validate(yaml.safe_load(textwrap.dedent(COLUMNS))["columns"]["x"])
 """Column ``x`` as both tables declare it (a kind's vector shape comes from its grid)."""
 # The old engine clamped the float to the declared bounds, then rounded (DuckDB: half away from zero).

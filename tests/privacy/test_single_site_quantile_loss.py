@@ -44,6 +44,7 @@ from gateway._sqlfront import parse_sql
 from gateway.policy import Policy, load_policy
 from gateway.query import check_query
 from tests.privacy.audit import FAIL_ALPHA, REPORT_ALPHA, log_ratio_bound, noisy_max_probabilities
+from tests.privacy.neighbours import audit_policy
 
 EPSILON = Fraction(1)
 N = 20_000
@@ -55,22 +56,7 @@ COLUMNS = """\
       m: {type: float, roles: [aggregate], bounds: [-3, 3], precision: 0, bins: {edges: [-2, -1, 0, 1]}}
       p: {type: float, roles: [aggregate], bounds: [-3, 3], precision: 0, bins: {edges: [-2, -1, 0, 1]}}
 """
-POLICY = f"""\
-site: audit
-epsilon: {{default: 1, max: 4}}
-datasets:
-  patients:
-    source: {{database: data.duckdb, table: patients}}
-    privacy_unit: pid
-    max_rows_per_unit: 1
-    aggregates: [median, quantile]
-{COLUMNS}
-  visits:
-    source: {{database: data.duckdb, table: visits}}
-    privacy_unit: pid
-    max_rows_per_unit: {K}
-    aggregates: [median, quantile]
-{COLUMNS}"""
+POLICY = audit_policy(COLUMNS, ["median", "quantile"], K)
 # Per group, values of m: 40 at each of -1, 0, 1, 2: edges 0 and 1 both score |lt - gt| = 40, edge -1 120.
 # Values of p: 60 at -1, 15 at 0, 5 at 1, 5 at 2: at q = 0.9 edges 0 and 1 both score |lt - 9 gt| = 30 (in
 # tenths of a rank), edge -1 225; the other 75 rows have no p.
